@@ -1,0 +1,123 @@
+# File-backed SPI flash for the simulated ESP32 (unix board).
+#
+# Strict NOR-flash rules, so that code which works here works on a real chip:
+#   - erase works on whole 4096-byte sectors and sets every byte to 0xFF;
+#   - a write may only clear bits (1 -> 0); setting a bit needs an erase first;
+#   - every access stays inside the flash.
+# A rule broken is an OSError, never a silent success.
+#
+# Fault injection for power-loss sweeps: MPOTA_CUT_AT=N makes the N-th erase/write of this
+# process (1-based) the last one: with MPOTA_CUT_TEAR=1 that operation is torn (half of it
+# happens), otherwise it does not happen at all; then the process ends with POWER_LOSS_EXIT as
+# if the power had failed. MPOTA_OPS_FILE, when set, receives the number of operations done.
+import os
+import sys
+
+SECTOR = 4096
+POWER_LOSS_EXIT = 101
+
+# Preallocated, so the emulated flash adds no garbage to the heap the agent is measured in
+# (on a real ESP32 this is C code outside the MicroPython heap).
+_FF = b"\xff" * SECTOR
+_FF_MV = memoryview(_FF)
+
+
+def _env_int(name):
+    v = os.getenv(name)
+    return int(v) if v else 0
+
+
+class Flash:
+    def __init__(self, path):
+        self.path = path
+        self.f = open(path, "r+b")
+        self.f.seek(0, 2)
+        self.size = self.f.tell()
+        self.ops = 0
+        self.cut_at = _env_int("MPOTA_CUT_AT")
+        self.tear = os.getenv("MPOTA_CUT_TEAR") == "1"
+        self.ops_file = os.getenv("MPOTA_OPS_FILE")
+        self._old = bytearray(SECTOR)
+
+    def _check(self, addr, n):
+        if addr < 0 or n < 0 or addr + n > self.size:
+            raise OSError(22)  # EINVAL: outside the flash
+
+    def read(self, addr, buf):
+        self._check(addr, len(buf))
+        self.f.seek(addr)
+        self.f.readinto(buf)
+
+    def _count(self):
+        # Returns True when this operation is the one the power fails at.
+        self.ops += 1
+        if self.ops_file:
+            with open(self.ops_file, "w") as f:
+                f.write(str(self.ops))
+        return self.cut_at and self.ops >= self.cut_at
+
+    def _power_loss(self):
+        self.f.close()
+        sys.exit(POWER_LOSS_EXIT)
+
+    def erase(self, addr, n):
+        if addr % SECTOR or n % SECTOR:
+            raise OSError(22)  # erase is sector-aligned only
+        self._check(addr, n)
+        cut = self._count()
+        if cut and not self.tear:
+            self._power_loss()
+        if cut:
+            n = n // 2  # a torn erase leaves the second half as it was
+        self.f.seek(addr)
+        while n > 0:
+            k = min(n, SECTOR)
+            self.f.write(_FF_MV[:k])
+            n -= k
+        if cut:
+            self._power_loss()
+
+    def write(self, addr, data):
+        n = len(data)
+        self._check(addr, n)
+        self._check_bits(addr, data, n)
+        cut = self._count()
+        if cut and not self.tear:
+            self._power_loss()
+        if cut:
+            n = n // 2  # torn: only the first half of the bytes reached the flash
+        self.f.seek(addr)
+        self.f.write(memoryview(data)[:n])
+        if cut:
+            self._power_loss()
+
+    def _check_bits(self, addr, data, n):
+        # A write may only clear bits: data must have no 1 where the flash holds a 0.
+        old = self._old
+        self.f.seek(addr)
+        for base in range(0, n, SECTOR):
+            k = min(SECTOR, n - base)
+            mv = memoryview(old)[:k]
+            self.f.readinto(mv)
+            if k == SECTOR and old == _FF:
+                continue  # fast path: writing into erased flash
+            for i in range(k):
+                if data[base + i] & ~old[i] & 0xFF:
+                    raise OSError(5)  # EIO: write would set a bit that is not erased
+
+    def flush(self):
+        self.f.flush()
+
+
+_flash = None
+
+
+def flash():
+    # The one flash chip of this simulated device (path from MPOTA_FLASH).
+    global _flash
+    if _flash is None:
+        path = os.getenv("MPOTA_FLASH")
+        if not path:
+            raise OSError(19)  # ENODEV: the simulator did not say where the flash file is
+        _flash = Flash(path)
+    return _flash

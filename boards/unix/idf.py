@@ -1,0 +1,216 @@
+# The parts of ESP-IDF that the simulated ESP32 needs, written from ESP-IDF's sources:
+#   - the partition table at 0x8000 (esp_partition_info_t, MD5 entry),
+#   - otadata (esp_ota_select_entry_t) and the active-record rules of bootloader_common.c,
+#   - esp_rewrite_ota_data() and esp_ota_current_ota_is_workable() from esp_ota_ops.c,
+#   - esp_image_verify(): header, segments, checksum and appended SHA-256.
+# This module is the emulated *platform*. The agent under test (device/ota) has its own
+# otadata reader; the two are kept apart on purpose so one cannot hide the other's bug.
+import struct
+import binascii
+import hashlib
+from flash import flash, SECTOR
+
+PARTITION_TABLE_OFFSET = 0x8000
+TYPE_APP = 0
+TYPE_DATA = 1
+SUBTYPE_OTA_0 = 0x10
+SUBTYPE_OTADATA = 0x00
+
+# esp_ota_img_states_t
+NEW = 0
+PENDING_VERIFY = 1
+VALID = 2
+INVALID = 3
+ABORTED = 4
+UNDEFINED = 0xFFFFFFFF
+
+
+def partitions():
+    # [(type, subtype, offset, size, label)] read from the binary table in flash.
+    out = []
+    buf = bytearray(32)
+    md5 = hashlib.md5() if hasattr(hashlib, "md5") else None
+    for i in range(0xC00 // 32):
+        flash().read(PARTITION_TABLE_OFFSET + 32 * i, buf)
+        if buf[0] == 0xAA and buf[1] == 0x50:
+            _m, t, st, off, size, label, _fl = struct.unpack("<HBBII16sI", buf)
+            out.append((t, st, off, size, label.split(b"\0")[0].decode()))
+            if md5:
+                md5.update(buf)
+        elif buf[0] == 0xEB and buf[1] == 0xEB:
+            if md5 and md5.digest() != bytes(buf[16:]):
+                raise OSError(5)  # partition table MD5 mismatch: the ROM would not boot
+            break
+        else:
+            break
+    if not out:
+        raise OSError(2)  # no partition table
+    return out
+
+
+def find(ptype, subtype=0xFF, label=None):
+    return [p for p in partitions()
+            if p[0] == ptype and (subtype == 0xFF or p[1] == subtype)
+            and (label is None or p[4] == label)]
+
+
+def ota_slots():
+    return sorted((p for p in partitions() if p[0] == TYPE_APP and 0x10 <= p[1] < 0x20),
+                  key=lambda p: p[1])
+
+
+def otadata_partition():
+    found = find(TYPE_DATA, SUBTYPE_OTADATA)
+    return found[0] if found else None
+
+
+def select_crc(seq):
+    # bootloader_common_ota_select_crc(): esp_rom_crc32_le(UINT32_MAX, &ota_seq, 4)
+    return binascii.crc32(struct.pack("<I", seq), 0xFFFFFFFF) & 0xFFFFFFFF
+
+
+def read_otadata():
+    # Two 32-byte records, one at the start of each of the partition's two sectors.
+    part = otadata_partition()
+    recs = []
+    buf = bytearray(32)
+    for i in range(2):
+        flash().read(part[2] + SECTOR * i, buf)
+        seq, label, state, crc = struct.unpack("<I20sII", buf)
+        recs.append([seq, label, state, crc])
+    return recs
+
+
+def record_valid(r):
+    # bootloader_common_ota_select_valid()
+    return (r[0] != 0xFFFFFFFF and r[2] != INVALID and r[2] != ABORTED
+            and r[3] == select_crc(r[0]))
+
+
+def active_otadata(recs):
+    # bootloader_common_get_active_otadata(): highest seq among valid records, 0 on a tie.
+    v0, v1 = record_valid(recs[0]), record_valid(recs[1])
+    if v0 and v1:
+        return 0 if max(recs[0][0], recs[1][0]) == recs[0][0] else 1
+    if v0:
+        return 0
+    if v1:
+        return 1
+    return -1
+
+
+def write_otadata(recs, i, seq=None, fix_crc=True):
+    # rewrite_ota_seq(): erase the record's sector, then write the 32-byte record (the app
+    # recomputes the CRC; the bootloader's write_otadata() writes the record as it read it).
+    r = recs[i]
+    if seq is not None:
+        r[0] = seq
+    if fix_crc:
+        r[3] = select_crc(r[0])
+    part = otadata_partition()
+    flash().erase(part[2] + SECTOR * i, SECTOR)
+    flash().write(part[2] + SECTOR * i, struct.pack("<I20sII", r[0], r[1], r[2], r[3]))
+
+
+def slot_of_seq(seq, nslots):
+    return (seq - 1) % nslots
+
+
+def set_boot(slot_index, nslots, state=NEW):
+    # esp_rewrite_ota_data() with CONFIG_BOOTLOADER_APP_ROLLBACK_ENABLE (new state = NEW).
+    recs = read_otadata()
+    active = active_otadata(recs)
+    base = (slot_index + 1) % nslots
+    if active != -1:
+        seq = recs[active][0]
+        i = 0
+        while seq > base + i * nslots:
+            i += 1
+        nxt = (~active) & 1
+        recs[nxt][2] = state
+        write_otadata(recs, nxt, base + i * nslots)
+    else:
+        recs[0][2] = state
+        write_otadata(recs, 0, slot_index + 1)
+
+
+def mark_running_valid():
+    # esp_ota_current_ota_is_workable(true): ESP_FAIL when no otadata record is active
+    # (firmware flashed with esptool: nothing to confirm).
+    recs = read_otadata()
+    active = active_otadata(recs)
+    if active == -1:
+        raise OSError(-1)
+    if recs[active][2] != VALID:
+        recs[active][2] = VALID
+        write_otadata(recs, active)
+
+
+# ---- esp_image_verify() ---------------------------------------------------------------------
+IMAGE_MAGIC = 0xE9
+APP_DESC_MAGIC = 0xABCD5432
+_scratch = bytearray(SECTOR)  # taken at import: ESP-IDF's image check uses no Python heap
+
+
+def verify_image(part_offset, part_size):
+    # Returns the image length (with checksum and SHA-256) or raises OSError like ESP-IDF's
+    # esp_image_verify() would make esp_ota_set_boot_partition() fail.
+    f = flash()
+    hdr = bytearray(24)
+    f.read(part_offset, hdr)
+    if hdr[0] != IMAGE_MAGIC:
+        raise OSError(-0x1503)  # ESP_ERR_IMAGE_INVALID
+    nseg = hdr[1]
+    hash_appended = hdr[23] == 1
+    if nseg == 0 or nseg > 16:
+        raise OSError(-0x1503)
+    sha = hashlib.sha256(hdr)
+    pos = 24
+    csum = 0xEF
+    seghdr = bytearray(8)
+    buf = _scratch
+    for _ in range(nseg):
+        if pos + 8 > part_size:
+            raise OSError(-0x1503)
+        f.read(part_offset + pos, seghdr)
+        sha.update(seghdr)
+        _addr, n = struct.unpack("<II", seghdr)
+        pos += 8
+        if n % 4 or pos + n > part_size:
+            raise OSError(-0x1503)
+        while n:
+            k = min(n, SECTOR)
+            mv = memoryview(buf)[:k]
+            f.read(part_offset + pos, mv)
+            sha.update(mv)
+            for b in mv:
+                csum ^= b
+            pos += k
+            n -= k
+    # Padding up to a 16-byte boundary, the last byte of which is the checksum.
+    pad = 15 - (pos % 16)
+    tail = bytearray(pad + 1)
+    f.read(part_offset + pos, tail)
+    sha.update(tail)
+    if tail[-1] != csum:
+        raise OSError(-0x1503)
+    pos += pad + 1
+    if hash_appended:
+        digest = bytearray(32)
+        f.read(part_offset + pos, digest)
+        if sha.digest() != digest:
+            raise OSError(-0x1503)
+        pos += 32
+    return pos
+
+
+def app_desc(part_offset):
+    # (version, secure_version, project_name) from esp_app_desc_t at the first segment.
+    buf = bytearray(256)
+    flash().read(part_offset + 32, buf)
+    magic, secure_version = struct.unpack("<II", buf)
+    if magic != APP_DESC_MAGIC:
+        return None
+    version = bytes(buf[16:48]).split(b"\0")[0].decode()
+    project = bytes(buf[48:80]).split(b"\0")[0].decode()
+    return version, secure_version, project

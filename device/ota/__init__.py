@@ -1,0 +1,31 @@
+# mpota device agent: the public API.
+#
+#   import ota
+#   ota.confirm(health)   # early in main.py: a new image stays only if health() passes in time
+#   ota.update()          # check the manifest, download, verify, set_boot, record, reset
+#   ota.check()           # manifest only: what would be installed, and why or why not
+#   ota.status()          # running slot, version, OTA state of each slot, last result
+#
+# Importing this module loads nothing else: each call imports only what it needs, so the
+# confirm path on every boot stays small (ota/confirm.py), and the updater, HTTP client and
+# Ed25519 verifier are loaded only when an update is checked.
+
+
+def confirm(health=None, timeout_ms=30000):
+    from ota.confirm import confirm as _confirm
+    return _confirm(health, timeout_ms)
+
+
+def update(reboot=True):
+    from ota.updater import update as _update
+    return _update(reboot)
+
+
+def check():
+    from ota.updater import check as _check
+    return _check()
+
+
+def status():
+    from ota.status import status as _status
+    return _status()

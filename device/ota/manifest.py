@@ -1,0 +1,124 @@
+# The signed manifest body: parse and check it against this device. Bytes in, no I/O.
+import json
+from binascii import unhexlify
+from ota.errors import OtaError
+
+SCHEMA = 1
+# Fields this agent understands; a release that lists any other field in "critical" is
+# refused (like MCUboot's unknown protected TLVs): it relies on something we cannot check.
+KNOWN = ("schema", "version", "board", "chip", "security_counter", "image", "payload",
+         "critical", "created_by")
+ENCODINGS = ("raw",)
+
+
+def _need(cond, field):
+    if not cond:
+        raise OtaError("bad-manifest", "field %s is missing or malformed" % field)
+
+
+def _digest(obj, field):
+    h = obj.get("sha256")
+    _need(isinstance(h, str) and len(h) == 64, field + ".sha256")
+    try:
+        return unhexlify(h)
+    except ValueError:
+        raise OtaError("bad-manifest", "field %s.sha256 is not hex" % field)
+
+
+def _size(obj, field):
+    n = obj.get("size")
+    _need(isinstance(n, int) and 0 < n < 0x40000000, field + ".size")
+    return n
+
+
+def parse_version(text):
+    # "1.2.3" / "v1.2.3" -> (1, 2, 3); None if it is not of that form. Parts stay below 10^9
+    # so every comparison uses small ints, also with the ESP32's 31-bit ones.
+    if not isinstance(text, str):
+        return None
+    if text[:1] in ("v", "V"):
+        text = text[1:]
+    parts = text.split(".")
+    if not 1 <= len(parts) <= 4:
+        return None
+    out = []
+    for p in parts:
+        if not p or len(p) > 9 or not p.isdigit():
+            return None
+        out.append(int(p))
+    while len(out) < 4:
+        out.append(0)  # "2.0" == "2.0.0"
+    return tuple(out)
+
+
+def running_version(text):
+    # A running firmware's version may carry a suffix ("v1.24.1-dirty"): compare its numbers.
+    if not text:
+        return (0,)
+    head = text.split("-")[0].split("+")[0]
+    return parse_version(head) or (0,)
+
+
+class Manifest:
+    pass
+
+
+def parse(body):
+    try:
+        m = json.loads(body)
+    except (ValueError, TypeError):
+        raise OtaError("bad-manifest", "signed payload is not JSON")
+    _need(isinstance(m, dict), "(body)")
+    _need(m.get("schema") == SCHEMA, "schema")
+    crit = m.get("critical", [])
+    _need(isinstance(crit, list), "critical")
+    for c in crit:
+        if c not in KNOWN:
+            raise OtaError("unsupported-critical", "release needs %r, which this agent does not know" % (c,))
+    r = Manifest()
+    r.version = m.get("version")
+    r.version_t = parse_version(r.version)
+    _need(r.version_t is not None, "version")
+    r.board = m.get("board")
+    r.chip = m.get("chip")
+    _need(isinstance(r.board, str), "board")
+    _need(isinstance(r.chip, str), "chip")
+    r.counter = m.get("security_counter", 0)
+    _need(isinstance(r.counter, int) and 0 <= r.counter < 0x40000000, "security_counter")
+    img = m.get("image")
+    pay = m.get("payload")
+    _need(isinstance(img, dict), "image")
+    _need(isinstance(pay, dict), "payload")
+    r.image_size = _size(img, "image")
+    r.image_sha256 = _digest(img, "image")
+    r.size = _size(pay, "payload")
+    r.sha256 = _digest(pay, "payload")
+    r.encoding = pay.get("encoding", "raw")
+    if r.encoding not in ENCODINGS:
+        raise OtaError("bad-encoding", "payload encoding %r is not supported" % (r.encoding,))
+    _need(r.encoding != "raw" or (r.size == r.image_size and r.sha256 == r.image_sha256), "payload (raw must equal image)")
+    url = pay.get("url")
+    # Relative to the manifest, inside the release: no scheme, no absolute path, no "..".
+    _need(isinstance(url, str) and url and ":" not in url and not url.startswith("/")
+          and ".." not in url.split("/") and len(url) < 200, "payload.url")
+    r.url = url
+    return r
+
+
+def decide(m, cfg, running, floor, slot_size):
+    # Raises for a release this device must refuse; returns False when it is already running
+    # this version (nothing to do), True when it should be installed.
+    if m.board != cfg.board:
+        raise OtaError("wrong-board", "release is for board %s, this is %s" % (m.board, cfg.board))
+    if m.chip != cfg.chip:
+        raise OtaError("wrong-chip", "release is for chip %s, this is %s" % (m.chip, cfg.chip))
+    if m.counter < floor:
+        raise OtaError("security-counter", "security counter %d < floor %d" % (m.counter, floor))
+    cur = running_version(running)
+    if m.version_t == cur:
+        return False
+    if m.version_t < cur:
+        raise OtaError("downgrade", "release %s is older than running %s" % (m.version, running))
+    if m.image_size > slot_size:
+        raise OtaError("too-large", "image is %d bytes, the slot holds %d" % (m.image_size, slot_size))
+    return True

@@ -1,0 +1,245 @@
+"""`mpota`: the command line. Each verb parses and checks its arguments, then calls a plain
+function of host_tools that scripts can import too. One handler turns MpotaError into
+"mpota: error: ..." plus a hint, exit status 2; anything else is a bug and keeps its traceback.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+from . import MpotaError, __version__
+
+
+def _human(n: int) -> str:
+    return f"{n / 1024:.1f} KiB" if n < 1 << 20 else f"{n / (1 << 20):.2f} MiB"
+
+
+def _size(text: str) -> int:
+    t = text.strip().upper().removesuffix("B")
+    mult = {"K": 1024, "M": 1 << 20}.get(t[-1:], 1)
+    try:
+        n = int(t.rstrip("KM")) * mult
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a size like 131072, 128K or 1M") from None
+    if n <= 0:
+        raise argparse.ArgumentTypeError("size must be positive")
+    return n
+
+
+def _heap(text: str) -> str:
+    _size(text)
+    return text.upper().removesuffix("B")
+
+
+def _counter(text: str) -> int:
+    try:
+        n = int(text, 0)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if not 0 <= n <= 0x3FFFFFFF:
+        raise argparse.ArgumentTypeError("security counter must be 0..1073741823")
+    return n
+
+
+# ---- verbs ----------------------------------------------------------------------------------
+def cmd_keygen(a):
+    from . import keys
+    kid = keys.generate(Path(a.path), force=a.force)
+    print(f"private key: {a.path} (mode 0600; keep it secret, never commit it)")
+    print(f"public key:  {a.path}.pub")
+    print(f"key id:      {kid}")
+
+
+def cmd_release(a):
+    from . import keys, release
+    signers = [keys.load_private(Path(k)) for k in a.key]
+    print(f"release: reading {a.image}")
+    rel = release.build(Path(a.image), Path(a.out), signers, version=a.version, chip=a.chip,
+                        board=a.board, security_counter=a.security_counter)
+    m = rel.manifest
+    print(f"release: {m['version']} for board {m['board']} / chip {m['chip']}, "
+          f"security counter {m['security_counter']}")
+    print(f"release: payload {m['payload']['url']} {_human(m['payload']['size'])} sha256 {m['payload']['sha256'][:16]}...")
+    print(f"release: signed by {', '.join(keys.keyid(k.public_key()) for k in signers)}")
+    print(f"release: wrote {Path(a.out) / release.MANIFEST_NAME}")
+    pubs = [k.public_key() for k in signers]
+    release.verify(Path(a.out), pubs)
+    print("release: verified (signature, sizes, hashes, image)")
+
+
+def cmd_verify(a):
+    from . import keys, release
+    rel = release.verify(Path(a.release), [keys.load_public(Path(p)) for p in a.pub])
+    m = rel.manifest
+    print(f"OK: {m['version']} for {m['board']}/{m['chip']}, counter {m['security_counter']}, "
+          f"payload {m['payload']['url']} {m['payload']['size']} bytes, signature and hashes verified")
+
+
+def cmd_serve(a):
+    from .server import make_server
+    server = make_server(Path(a.release), a.host, a.port, quiet=a.quiet)
+    host, port = server.server_address[:2]
+    print(f"serve: {Path(a.release).resolve()} on http://{host}:{port}/ (Ctrl-C stops)", flush=True)
+    try:
+        server.serve_forever()
+    except KeyboardInterrupt:
+        print("serve: stopped")
+
+
+def cmd_boards(a):
+    from . import BOARDS_DIR
+    for p in sorted(BOARDS_DIR.glob("*/board.json")):
+        info = json.loads(p.read_text())
+        print(f"{info['name']:10} chip {info['chip']:8} mpy {info['mpy_arch']:9} {info.get('description', '')}")
+
+
+def cmd_mpy(a):
+    from . import BOARDS_DIR, devicepkg
+    archs = a.arch or sorted({json.loads(p.read_text())["mpy_arch"] for p in BOARDS_DIR.glob("*/board.json")})
+    for arch in archs:
+        files = devicepkg.install_agent(Path(a.out) / arch, arch=arch)
+        total = sum(f.stat().st_size for f in files)
+        print(f"mpy: {arch:10} {len(files)} files, {total} bytes -> {Path(a.out) / arch / 'ota'}")
+
+
+def cmd_sim_firmware(a):
+    from . import espimage
+    data = espimage.build_sim_firmware(a.version, a.behavior, a.size, a.chip, a.secure_version)
+    Path(a.out).write_bytes(data)
+    print(f"firmware: {a.out} {a.version} ({a.behavior}, {a.chip}, secure_version {a.secure_version}), {_human(len(data))}")
+
+
+def cmd_sim_create(a):
+    from .sim import device
+    dev = device.create(a.name, [Path(p) for p in a.pub], a.server, Path(a.firmware), root=Path(a.root),
+                        heap=a.heap, source=a.source, force=a.force)
+    print(f"sim: created {dev.path}/ (board {dev.board}, heap {dev.heap})")
+    print(f"sim: flash {dev.flash} with {Path(a.firmware).name} in ota_0; agent in {dev.fs}/lib/ota "
+          f"({'.py sources' if a.source else '.mpy'})")
+    print(f"sim: server {a.server}; next: mpota sim run {a.name}")
+
+
+def cmd_sim_run(a):
+    from .sim import device, runner
+    dev = device.load(a.name, Path(a.root))
+    t0 = time.monotonic()
+    boots = runner.run(dev, heap=a.heap, max_boots=a.max_boots)
+    last = boots[-1]
+    print(f"sim: {a.name} idle after {len(boots)} boot(s) in {time.monotonic() - t0:.1f} s, "
+          f"running {last.version} from {last.slot}")
+
+
+def cmd_sim_status(a):
+    from .sim import device, runner
+    print(json.dumps(runner.status(device.load(a.name, Path(a.root))), indent=1))
+
+
+# ---- parser ---------------------------------------------------------------------------------
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="mpota", description="Secure OTA updates for MicroPython devices.")
+    p.add_argument("--version", action="version", version=f"mpota {__version__}")
+    sub = p.add_subparsers(dest="verb", metavar="COMMAND", required=True)
+
+    s = sub.add_parser("keygen", help="make an Ed25519 release key pair",
+                       description="Write PATH (private, PEM, mode 0600) and PATH.pub; print the key id.")
+    s.add_argument("path", help="private key file to create, e.g. keys/release")
+    s.add_argument("--force", action="store_true", help="replace existing key files")
+    s.set_defaults(func=cmd_keygen)
+
+    s = sub.add_parser("release", help="sign a firmware image into a release directory",
+                       description="Read version and chip from the image, write OUT/manifest.json "
+                                   "(DSSE envelope) and the payload, then verify the result.")
+    s.add_argument("image", help="ESP app image (.bin)")
+    s.add_argument("--key", action="append", required=True, help="private key (repeat to add signatures)")
+    s.add_argument("--out", required=True, help="release directory to write")
+    s.add_argument("--version", help="override the version (must match the image's esp_app_desc_t)")
+    s.add_argument("--chip", help="override the chip (must match the image header)")
+    s.add_argument("--board", help="board id devices must have (default: the chip name)")
+    s.add_argument("--security-counter", type=_counter,
+                   help="anti-rollback counter (default: the image's secure_version)")
+    s.set_defaults(func=cmd_release)
+
+    s = sub.add_parser("verify", help="check a release: signature, sizes, hashes, image",
+                       description="Exit 0 if the release verifies with one of the keys; otherwise "
+                                   "exit 2 with the reason.")
+    s.add_argument("release", help="release directory (or its manifest.json)")
+    s.add_argument("--pub", action="append", required=True, help="trusted public key (repeatable)")
+    s.set_defaults(func=cmd_verify)
+
+    s = sub.add_parser("serve", help="serve a release directory over HTTP (HEAD, Range, ETag)")
+    s.add_argument("release", help="directory to serve")
+    s.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
+    s.add_argument("--port", type=int, default=8000, help="port (default 8000)")
+    s.add_argument("--quiet", action="store_true", help="no request log")
+    s.set_defaults(func=cmd_serve)
+
+    s = sub.add_parser("boards", help="list the board definitions in boards/")
+    s.set_defaults(func=cmd_boards)
+
+    s = sub.add_parser("mpy", help="compile the device agent to .mpy with mpy-cross",
+                       description="Write OUT/<arch>/ota/*.mpy for each board architecture (or --arch).")
+    s.add_argument("--out", default="build/mpy", help="output directory (default build/mpy)")
+    s.add_argument("--arch", action="append", choices=("x64", "x86", "armv6m", "armv7m", "armv7emsp",
+                                                        "armv7emdp", "xtensa", "xtensawin", "rv32imc"),
+                   help="architecture (repeatable; default: every board's)")
+    s.set_defaults(func=cmd_mpy)
+
+    sim = sub.add_parser("sim", help="the simulated ESP32 (unix port): firmware, create, run, status",
+                         description="Simulated ESP32 devices on the MicroPython unix port.")
+    ssub = sim.add_subparsers(dest="simverb", metavar="COMMAND", required=True)
+
+    s = ssub.add_parser("firmware", help="build a simulated firmware image (a valid ESP app image)")
+    s.add_argument("out", help="image file to write, e.g. fw-1.0.0.bin")
+    s.add_argument("--version", required=True, help="version in esp_app_desc_t, e.g. 1.0.0")
+    s.add_argument("--behavior", default="healthy", choices=("healthy", "unhealthy", "crash"),
+                   help="how the firmware behaves when booted (default healthy)")
+    s.add_argument("--size", type=_size, default=128 * 1024, help="approximate image size (default 128K)")
+    s.add_argument("--chip", default="esp32", help="chip in the image header (default esp32)")
+    s.add_argument("--secure-version", type=_counter, default=0, help="esp_app_desc_t secure_version")
+    s.set_defaults(func=cmd_sim_firmware)
+
+    def root_arg(s):
+        s.add_argument("--root", default="devices", help="where simulated devices live (default ./devices)")
+
+    s = ssub.add_parser("create", help="create a simulated device with firmware, agent and config")
+    s.add_argument("name", help="device name, e.g. dev1")
+    s.add_argument("--pub", action="append", required=True, help="trusted release public key (repeatable)")
+    s.add_argument("--server", required=True, help="release URL, e.g. http://127.0.0.1:8000")
+    s.add_argument("--firmware", required=True, help="image to put in ota_0")
+    s.add_argument("--heap", type=_heap, default="128K", help="MicroPython heap (default 128K, ESP32-class)")
+    s.add_argument("--source", action="store_true", help="install the agent as .py instead of .mpy")
+    s.add_argument("--force", action="store_true", help="replace an existing device")
+    root_arg(s)
+    s.set_defaults(func=cmd_sim_create)
+
+    s = ssub.add_parser("run", help="boot the device until it is idle, printing every boot")
+    s.add_argument("name")
+    s.add_argument("--heap", type=_heap, help="MicroPython heap for this run (default: the device's)")
+    s.add_argument("--max-boots", type=int, default=8, help="give up after this many boots (default 8)")
+    root_arg(s)
+    s.set_defaults(func=cmd_sim_run)
+
+    s = ssub.add_parser("status", help="print the device's ota.status() as JSON")
+    s.add_argument("name")
+    root_arg(s)
+    s.set_defaults(func=cmd_sim_status)
+    return p
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        args.func(args)
+    except MpotaError as e:
+        print(f"mpota: error: {e}", file=sys.stderr)
+        if e.hint:
+            print(f"  hint: {e.hint}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

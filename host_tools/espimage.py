@@ -1,0 +1,148 @@
+"""ESP app image format (esp_image_header_t, segments, checksum, appended SHA-256, esp_app_desc_t).
+
+Reads the facts a release needs from an image (chip, version, secure version), checks an image
+the way ESP-IDF's esp_image_verify() does, and builds the simulated firmware images the unix
+board runs. esptool is the independent reader in the tests (`esptool image-info`).
+"""
+from __future__ import annotations
+
+import hashlib
+import random
+import struct
+from dataclasses import dataclass
+
+from . import MpotaError
+
+IMAGE_MAGIC = 0xE9
+APP_DESC_MAGIC = 0xABCD5432
+HEADER_LEN = 24            # esp_image_header_t
+SEGMENT_HEADER_LEN = 8     # esp_image_segment_header_t
+APP_DESC_LEN = 256         # esp_app_desc_t
+SIM_MARKER = b"MPOTA-SIM behavior="
+BEHAVIORS = ("healthy", "unhealthy", "crash")
+
+# chip name -> (esp_chip_id_t, DROM address the first segment is mapped at)
+CHIPS = {
+    "esp32": (0, 0x3F400020),
+    "esp32s2": (2, 0x3F000020),
+    "esp32c3": (5, 0x3C000020),
+    "esp32s3": (9, 0x3C000020),
+    "esp32c2": (12, 0x3C000020),
+    "esp32c6": (13, 0x42800020),
+    "esp32h2": (16, 0x42800020),
+}
+CHIP_BY_ID = {cid: name for name, (cid, _) in CHIPS.items()}
+# An IRAM load address per chip for the small code segment of simulated images.
+_IRAM = {"esp32": 0x40080000, "esp32s2": 0x40020000, "esp32c3": 0x40380000,
+         "esp32s3": 0x40370000, "esp32c2": 0x40380000, "esp32c6": 0x40800000,
+         "esp32h2": 0x40800000}
+
+
+class ImageError(MpotaError):
+    """The bytes are not a valid ESP app image."""
+
+
+@dataclass
+class ImageInfo:
+    chip: str | None
+    chip_id: int
+    version: str
+    secure_version: int
+    project_name: str
+    length: int            # bytes the image occupies, checksum and digest included
+    behavior: str | None   # simulated firmware only
+
+
+def _cstr(b: bytes) -> str:
+    return b.split(b"\0", 1)[0].decode("utf-8", "replace")
+
+
+def parse(data: bytes) -> ImageInfo:
+    """Check an image as esp_image_verify() does and return what it says about itself."""
+    if len(data) < HEADER_LEN + SEGMENT_HEADER_LEN + APP_DESC_LEN:
+        raise ImageError(f"image is {len(data)} bytes: too short for an ESP app image")
+    magic, nseg = data[0], data[1]
+    if magic != IMAGE_MAGIC:
+        raise ImageError(f"bad image magic 0x{magic:02x} (expected 0xe9)",
+                         hint="is this an application .bin (not an .elf or a merged flash image)?")
+    chip_id = struct.unpack_from("<H", data, 12)[0]
+    hash_appended = data[23] == 1
+    if not 1 <= nseg <= 16:
+        raise ImageError(f"image has {nseg} segments (1..16 allowed)")
+    pos, csum = HEADER_LEN, 0xEF
+    for i in range(nseg):
+        if pos + SEGMENT_HEADER_LEN > len(data):
+            raise ImageError(f"segment {i} header runs past the end of the image")
+        _addr, n = struct.unpack_from("<II", data, pos)
+        pos += SEGMENT_HEADER_LEN
+        if n % 4 or pos + n > len(data):
+            raise ImageError(f"segment {i} length {n} is not aligned or runs past the end")
+        for b in data[pos:pos + n]:
+            csum ^= b
+        pos += n
+    pos += 15 - pos % 16
+    if pos >= len(data) or data[pos] != csum:
+        raise ImageError("image checksum mismatch")
+    pos += 1
+    if hash_appended:
+        if data[pos:pos + 32] != hashlib.sha256(data[:pos]).digest():
+            raise ImageError("appended SHA-256 of the image does not match")
+        pos += 32
+    desc = data[HEADER_LEN + SEGMENT_HEADER_LEN:HEADER_LEN + SEGMENT_HEADER_LEN + APP_DESC_LEN]
+    dmagic, secure_version = struct.unpack_from("<II", desc)
+    if dmagic != APP_DESC_MAGIC:
+        raise ImageError("no esp_app_desc_t at the start of the first segment")
+    behavior = None
+    tail = data[HEADER_LEN + SEGMENT_HEADER_LEN + APP_DESC_LEN:][:64]
+    if tail.startswith(SIM_MARKER):
+        behavior = _cstr(tail[len(SIM_MARKER):])
+    return ImageInfo(chip=CHIP_BY_ID.get(chip_id), chip_id=chip_id, version=_cstr(desc[16:48]),
+                     secure_version=secure_version, project_name=_cstr(desc[48:80]),
+                     length=pos, behavior=behavior)
+
+
+def app_desc(version: str, secure_version: int = 0, project: str = "mpota-sim") -> bytes:
+    v = version.encode()
+    if len(v) > 31:
+        raise ImageError(f"version {version!r} is longer than esp_app_desc_t allows (31 bytes)")
+    return struct.pack("<II8s32s32s16s16s32s32s80s", APP_DESC_MAGIC, secure_version, b"", v,
+                       project.encode()[:31], b"00:00:00", b"Nov 26 2026", b"v5.4-sim",
+                       hashlib.sha256(v).digest(), b"")
+
+
+def build(segments: list[tuple[int, bytes]], chip: str, entry: int) -> bytes:
+    """An ESP app image from (load address, data) segments, with checksum and SHA-256."""
+    chip_id = CHIPS[chip][0]
+    out = bytearray(struct.pack("<BBBBI", IMAGE_MAGIC, len(segments), 2, 0x20, entry))
+    # wp_pin, spi_pin_drv[3], chip_id, min_chip_rev, min_rev_full, max_rev_full, reserved, hash
+    out += struct.pack("<B3sHBHH4sB", 0xEE, b"", chip_id, 0, 0, 0xFFFF, b"", 1)
+    csum = 0xEF
+    for addr, data in segments:
+        if len(data) % 4:
+            data = data + b"\0" * (4 - len(data) % 4)
+        out += struct.pack("<II", addr, len(data)) + data
+        for b in data:
+            csum ^= b
+    out += b"\0" * (15 - len(out) % 16) + bytes([csum])
+    out += hashlib.sha256(out).digest()
+    return bytes(out)
+
+
+def build_sim_firmware(version: str, behavior: str = "healthy", size: int = 128 * 1024,
+                       chip: str = "esp32", secure_version: int = 0) -> bytes:
+    """A simulated firmware image of about `size` bytes that esptool accepts.
+
+    The first segment (DROM) holds esp_app_desc_t, then the behaviour marker the unix board's
+    bootloader reads, then filler derived from the version (so every version hashes
+    differently, reproducibly). A small IRAM segment holds the entry point.
+    """
+    if behavior not in BEHAVIORS:
+        raise ImageError(f"unknown behavior {behavior!r}", hint="choose one of " + ", ".join(BEHAVIORS))
+    if chip not in CHIPS:
+        raise ImageError(f"unknown chip {chip!r}", hint="choose one of " + ", ".join(CHIPS))
+    marker = (SIM_MARKER + behavior.encode()).ljust(64, b"\0")
+    head = app_desc(version, secure_version) + marker
+    filler_len = max(0, size - len(head) - 256) // 4 * 4
+    filler = random.Random(f"{chip}/{version}/{behavior}").randbytes(filler_len)
+    iram = _IRAM[chip]
+    return build([(CHIPS[chip][1], head + filler), (iram, b"\x00" * 64)], chip, iram)

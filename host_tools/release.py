@@ -1,0 +1,175 @@
+"""Build and verify releases: a directory with manifest.json (a DSSE envelope) and the payload.
+
+The manifest body (JSON) fields, all checked by the device agent:
+  schema            1
+  version           firmware version, strictly newer than the running one to be installed
+  board, chip       which devices may install it
+  security_counter  anti-rollback floor: devices refuse releases below what they confirmed
+  image             {"size", "sha256"} of the image as it ends up in the flash slot
+  payload           {"url" (relative to the manifest), "size", "sha256", "encoding": "raw"}
+  critical          names of fields the device must understand, or refuse the release
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
+
+from . import MpotaError, dsse, espimage
+
+SCHEMA = 1
+MANIFEST_NAME = "manifest.json"
+MANIFEST_MAX = 4096      # the device refuses larger manifests without reading them
+ENCODINGS = ("raw",)
+KNOWN_FIELDS = {"schema", "version", "board", "chip", "security_counter", "image", "payload",
+                "critical", "created_by"}
+
+
+class ReleaseError(MpotaError):
+    def __init__(self, code, message, hint=None):
+        super().__init__(message, hint)
+        self.code = code
+
+
+def parse_version(text: str) -> tuple[int, ...]:
+    """'1.2.3' (optionally 'v1.2.3') -> (1, 2, 3); the device compares versions the same way."""
+    t = text[1:] if text[:1] in "vV" else text
+    parts = t.split(".")
+    if not 1 <= len(parts) <= 4 or not all(p.isdigit() and len(p) <= 9 for p in parts):
+        raise ReleaseError("bad-version", f"version {text!r} is not of the form MAJOR.MINOR.PATCH",
+                           hint="pass --version 1.2.3")
+    return tuple(int(p) for p in parts)
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 16), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+@dataclass
+class Release:
+    manifest: dict
+    body: bytes
+    path: Path
+
+
+def build(image_path: Path, out_dir: Path, keys: list[Ed25519PrivateKey], *, version=None,
+          chip=None, board=None, security_counter=None) -> Release:
+    """Sign `image_path` into `out_dir`: version, chip and security counter come from the image
+    (esp_app_desc_t and header) unless given."""
+    image_path = Path(image_path)
+    try:
+        data = image_path.read_bytes()
+    except OSError as e:
+        raise MpotaError(f"cannot read firmware image {image_path}: {e.strerror}") from None
+    info = espimage.parse(data)
+    if chip and info.chip and chip != info.chip:
+        raise ReleaseError("wrong-chip", f"--chip {chip} but the image header says {info.chip}",
+                           hint="build the firmware for the chip you name, or drop --chip")
+    chip = chip or info.chip
+    if not chip:
+        raise ReleaseError("wrong-chip", f"image chip id {info.chip_id} is not a known chip", hint="pass --chip")
+    version = version or info.version
+    parse_version(version)
+    if version != info.version:
+        raise ReleaseError("version-mismatch", f"--version {version} but the image says {info.version!r}",
+                           hint="the device checks the version inside the image; rebuild it with that version")
+    if security_counter is None:
+        security_counter = info.secure_version
+    if security_counter < 0 or security_counter > 0x3FFFFFFF:
+        raise ReleaseError("bad-counter", "security counter must be 0..1073741823")
+    digest = hashlib.sha256(data).hexdigest()
+    manifest = {
+        "schema": SCHEMA,
+        "version": version,
+        "board": board or chip,
+        "chip": chip,
+        "security_counter": security_counter,
+        "image": {"size": len(data), "sha256": digest},
+        "payload": {"url": image_path.name, "size": len(data), "sha256": digest, "encoding": "raw"},
+        "critical": [],
+    }
+    body = json.dumps(manifest, separators=(",", ":"), sort_keys=True).encode()
+    envelope = dsse.sign(body, keys)
+    if len(envelope) > MANIFEST_MAX:
+        raise ReleaseError("manifest-too-large", f"manifest is {len(envelope)} bytes; devices accept {MANIFEST_MAX}")
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    if (out_dir / image_path.name).resolve() != image_path.resolve():
+        shutil.copyfile(image_path, out_dir / image_path.name)
+    tmp = out_dir / (MANIFEST_NAME + ".tmp")
+    tmp.write_bytes(envelope)
+    tmp.replace(out_dir / MANIFEST_NAME)
+    return Release(manifest, body, out_dir)
+
+
+def check_manifest(m) -> None:
+    """The field checks the device makes, for host-side verification."""
+    def need(cond, what):
+        if not cond:
+            raise ReleaseError("bad-manifest", f"manifest field {what} is missing or malformed")
+    need(isinstance(m, dict), "(body)")
+    need(m.get("schema") == SCHEMA, "schema")
+    need(isinstance(m.get("version"), str), "version")
+    parse_version(m["version"])
+    for k in ("board", "chip"):
+        need(isinstance(m.get(k), str), k)
+    need(isinstance(m.get("security_counter"), int), "security_counter")
+    for part in ("image", "payload"):
+        p = m.get(part)
+        need(isinstance(p, dict), part)
+        need(isinstance(p.get("size"), int) and p["size"] > 0, part + ".size")
+        need(isinstance(p.get("sha256"), str) and len(p["sha256"]) == 64, part + ".sha256")
+    need(isinstance(m["payload"].get("url"), str), "payload.url")
+    if m["payload"].get("encoding", "raw") not in ENCODINGS:
+        raise ReleaseError("bad-encoding", f"payload encoding {m['payload'].get('encoding')!r} is not supported")
+    crit = m.get("critical", [])
+    need(isinstance(crit, list), "critical")
+    unknown = [c for c in crit if c not in KNOWN_FIELDS]
+    if unknown:
+        raise ReleaseError("unsupported-critical", f"critical fields not understood: {', '.join(map(str, unknown))}")
+
+
+def verify(release_dir: Path, trusted: list[Ed25519PublicKey]) -> Release:
+    """Check signature, manifest fields, payload size and hash and the image itself."""
+    release_dir = Path(release_dir)
+    mpath = release_dir / MANIFEST_NAME if release_dir.is_dir() else release_dir
+    release_dir = mpath.parent
+    try:
+        envelope = mpath.read_bytes()
+    except OSError as e:
+        raise MpotaError(f"cannot read {mpath}: {e.strerror}", hint="pass a release directory made by `mpota release`") from None
+    if len(envelope) > MANIFEST_MAX:
+        raise ReleaseError("manifest-too-large", f"manifest is {len(envelope)} bytes; devices accept {MANIFEST_MAX}")
+    body = dsse.verify(envelope, trusted)
+    try:
+        m = json.loads(body)
+    except ValueError:
+        raise ReleaseError("bad-manifest", "signed payload is not JSON") from None
+    check_manifest(m)
+    p = m["payload"]
+    ppath = (release_dir / p["url"]).resolve()
+    if release_dir.resolve() not in ppath.parents:
+        raise ReleaseError("bad-manifest", f"payload url {p['url']!r} points outside the release")
+    if not ppath.is_file():
+        raise ReleaseError("missing-payload", f"payload {p['url']} is not in {release_dir}")
+    size = ppath.stat().st_size
+    if size != p["size"]:
+        code = "truncated" if size < p["size"] else "too-long"
+        raise ReleaseError(code, f"payload is {size} bytes, manifest says {p['size']}")
+    if sha256_file(ppath) != p["sha256"]:
+        raise ReleaseError("hash-mismatch", "payload SHA-256 differs from the manifest")
+    if p.get("encoding", "raw") == "raw":
+        info = espimage.parse(ppath.read_bytes())
+        if info.version != m["version"]:
+            raise ReleaseError("version-mismatch", f"image says version {info.version}, manifest {m['version']}")
+        if info.chip != m["chip"]:
+            raise ReleaseError("wrong-chip", f"image is for {info.chip}, manifest says {m['chip']}")
+    return Release(m, body, release_dir)

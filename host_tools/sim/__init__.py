@@ -1,0 +1,1 @@
+"""The simulated ESP32: a unix-port MicroPython with a file-backed flash (boards/unix)."""

@@ -1,0 +1,109 @@
+"""Create and load simulated devices: a directory with the flash image, the filesystem and a
+little metadata.
+
+    devices/<name>/device.json   board, heap, the slot the last boot ran (for `sim status`)
+    devices/<name>/flash.bin     4 MiB SPI flash laid out from boards/unix/partitions.csv
+    devices/<name>/fs/           the device filesystem: main.py, ota_config.json, lib/ota/
+"""
+from __future__ import annotations
+
+import json
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .. import BOARDS_DIR, MpotaError, devicepkg, espimage, keys, partitions
+
+FLASH_SIZE = 4 * 1024 * 1024
+DEFAULT_ROOT = Path("devices")
+
+
+@dataclass
+class SimDevice:
+    name: str
+    path: Path
+    board: str = "unix"
+    heap: str = "128K"
+    running: dict = field(default_factory=dict)
+
+    @property
+    def flash(self) -> Path:
+        return self.path / "flash.bin"
+
+    @property
+    def fs(self) -> Path:
+        return self.path / "fs"
+
+    @property
+    def board_dir(self) -> Path:
+        return BOARDS_DIR / self.board
+
+    def save(self) -> None:
+        meta = {"name": self.name, "board": self.board, "heap": self.heap, "running": self.running}
+        tmp = self.path / "device.json.tmp"
+        tmp.write_text(json.dumps(meta, indent=1) + "\n")
+        tmp.replace(self.path / "device.json")
+
+
+def board_info(board: str) -> dict:
+    path = BOARDS_DIR / board / "board.json"
+    if not path.is_file():
+        known = ", ".join(sorted(p.parent.name for p in BOARDS_DIR.glob("*/board.json")))
+        raise MpotaError(f"unknown board {board!r}", hint=f"known boards: {known}")
+    return json.loads(path.read_text())
+
+
+def load(name: str, root: Path = DEFAULT_ROOT) -> SimDevice:
+    path = Path(root) / name
+    try:
+        meta = json.loads((path / "device.json").read_text())
+    except (OSError, ValueError):
+        raise MpotaError(f"no simulated device {name!r} in {root}/",
+                         hint=f"create it with: mpota sim create {name} --pub KEY.pub --server URL --firmware FW.bin") from None
+    return SimDevice(name, path, meta.get("board", "unix"), meta.get("heap", "128K"), meta.get("running") or {})
+
+
+def layout_flash(path: Path, table: list[partitions.Partition], firmware: bytes, table_offset=0x8000) -> None:
+    """Erased flash (0xFF) with the partition table and the firmware in the first OTA slot."""
+    slot = next((p for p in table if p.is_ota_slot), None)
+    if slot is None:
+        raise MpotaError("partition table has no OTA app slot")
+    if len(firmware) > slot.size:
+        raise MpotaError(f"firmware is {len(firmware)} bytes; slot {slot.label} holds {slot.size}")
+    flash = bytearray(b"\xff" * FLASH_SIZE)
+    binary = partitions.to_binary(table)
+    flash[table_offset:table_offset + len(binary)] = binary
+    flash[slot.offset:slot.offset + len(firmware)] = firmware
+    path.write_bytes(flash)
+
+
+def create(name: str, pubkeys: list[Path], server: str, firmware: Path, *, root: Path = DEFAULT_ROOT,
+           board: str = "unix", heap: str = "128K", source: bool = False, force: bool = False,
+           device_id: str | None = None) -> SimDevice:
+    info = board_info(board)
+    if not (server.startswith("http://") or server.startswith("https://")):
+        raise MpotaError(f"--server {server!r} is not an http(s) URL", hint="e.g. --server http://127.0.0.1:8000")
+    raw_keys = [keys.raw_public(keys.load_public(p)).hex() for p in pubkeys]
+    try:
+        fw = Path(firmware).read_bytes()
+    except OSError as e:
+        raise MpotaError(f"cannot read firmware {firmware}: {e.strerror}",
+                         hint="make one with: mpota sim firmware fw-1.0.0.bin --version 1.0.0") from None
+    img = espimage.parse(fw)
+    if img.chip != info["chip"]:
+        raise MpotaError(f"firmware is for {img.chip}, board {board} is {info['chip']}")
+    path = Path(root) / name
+    if path.exists():
+        if not force:
+            raise MpotaError(f"{path} already exists", hint="use --force to replace it")
+        shutil.rmtree(path)
+    (path / "fs" / "lib").mkdir(parents=True)
+    dev = SimDevice(name, path, board, heap)
+    layout_flash(dev.flash, partitions.parse_csv(dev.board_dir / "partitions.csv"), fw)
+    shutil.copyfile(dev.board_dir / "main.py", dev.fs / "main.py")
+    config = {"server": server, "pubkeys": raw_keys, "board": info.get("board_id", board),
+              "chip": info["chip"], "device_id": device_id or name, "timeout_s": 10}
+    (dev.fs / "ota_config.json").write_text(json.dumps(config, indent=1) + "\n")
+    devicepkg.install_agent(dev.fs / "lib", arch=info.get("mpy_arch"), source=source)
+    dev.save()
+    return dev
