@@ -132,9 +132,16 @@ def cmd_sim_run(a):
           f"running {last.version} from {last.slot}")
 
 
+STATUS_ORDER = ("version", "slot", "slots", "last_result", "last_error", "detail", "pending",
+                "rejected", "security_floor", "secure_version")
+
+
 def cmd_sim_status(a):
     from .sim import device, runner
-    print(json.dumps(runner.status(device.load(a.name, Path(a.root))), indent=1))
+    st = runner.status(device.load(a.name, Path(a.root)))
+    ordered = {k: st[k] for k in STATUS_ORDER if k in st}
+    ordered.update(st)
+    print(json.dumps(ordered, indent=1))
 
 
 # ---- parser ---------------------------------------------------------------------------------

@@ -6,13 +6,13 @@
 set -euo pipefail
 here=$(cd "$(dirname "$0")/.." && pwd)
 export PATH="$here/.venv/bin:$PATH"
-work="$here/demo"
+work="${MPOTA_DEMO_DIR:-$here/demo}"
 rm -rf "$work"; mkdir -p "$work"; cd "$work"
 
 step() { printf '\n\033[1m== %s\033[0m\n' "$*"; }
 show() { printf '$ %s\n' "$*"; "$@"; }
 expect() {  # expect FIELD VALUE: check one field of `mpota sim status dev1`
-  got=$(mpota sim status dev1 | python3 -c "import json,sys; print(json.load(sys.stdin)[sys.argv[1]])" "$1")
+  got=$(mpota sim status dev1 | python3 -c "import json,sys; print(json.dumps(json.load(sys.stdin)[sys.argv[1]]).strip('\"'))" "$1")
   if [ "$got" != "$2" ]; then echo "demo: FAILED: status $1 is $got, expected $2" >&2; exit 1; fi
   echo "check: status $1 = $got"
 }
@@ -52,7 +52,7 @@ step "6. Boot it: it finds 2.0.0, installs, reboots, confirms"
 show mpota sim run dev1
 show mpota sim status dev1
 expect version 2.0.0
-expect last_error None
+expect last_error null
 
 step "7. Publish 3.0.0 (it fails its health check on the device)"
 show mpota release fw-3.0.0.bin --key keys/release --out release/

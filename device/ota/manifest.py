@@ -108,10 +108,10 @@ def parse(body):
 def decide(m, cfg, running, floor, slot_size):
     # Raises for a release this device must refuse; returns False when it is already running
     # this version (nothing to do), True when it should be installed.
-    if m.board != cfg.board:
-        raise OtaError("wrong-board", "release is for board %s, this is %s" % (m.board, cfg.board))
     if m.chip != cfg.chip:
         raise OtaError("wrong-chip", "release is for chip %s, this is %s" % (m.chip, cfg.chip))
+    if m.board != cfg.board:
+        raise OtaError("wrong-board", "release is for board %s, this is %s" % (m.board, cfg.board))
     if m.counter < floor:
         raise OtaError("security-counter", "security counter %d < floor %d" % (m.counter, floor))
     cur = running_version(running)

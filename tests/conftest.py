@@ -1,0 +1,127 @@
+"""Shared fixtures: keys, firmware images, releases, a loopback HTTP server, simulated devices.
+
+Every device-side test runs the real agent (.mpy, compiled by mpy-cross) in the real
+`micropython` binary, against the file-backed flash of boards/unix and a real HTTP server.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import struct
+import sys
+from pathlib import Path
+
+import pytest
+
+from host_tools import espimage, keys, release
+from host_tools.server import serve_in_thread
+from host_tools.sim import device, runner
+
+SHARED = Path(__file__).resolve().parents[1].parent / "shared"
+MICROPYTHON = str(Path(sys.executable).parent / "micropython")
+
+
+@pytest.fixture(scope="session")
+def keydir(tmp_path_factory):
+    d = tmp_path_factory.mktemp("keys")
+    keys.generate(d / "release")
+    keys.generate(d / "foreign")
+    return d
+
+
+@pytest.fixture(scope="session")
+def signer(keydir):
+    return keys.load_private(keydir / "release")
+
+
+@pytest.fixture(scope="session")
+def firmware(tmp_path_factory):
+    """firmware(version, behavior="healthy", chip="esp32", secure_version=0) -> Path (cached)."""
+    d = tmp_path_factory.mktemp("fw")
+    cache = {}
+
+    def make(version, behavior="healthy", chip="esp32", secure_version=0, size=64 * 1024):
+        key = (version, behavior, chip, secure_version, size)
+        if key not in cache:
+            p = d / f"fw-{version}-{behavior}-{chip}-{secure_version}-{size}.bin"
+            p.write_bytes(espimage.build_sim_firmware(version, behavior, size, chip, secure_version))
+            cache[key] = p
+        return cache[key]
+    return make
+
+
+class Server:
+    """A release directory served on loopback; tests rewrite its files between runs."""
+
+    def __init__(self, root: Path):
+        self.root = root
+        self.httpd, self.url = serve_in_thread(root)
+
+    def publish(self, image: Path, key, **kw) -> release.Release:
+        return release.build(image, self.root, [key], **kw)
+
+    def write_manifest_body(self, body: dict | bytes, key) -> None:
+        """Sign an arbitrary manifest body (for hostile-release tests)."""
+        from host_tools import dsse
+        raw = body if isinstance(body, bytes) else json.dumps(body).encode()
+        (self.root / "manifest.json").write_bytes(dsse.sign(raw, [key]))
+
+
+@pytest.fixture
+def server(tmp_path):
+    root = tmp_path / "release"
+    root.mkdir()
+    s = Server(root)
+    yield s
+    s.httpd.shutdown()
+    s.httpd.server_close()
+
+
+class Device:
+    """A simulated device plus helpers to run it and read its state from the host side."""
+
+    def __init__(self, dev: device.SimDevice):
+        self.dev = dev
+        self.log: list[str] = []
+
+    def run(self, max_boots=8, heap=None):
+        self.log = []
+        return runner.run(self.dev, heap=heap, max_boots=max_boots, echo=self.log.append)
+
+    @property
+    def output(self) -> str:
+        return "\n".join(self.log)
+
+    def status(self) -> dict:
+        return runner.status(self.dev)
+
+    def flash(self) -> bytes:
+        return self.dev.flash.read_bytes()
+
+    def otadata(self) -> bytes:
+        return self.flash()[0xD000:0xF000]
+
+    def slot_bytes(self, index: int, n: int) -> bytes:
+        off = (0x10000, 0x190000)[index]
+        return self.flash()[off:off + n]
+
+
+@pytest.fixture
+def make_device(tmp_path, keydir):
+    def make(firmware_path: Path, server_url: str, name="dev", pub=None, **kw) -> Device:
+        dev = device.create(name, [pub or keydir / "release.pub"], server_url, firmware_path,
+                            root=tmp_path / "devices", force=True, **kw)
+        return Device(dev)
+    return make
+
+
+def otadata_record(seq: int, state: int, crc: int | None = None) -> bytes:
+    """An esp_ota_select_entry_t written independently of the code under test."""
+    if crc is None:
+        import zlib
+        crc = zlib.crc32(struct.pack("<I", seq), 0xFFFFFFFF) & 0xFFFFFFFF
+    return struct.pack("<I20sII", seq, b"\xff" * 20, state, crc)
+
+
+def sha256(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()

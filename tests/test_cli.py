@@ -1,0 +1,97 @@
+"""The CLI surface: every command has --help, errors say what to do, the README story runs."""
+from __future__ import annotations
+
+import json
+import os
+import stat
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from host_tools.cli import build_parser
+
+ROOT = Path(__file__).resolve().parents[1]
+MPOTA = str(Path(sys.executable).parent / "mpota")
+
+COMMANDS = [["keygen"], ["release"], ["verify"], ["serve"], ["boards"], ["mpy"],
+            ["sim"], ["sim", "firmware"], ["sim", "create"], ["sim", "run"], ["sim", "status"]]
+
+
+def mpota(*args, cwd=None, check=False):
+    r = subprocess.run([MPOTA, *map(str, args)], capture_output=True, text=True, cwd=cwd)
+    if check:
+        assert r.returncode == 0, r.stderr
+    return r
+
+
+def test_command_list_is_pinned():
+    sub = next(a for a in build_parser()._actions if a.dest == "verb")
+    assert sorted(sub.choices) == sorted(c[0] for c in COMMANDS if len(c) == 1)
+
+
+@pytest.mark.parametrize("cmd", COMMANDS, ids=" ".join)
+def test_every_command_has_help(cmd):
+    r = mpota(*cmd, "--help")
+    assert r.returncode == 0 and "usage: mpota" in r.stdout
+
+
+def test_keygen_writes_a_private_key_only_the_owner_can_read(tmp_path):
+    r = mpota("keygen", tmp_path / "k" / "release", check=True)
+    assert "key id:" in r.stdout
+    mode = stat.S_IMODE(os.stat(tmp_path / "k" / "release").st_mode)
+    assert mode == 0o600
+    assert b"PRIVATE KEY" not in (tmp_path / "k" / "release.pub").read_bytes()
+    assert "PRIVATE" not in r.stdout
+    again = mpota("keygen", tmp_path / "k" / "release")
+    assert again.returncode == 2 and "already exists" in again.stderr and "--force" in again.stderr
+
+
+def test_release_and_verify_errors_are_clear(tmp_path):
+    mpota("keygen", tmp_path / "a", check=True)
+    mpota("keygen", tmp_path / "b", check=True)
+    mpota("sim", "firmware", tmp_path / "fw.bin", "--version", "2.0.0", "--size", "32K", check=True)
+    r = mpota("release", tmp_path / "fw.bin", "--key", tmp_path / "a.pub", "--out", tmp_path / "rel")
+    assert r.returncode == 2 and "public key" in r.stderr and "hint:" in r.stderr
+    r = mpota("release", tmp_path / "fw.bin", "--key", tmp_path / "a", "--out", tmp_path / "rel",
+              "--version", "2.0.1")
+    assert r.returncode == 2 and "2.0.1" in r.stderr
+    mpota("release", tmp_path / "fw.bin", "--key", tmp_path / "a", "--out", tmp_path / "rel", check=True)
+    assert "OK: 2.0.0" in mpota("verify", tmp_path / "rel", "--pub", tmp_path / "a.pub", check=True).stdout
+    r = mpota("verify", tmp_path / "rel", "--pub", tmp_path / "b.pub")
+    assert r.returncode == 2 and "no signature by a trusted key" in r.stderr
+    fw = tmp_path / "rel" / "fw.bin"
+    fw.write_bytes(fw.read_bytes()[:-1] + b"\x00")
+    r = mpota("verify", tmp_path / "rel", "--pub", tmp_path / "a.pub")
+    assert r.returncode == 2 and "SHA-256" in r.stderr
+    r = mpota("sim", "firmware", tmp_path / "x.bin", "--version", "1.0.0", "--size", "lots")
+    assert r.returncode == 2 and "not a size" in r.stderr
+
+
+def test_sim_commands_point_to_the_next_step(tmp_path):
+    r = mpota("sim", "run", "ghost", "--root", tmp_path)
+    assert r.returncode == 2 and "mpota sim create ghost" in r.stderr
+    mpota("keygen", tmp_path / "k", check=True)
+    r = mpota("sim", "create", "d", "--pub", tmp_path / "k.pub", "--server", "http://x", "--firmware",
+              tmp_path / "missing.bin", "--root", tmp_path)
+    assert r.returncode == 2 and "mpota sim firmware" in r.stderr
+
+
+def test_mpy_compiles_the_agent_for_every_board_arch(tmp_path):
+    r = mpota("mpy", "--out", tmp_path, check=True)
+    for arch in ("x64", "xtensawin"):
+        assert (tmp_path / arch / "ota" / "updater.mpy").exists()
+        assert arch in r.stdout
+
+
+def test_demo_runs_the_readme_story(tmp_path):
+    # `make demo` end to end (README's commands), in a scratch directory.
+    env = dict(os.environ, MPOTA_DEMO_DIR=str(tmp_path / "demo"))
+    env["PATH"] = str(Path(sys.executable).parent) + os.pathsep + env["PATH"]
+    r = subprocess.run(["bash", str(ROOT / "scripts" / "demo.sh")], capture_output=True, text=True, env=env)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    assert "demo: OK" in r.stdout
+    st = json.loads(subprocess.run([MPOTA, "sim", "status", "dev1"], capture_output=True, text=True,
+                                   cwd=tmp_path / "demo").stdout)
+    assert st["version"] == "2.0.0" and st["last_error"] == "health-failed"

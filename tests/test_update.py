@@ -1,0 +1,247 @@
+"""End to end: the real agent on the simulated ESP32 against a real loopback HTTP server."""
+from __future__ import annotations
+
+import base64
+import json
+import threading
+from functools import partial
+from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
+
+import pytest
+
+from host_tools import dsse, release
+
+
+def exits(boots):
+    return [b.exit for b in boots]
+
+
+def test_update_installs_reboots_and_confirms(server, firmware, signer, make_device):
+    server.publish(firmware("2.0.0"), signer)
+    d = make_device(firmware("1.0.0"), server.url)
+    boots = d.run()
+    assert exits(boots) == ["reset", "idle"]
+    assert [b.version for b in boots] == ["1.0.0", "2.0.0"]
+    st = d.status()
+    assert st["version"] == "2.0.0"
+    assert st["slot"] == "ota_1"
+    assert st["slots"]["ota_1"] == "VALID"
+    assert st["last_error"] is None
+    assert st["pending"] is None
+    # What is in the slot is byte for byte the signed image.
+    img = firmware("2.0.0").read_bytes()
+    assert d.slot_bytes(1, len(img)) == img
+    # One more boot changes nothing: up to date, no download.
+    boots = d.run()
+    assert exits(boots) == ["idle"]
+    assert "up to date" in d.output
+    assert d.status()["version"] == "2.0.0"
+
+
+def test_unhealthy_release_rolls_back_and_is_not_retried(server, firmware, signer, make_device):
+    server.publish(firmware("2.0.0"), signer)
+    d = make_device(firmware("1.0.0"), server.url)
+    d.run()
+    server.publish(firmware("3.0.0", "unhealthy"), signer)
+    boots = d.run()
+    assert exits(boots) == ["reset", "reset", "idle"]
+    assert [b.version for b in boots] == ["2.0.0", "3.0.0", "2.0.0"]
+    st = d.status()
+    assert st["version"] == "2.0.0" and st["slot"] == "ota_1"
+    assert st["last_error"] == "health-failed"
+    assert st["slots"]["ota_0"] == "ABORTED"
+    assert st["rejected"] == ["3.0.0"]
+    boots = d.run()
+    assert exits(boots) == ["idle"]
+    assert "installing" not in d.output and "rejected before" in d.output
+    assert d.status()["last_error"] == "health-failed"
+
+
+def test_crash_before_confirm_rolls_back(server, firmware, signer, make_device):
+    server.publish(firmware("2.0.0", "crash"), signer)
+    d = make_device(firmware("1.0.0"), server.url)
+    boots = d.run()
+    assert exits(boots) == ["reset", "panic", "idle"]
+    st = d.status()
+    assert st["version"] == "1.0.0" and st["slot"] == "ota_0"
+    assert st["last_error"] == "rolled-back"
+    assert st["slots"]["ota_1"] == "ABORTED"
+    assert st["rejected"] == ["2.0.0"]
+    assert exits(d.run()) == ["idle"]
+    assert "installing" not in d.output
+
+
+def test_health_check_exception_and_timeout_roll_back(server, firmware, signer, make_device):
+    server.publish(firmware("2.0.0"), signer)
+    d = make_device(firmware("1.0.0"), server.url)
+    main = d.dev.fs / "main.py"
+    main.write_text("import ota\n"
+                    "def health():\n"
+                    "    raise RuntimeError('sensor bus stuck')\n"
+                    "ota.confirm(health, timeout_ms=1000)\nota.update()\n")
+    d.run()
+    st = d.status()
+    assert st["version"] == "1.0.0" and st["last_error"] == "health-exception"
+    assert "sensor bus stuck" in d.output
+
+    server.publish(firmware("2.1.0"), signer)
+    main.write_text("import ota\n"
+                    "ota.confirm(lambda: None, timeout_ms=300)\nota.update()\n")
+    d.run()
+    st = d.status()
+    assert st["version"] == "1.0.0" and st["last_error"] == "health-timeout"
+
+
+def test_works_with_a_server_that_ignores_range(tmp_path, firmware, signer, make_device):
+    # Python's http.server: no Range, HTTP/1.0, no ETag. Any static server must do.
+    root = tmp_path / "static"
+    release.build(firmware("2.0.0"), root, [signer])
+    handler = partial(SimpleHTTPRequestHandler, directory=str(root))
+    handler.log_message = lambda *a: None
+    httpd = ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    try:
+        d = make_device(firmware("1.0.0"), "http://127.0.0.1:%d/" % httpd.server_address[1])
+        d.run()
+        assert d.status()["version"] == "2.0.0"
+    finally:
+        httpd.shutdown()
+        httpd.server_close()
+
+
+# ---- refusals: each bad release gets its own code and the old firmware keeps running --------
+
+def _tamper(server, firmware, signer, foreign):
+    server.publish(firmware("2.0.0"), signer)
+    p = server.root / firmware("2.0.0").name
+    data = bytearray(p.read_bytes())
+    data[len(data) // 2] ^= 0x01
+    p.write_bytes(data)
+
+
+def _foreign_key(server, firmware, signer, foreign):
+    server.publish(firmware("2.0.0"), foreign)
+
+
+def _bad_signature(server, firmware, signer, foreign):
+    server.publish(firmware("2.0.0"), signer)
+    env = json.loads((server.root / "manifest.json").read_bytes())
+    body = json.loads(base64.b64decode(env["payload"]))
+    body["security_counter"] = 7  # changed after signing
+    env["payload"] = base64.b64encode(json.dumps(body).encode()).decode()
+    (server.root / "manifest.json").write_text(json.dumps(env))
+
+
+def _downgrade(server, firmware, signer, foreign):
+    server.publish(firmware("0.9.0"), signer)
+
+
+def _wrong_chip(server, firmware, signer, foreign):
+    server.publish(firmware("2.0.0", chip="esp32s3"), signer)
+
+
+def _wrong_chip_in_image(server, firmware, signer, foreign):
+    # A correctly signed manifest for chip esp32 whose image header says ESP32-S3.
+    img = firmware("2.0.0", chip="esp32s3").read_bytes()
+    from host_tools.espimage import parse
+    assert parse(img).chip == "esp32s3"
+    rel = server.publish(firmware("2.0.0"), signer)
+    (server.root / rel.manifest["payload"]["url"]).write_bytes(img)
+    m = dict(rel.manifest)
+    digest = __import__("hashlib").sha256(img).hexdigest()
+    m["image"] = {"size": len(img), "sha256": digest}
+    m["payload"] = dict(m["payload"], size=len(img), sha256=digest)
+    server.write_manifest_body(m, signer)
+
+
+def _truncated(server, firmware, signer, foreign):
+    server.publish(firmware("2.0.0"), signer)
+    p = server.root / firmware("2.0.0").name
+    p.write_bytes(p.read_bytes()[:-1000])
+
+
+def _too_long(server, firmware, signer, foreign):
+    server.publish(firmware("2.0.0"), signer)
+    p = server.root / firmware("2.0.0").name
+    p.write_bytes(p.read_bytes() + b"\0" * 16)
+
+
+def _mixed_releases(server, firmware, signer, foreign):
+    # manifest of 2.0.0, payload file of 2.1.0 under the same name (same size)
+    server.publish(firmware("2.0.0"), signer)
+    (server.root / firmware("2.0.0").name).write_bytes(firmware("2.1.0").read_bytes())
+
+
+def _garbage_manifest(server, firmware, signer, foreign):
+    (server.root / "manifest.json").write_bytes(bytes(range(256)) * 4)
+
+
+def _oversized_manifest(server, firmware, signer, foreign):
+    server.publish(firmware("2.0.0"), signer)
+    env = json.loads((server.root / "manifest.json").read_bytes())
+    env["padding"] = "x" * 65536
+    (server.root / "manifest.json").write_text(json.dumps(env))
+
+
+def _unknown_critical(server, firmware, signer, foreign):
+    rel = server.publish(firmware("2.0.0"), signer)
+    server.write_manifest_body(dict(rel.manifest, critical=["delta-base"]), signer)
+
+
+def _wrong_board(server, firmware, signer, foreign):
+    server.publish(firmware("2.0.0"), signer, board="esp32-cam")
+
+
+def _security_counter(server, firmware, signer, foreign):
+    rel = server.publish(firmware("2.0.0"), signer)
+    server.write_manifest_body(dict(rel.manifest, security_counter=-1), signer)
+
+
+def _not_json_body(server, firmware, signer, foreign):
+    server.write_manifest_body(b"\xff not json", signer)
+
+
+def _missing_payload(server, firmware, signer, foreign):
+    server.publish(firmware("2.0.0"), signer)
+    (server.root / firmware("2.0.0").name).unlink()
+
+
+REFUSALS = [
+    ("tampered payload", _tamper, "hash-mismatch"),
+    ("foreign key", _foreign_key, "unknown-key"),
+    ("manifest changed after signing", _bad_signature, "bad-signature"),
+    ("downgrade", _downgrade, "downgrade"),
+    ("wrong chip", _wrong_chip, "wrong-chip"),
+    ("wrong chip in the image header", _wrong_chip_in_image, "wrong-chip"),
+    ("truncated payload", _truncated, "truncated"),
+    ("payload longer than declared", _too_long, "too-long"),
+    ("manifest and payload from different releases", _mixed_releases, "version-mismatch"),
+    ("garbage manifest", _garbage_manifest, "bad-envelope"),
+    ("oversized manifest", _oversized_manifest, "manifest-too-large"),
+    ("unknown critical field", _unknown_critical, "unsupported-critical"),
+    ("wrong board", _wrong_board, "wrong-board"),
+    ("malformed security counter", _security_counter, "bad-manifest"),
+    ("signed body is not JSON", _not_json_body, "bad-manifest"),
+    ("payload missing on the server", _missing_payload, "http-404"),
+]
+
+
+@pytest.mark.parametrize("case,setup,code", REFUSALS, ids=[r[0] for r in REFUSALS])
+def test_refused_with_its_code_and_old_firmware_keeps_running(case, setup, code, server, firmware,
+                                                               signer, keydir, make_device):
+    from host_tools import keys
+    d = make_device(firmware("1.0.0"), server.url)
+    otadata_before = d.otadata()
+    setup(server, firmware, signer, keys.load_private(keydir / "foreign"))
+    boots = d.run()
+    assert exits(boots) == ["idle"], d.output
+    st = d.status()
+    assert st["last_error"] == code, d.output
+    assert st["version"] == "1.0.0" and st["slot"] == "ota_0"
+    assert st["pending"] is None
+    assert d.otadata() == otadata_before  # nothing was set to boot
+    # No half-written image is left where a bootloader could find it.
+    assert d.slot_bytes(1, 1) == b"\xff"
+    # The running image is untouched.
+    img = firmware("1.0.0").read_bytes()
+    assert d.slot_bytes(0, len(img)) == img
