@@ -96,6 +96,17 @@ def cmd_boards(a):
         print(f"{info['name']:10} chip {info['chip']:8} mpy {info['mpy_arch']:9} {info.get('description', '')}")
 
 
+def cmd_config(a):
+    from . import deviceconfig
+    from .sim.device import board_info
+    info = board_info(a.board)
+    cfg = deviceconfig.make([Path(p) for p in a.pub], a.server, board=info.get("board_id", a.board),
+                            chip=info["chip"], device_id=a.device_id, timeout_s=a.timeout)
+    deviceconfig.write(Path(a.out), cfg)
+    print(f"config: wrote {a.out} (board {cfg['board']}, chip {cfg['chip']}, {len(cfg['pubkeys'])} key(s), "
+          f"server {cfg['server']}); copy it to the device's root: mpremote fs cp {a.out} :ota_config.json")
+
+
 def cmd_mpy(a):
     from . import BOARDS_DIR, devicepkg
     archs = a.arch or sorted({json.loads(p.read_text())["mpy_arch"] for p in BOARDS_DIR.glob("*/board.json")})
@@ -185,6 +196,16 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("boards", help="list the board definitions in boards/")
     s.set_defaults(func=cmd_boards)
+
+    s = sub.add_parser("config", help="write a device's ota_config.json (server, trusted keys, board)")
+    s.add_argument("--pub", action="append", required=True, help="trusted release public key (repeatable)")
+    s.add_argument("--server", required=True, help="release URL the device polls, e.g. http://192.168.1.10:8000")
+    s.add_argument("--board", default="esp32", help="board definition in boards/ (default esp32)")
+    s.add_argument("--device-id", default="", help="name the device reports")
+    s.add_argument("--timeout", type=int, default=10, choices=range(1, 301), metavar="SECONDS",
+                   help="network timeout on the device (default 10)")
+    s.add_argument("--out", default="ota_config.json", help="file to write (default ota_config.json)")
+    s.set_defaults(func=cmd_config)
 
     s = sub.add_parser("mpy", help="compile the device agent to .mpy with mpy-cross",
                        description="Write OUT/<arch>/ota/*.mpy for each board architecture (or --arch).")

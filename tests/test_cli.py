@@ -15,7 +15,7 @@ from host_tools.cli import build_parser
 ROOT = Path(__file__).resolve().parents[1]
 MPOTA = str(Path(sys.executable).parent / "mpota")
 
-COMMANDS = [["keygen"], ["release"], ["verify"], ["serve"], ["boards"], ["mpy"],
+COMMANDS = [["keygen"], ["release"], ["verify"], ["serve"], ["boards"], ["config"], ["mpy"],
             ["sim"], ["sim", "firmware"], ["sim", "create"], ["sim", "run"], ["sim", "status"]]
 
 

@@ -245,3 +245,52 @@ def test_refused_with_its_code_and_old_firmware_keeps_running(case, setup, code,
     # The running image is untouched.
     img = firmware("1.0.0").read_bytes()
     assert d.slot_bytes(0, len(img)) == img
+
+
+def test_check_reports_without_changing_anything(server, firmware, signer, make_device):
+    from host_tools.sim import runner
+    server.publish(firmware("2.0.0"), signer)
+    d = make_device(firmware("1.0.0"), server.url)
+
+    def check():
+        env = runner.device_env(d.dev, MPOTA_RUNNING=d.status()["slot"])
+        rc, out = runner.run_micropython(d.dev, ["-c", "import ota, json; print(json.dumps(ota.check()))"],
+                                         env, "128K")
+        assert rc == 0, out
+        return json.loads(out.strip().splitlines()[-1])
+
+    before = d.flash()
+    assert check() == {"update": True, "version": "2.0.0", "running": "1.0.0", "error": None, "detail": ""}
+    assert d.flash() == before
+    d.run()
+    assert check()["update"] is False and check()["detail"] == "up to date"
+    server.publish(firmware("1.5.0"), signer)
+    assert check()["error"] == "downgrade"
+
+
+def test_update_refuses_to_run_before_the_new_image_is_confirmed(server, firmware, signer, make_device):
+    server.publish(firmware("2.0.0"), signer)
+    d = make_device(firmware("1.0.0"), server.url)
+    d.dev.fs.joinpath("main.py").write_text(
+        "import ota\nif ota.status()['version'] == '1.0.0':\n    ota.update()\n"
+        "else:\n    print(ota.update())\n")
+    server_has_3 = server.publish(firmware("3.0.0"), signer)
+    assert server_has_3.manifest["version"] == "3.0.0"
+    boots = d.run(max_boots=4)
+    assert "not-confirmed" in boots[-1].output or "not-confirmed" in d.output
+    # it never confirmed, so the next reset rolls it back; 1.0.0 remains intact in ota_0
+    img = firmware("1.0.0").read_bytes()
+    assert d.slot_bytes(0, len(img)) == img
+
+
+def test_a_large_image_streams_within_an_esp32_heap(server, firmware, signer, make_device):
+    # 1 MiB through a 128 KiB heap (which in the simulator also holds the ~19 KiB emulated
+    # esp32 module): only possible if nothing holds the payload.
+    big = firmware("2.0.0", size=1024 * 1024)
+    server.publish(big, signer)
+    d = make_device(firmware("1.0.0"), server.url, heap="128K")
+    assert all(p.suffix == ".mpy" for p in (d.dev.fs / "lib" / "ota").iterdir())
+    d.run()
+    st = d.status()
+    assert st["version"] == "2.0.0" and st["last_error"] is None, d.output
+    assert d.slot_bytes(1, len(big.read_bytes())) == big.read_bytes()

@@ -17,8 +17,13 @@ def confirm(health=None, timeout_ms=30000):
 
 
 def update(reboot=True):
+    # The update's one 4 KiB block buffer is taken first, while the heap is least fragmented;
+    # the updater's code loads after it (many small allocations fit where 4 KiB would not).
+    import gc
+    gc.collect()
+    buf = bytearray(4096)
     from ota.updater import update as _update
-    return _update(reboot)
+    return _update(reboot, buf)
 
 
 def check():

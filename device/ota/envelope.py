@@ -5,6 +5,7 @@ import json
 from binascii import a2b_base64, hexlify
 from hashlib import sha256
 from ota.errors import OtaError
+from ota.ed25519 import verify
 
 PAYLOAD_TYPE = "application/vnd.mpota.manifest+json"
 _MAX_SIGS = 8
@@ -40,7 +41,6 @@ def open_envelope(data, pubkeys):
         raise OtaError("bad-payload-type", "payloadType %r is not %s" % (ptype[:64], PAYLOAD_TYPE))
     if len(sigs) > _MAX_SIGS:
         raise OtaError("bad-envelope", "more than %d signatures" % _MAX_SIGS)
-    from ota.ed25519 import verify
     ids = [keyid(k) for k in pubkeys]
     msg = None
     known = False

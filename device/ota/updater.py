@@ -8,18 +8,25 @@ from micropython import const
 import hashlib
 from binascii import hexlify
 from ota.errors import OtaError, RELEASE, TRANSPORT, DEVICE
-from ota import state, http
+# Everything an update needs is imported here, up front: loading code while the heap is still
+# unfragmented is what lets an update run in an ESP32-sized heap (see docs/memory.md).
+from ota import state, http, slots, otadata
+from ota.envelope import open_envelope
+from ota.manifest import parse, decide
+from ota.image import check_first_block
 
 _BLOCK = const(4096)
 _MANIFEST_MAX = const(4096)  # fits the block buffer
 
 
-def _block_buffer():
-    # The one 4 KiB buffer of an update, taken first, before imports and the signature check
-    # fragment the heap (a 128 KiB heap can have 60 KiB free and no 4 KiB hole after them).
-    import gc
-    gc.collect()
-    return memoryview(bytearray(_BLOCK))
+def _block_buffer(buf=None):
+    # The one 4 KiB buffer of an update. Take it before imports and the signature check
+    # fragment the heap: a 128 KiB heap can have 60 KiB free and no 4 KiB hole after them.
+    if buf is None:
+        import gc
+        gc.collect()
+        buf = bytearray(_BLOCK)
+    return memoryview(buf)
 
 
 def _log(msg):
@@ -47,13 +54,15 @@ def _fetch_manifest(cfg, mv):
 def _plan(cfg, st, mv):
     # -> (manifest, digest_hex, install?, running version, target slot) for the release the
     # server offers. `mv` is the block buffer, used here to hold the manifest.
-    from ota.envelope import open_envelope
-    from ota.manifest import parse, decide
-    from ota import slots
+    all_slots = slots.ota_slots()
+    run = slots.running()
+    act = otadata.active(len(all_slots), otadata.records())
+    if act is not None and act[1] == "PENDING_VERIFY" and slots.index_of(run, all_slots) == act[0]:
+        # Writing the other slot now would overwrite the image we would roll back to.
+        raise OtaError("not-confirmed", "this image is still on trial: call ota.confirm() first", DEVICE)
     body = open_envelope(_fetch_manifest(cfg, mv), cfg.pubkeys)
     digest = hexlify(hashlib.sha256(body).digest()).decode()
     m = parse(body)
-    run = slots.running()
     version = slots.read_app_desc(run)[0]
     target = run.get_next_update()
     install = decide(m, cfg, version, st["floor"], target.info()[3])
@@ -80,7 +89,6 @@ def check():
 def _stream(cfg, m, target, mv):
     # Download the payload into `target` block by block through `mv`; returns the image's
     # secure_version.
-    from ota.image import check_first_block
     url = cfg.base_url + m.url
     resp = http.get(url, cfg.timeout_s)
     try:
@@ -164,12 +172,12 @@ def _install(cfg, st, m, digest, running, target, mv):
     _log("%s verified in flash and set to boot" % m.version)
 
 
-def update(reboot=True):
+def update(reboot=True, buf=None):
     from ota import config
     st = state.load()
     result = None
     try:
-        mv = _block_buffer()
+        mv = _block_buffer(buf)
         cfg = config.load()
         m, digest, install, running, target = _plan(cfg, st, mv)
         why = state.rejected_reason(st, digest)

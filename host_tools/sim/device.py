@@ -12,7 +12,7 @@ import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .. import BOARDS_DIR, MpotaError, devicepkg, espimage, keys, partitions
+from .. import BOARDS_DIR, MpotaError, deviceconfig, devicepkg, espimage, partitions
 
 FLASH_SIZE = 4 * 1024 * 1024
 DEFAULT_ROOT = Path("devices")
@@ -37,6 +37,12 @@ class SimDevice:
     @property
     def board_dir(self) -> Path:
         return BOARDS_DIR / self.board
+
+    @property
+    def platform_dir(self) -> Path:
+        """The board's emulation modules, compiled to .mpy so that they cost the heap what
+        they must and no compile-time garbage (on a real ESP32 this is C outside the heap)."""
+        return self.path / "platform"
 
     def save(self) -> None:
         meta = {"name": self.name, "board": self.board, "heap": self.heap, "running": self.running}
@@ -81,9 +87,8 @@ def create(name: str, pubkeys: list[Path], server: str, firmware: Path, *, root:
            board: str = "unix", heap: str = "128K", source: bool = False, force: bool = False,
            device_id: str | None = None) -> SimDevice:
     info = board_info(board)
-    if not (server.startswith("http://") or server.startswith("https://")):
-        raise MpotaError(f"--server {server!r} is not an http(s) URL", hint="e.g. --server http://127.0.0.1:8000")
-    raw_keys = [keys.raw_public(keys.load_public(p)).hex() for p in pubkeys]
+    config = deviceconfig.make(pubkeys, server, board=info.get("board_id", board), chip=info["chip"],
+                               device_id=device_id or name)
     try:
         fw = Path(firmware).read_bytes()
     except OSError as e:
@@ -101,9 +106,11 @@ def create(name: str, pubkeys: list[Path], server: str, firmware: Path, *, root:
     dev = SimDevice(name, path, board, heap)
     layout_flash(dev.flash, partitions.parse_csv(dev.board_dir / "partitions.csv"), fw)
     shutil.copyfile(dev.board_dir / "main.py", dev.fs / "main.py")
-    config = {"server": server, "pubkeys": raw_keys, "board": info.get("board_id", board),
-              "chip": info["chip"], "device_id": device_id or name, "timeout_s": 10}
-    (dev.fs / "ota_config.json").write_text(json.dumps(config, indent=1) + "\n")
+    deviceconfig.write(dev.fs / "ota_config.json", config)
     devicepkg.install_agent(dev.fs / "lib", arch=info.get("mpy_arch"), source=source)
+    dev.platform_dir.mkdir()
+    for src in sorted(dev.board_dir.glob("*.py")):
+        if src.name != "main.py":
+            devicepkg.compile_file(src, dev.platform_dir / (src.stem + ".mpy"), info.get("mpy_arch"))
     dev.save()
     return dev

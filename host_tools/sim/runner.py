@@ -48,8 +48,8 @@ def device_env(dev: SimDevice, **extra) -> dict:
     env = dict(os.environ)
     env.update({
         "MPOTA_FLASH": str(dev.flash.resolve()),
-        # '' (the device filesystem, our cwd), frozen modules (requests), /lib, the board.
-        "MICROPYPATH": ".frozen:%s:%s" % ((dev.fs / "lib").resolve(), dev.board_dir.resolve()),
+        # '' (the device filesystem, our cwd), frozen modules (requests), /lib, the platform.
+        "MICROPYPATH": ".frozen:%s:%s" % ((dev.fs / "lib").resolve(), dev.platform_dir.resolve()),
     })
     for k in ("MPOTA_CUT_AT", "MPOTA_CUT_TEAR", "MPOTA_OPS_FILE"):
         env.pop(k, None)
@@ -80,7 +80,7 @@ def run_micropython(dev: SimDevice, args: list[str], env: dict, heap: str | None
 
 
 def bootloader(dev: SimDevice, **fault) -> dict:
-    rc, out = run_micropython(dev, [str(dev.board_dir / "bootloader.py")], device_env(dev, **fault))
+    rc, out = run_micropython(dev, ["-m", "bootloader"], device_env(dev, **fault))
     if rc != 0:
         raise SimError(f"simulated bootloader failed (exit {rc}):\n{out}")
     return json.loads(out.strip().splitlines()[-1])
@@ -105,7 +105,7 @@ def run(dev: SimDevice, heap: str | None = None, max_boots: int = 8, echo=print)
         echo(f"[boot {n}] bootloader: {sel['slot']} firmware {sel['version']} ({sel['behavior']}){note}")
         env = device_env(dev, MPOTA_RUNNING=sel["slot"], MPOTA_BEHAVIOR=sel["behavior"],
                          MPOTA_VERSION=sel["version"])
-        rc, out = run_micropython(dev, [str(dev.board_dir / "firmware.py")], env, heap,
+        rc, out = run_micropython(dev, ["-m", "firmware"], env, heap,
                                   echo=lambda line: echo("    | " + line))
         boot = Boot(n, sel["slot"], sel["version"], sel["behavior"], _exit_name(rc), out)
         boots.append(boot)

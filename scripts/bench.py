@@ -1,0 +1,177 @@
+#!/usr/bin/env python3
+"""`make bench`: measured figures for the device agent, each next to a reference measured in
+the same run, as ratios. Nothing here is asserted; tests check behaviour, this prints numbers.
+
+  code size     agent .mpy per architecture        vs  the .py sources
+  verify        ms per Ed25519 verify (device)     vs  a straightforward RFC 8032 transcription
+  SHA-512       KiB/s of ota.sha512                vs  the built-in hashlib.sha256
+  update        KiB/s of a full signed update      vs  a plain HTTP download into RAM (no flash, no hash)
+  heap          smallest heap an update succeeds   vs  smallest heap for a boot that only confirms
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from host_tools import devicepkg, dsse, espimage, keys, release  # noqa: E402
+from host_tools.server import serve_in_thread  # noqa: E402
+from host_tools.sim import device, runner  # noqa: E402
+
+MICROPYTHON = runner.micropython_binary()
+
+
+def row(name, value, unit, ref, ref_unit, ratio_text):
+    print(f"  {name:<28} {value:>10} {unit:<10} reference {ref:>10} {ref_unit:<10} {ratio_text}")
+
+
+def mp(script: str, path: list[Path], heap="512K") -> str:
+    env = dict(os.environ, MICROPYPATH=":".join([".frozen"] + [str(p) for p in path]))
+    r = subprocess.run([MICROPYTHON, "-X", f"heapsize={heap}", "-c", script], capture_output=True,
+                       text=True, env=env)
+    if r.returncode:
+        raise SystemExit(f"bench: micropython failed:\n{r.stdout}\n{r.stderr}")
+    return r.stdout
+
+
+def bench_code_size(tmp: Path):
+    print("code size (device agent, mpy-cross)")
+    src = sum(p.stat().st_size for p in devicepkg.agent_sources())
+    for arch in ("x64", "xtensawin"):
+        files = devicepkg.install_agent(tmp / "mpy" / arch, arch=arch)
+        n = sum(f.stat().st_size for f in files)
+        row(f".mpy {arch}", n, "bytes", src, "bytes .py", f"{n / src:.2f}x of source")
+
+
+def bench_crypto(tmp: Path):
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+    lib = tmp / "mpy" / "x64"
+    ref_dir = tmp / "ref"
+    ref_dir.mkdir()
+    devicepkg.compile_file(ROOT / "scripts" / "bench_ref" / "ed25519_ref.py", ref_dir / "ed25519_ref.mpy", "x64")
+    k = Ed25519PrivateKey.generate()
+    msg = dsse.pae(dsse.PAYLOAD_TYPE, b"x" * 600)
+    pub = keys.raw_public(k.public_key())
+    sig = k.sign(msg)
+    n = 50
+    script = f"""
+import gc, time
+gc.collect(); a = gc.mem_alloc(); t = time.ticks_us()
+from ota.ed25519 import verify
+imp_us = time.ticks_diff(time.ticks_us(), t); gc.collect(); imp_mem = gc.mem_alloc() - a
+import ed25519_ref
+pub = bytes.fromhex('{pub.hex()}'); sig = bytes.fromhex('{sig.hex()}'); msg = bytes.fromhex('{msg.hex()}')
+assert verify(pub, msg, sig) and ed25519_ref.verify(pub, msg, sig)
+t = time.ticks_us()
+for i in range({n}): verify(pub, msg, sig)
+dev = time.ticks_diff(time.ticks_us(), t) / {n}
+t = time.ticks_us()
+for i in range({n // 5}): ed25519_ref.verify(pub, msg, sig)
+ref = time.ticks_diff(time.ticks_us(), t) / {n // 5}
+from ota.sha512 import sha512
+import hashlib
+buf = bytes(64 * 1024)
+t = time.ticks_us(); sha512(buf).digest(); s512 = time.ticks_diff(time.ticks_us(), t)
+t = time.ticks_us(); hashlib.sha256(buf).digest(); s256 = time.ticks_diff(time.ticks_us(), t)
+print(dev, ref, imp_us, imp_mem, s512, s256)
+"""
+    dev, ref, imp_us, imp_mem, s512, s256 = map(float, mp(script, [lib, ref_dir]).split())
+    print("crypto (unix port, .mpy)")
+    row("Ed25519 verify", f"{dev / 1000:.2f}", "ms", f"{ref / 1000:.2f}", "ms (RFC)", f"{ref / dev:.1f}x faster")
+    row("ed25519 import", f"{imp_us / 1000:.2f}", "ms", f"{imp_mem / 1024:.1f}", "KiB heap", "")
+    kib = 64
+    row("SHA-512 (pure MicroPython)", f"{kib / (s512 / 1e6):.0f}", "KiB/s", f"{kib / (s256 / 1e6):.0f}",
+        "KiB/s C sha256", f"{s512 / s256:.0f}x slower")
+
+
+def _device_with_release(tmp: Path, size: int, heap: str, main_py: str | None = None):
+    kp = tmp / "keys" / "k"
+    if not kp.exists():
+        keys.generate(kp)
+    fw1 = tmp / "fw1.bin"
+    fw1.write_bytes(espimage.build_sim_firmware("1.0.0", size=64 * 1024))
+    fw2 = tmp / f"fw2-{size}.bin"
+    if not fw2.exists():
+        fw2.write_bytes(espimage.build_sim_firmware("2.0.0", size=size))
+    rel = tmp / f"rel-{size}"
+    if not rel.exists():
+        release.build(fw2, rel, [keys.load_private(kp)])
+    return kp, fw1, fw2, rel
+
+
+def _update_once(tmp, server_url, kp, fw1, heap, main_py=None):
+    dev = device.create("b", [kp.with_name("k.pub")], server_url, fw1, root=tmp / "devices", force=True, heap=heap)
+    if main_py:
+        (dev.fs / "main.py").write_text(main_py)
+    t = time.monotonic()
+    try:
+        runner.run(dev, echo=lambda line: None, max_boots=4)
+    except runner.SimError:
+        return False, 0.0
+    return runner.status(dev)["version"] == "2.0.0" or main_py is not None, time.monotonic() - t
+
+
+def bench_update(tmp: Path):
+    size = 1024 * 1024
+    kp, fw1, fw2, rel = _device_with_release(tmp, size, "128K")
+    httpd, url = serve_in_thread(rel)
+    try:
+        dev = device.create("b", [kp.with_name("k.pub")], url, fw1, root=tmp / "devices", force=True)
+        (dev.fs / "main.py").write_text("import ota\nota.update()\n")
+        boots = []
+        t = time.monotonic()
+        runner.run(dev, echo=lambda line: None, max_boots=2)
+        dt_update = time.monotonic() - t
+        # reference: the same bytes downloaded by the same micropython into one buffer
+        script = f"""
+import requests, time
+t = time.ticks_us()
+r = requests.get('{url}{fw2.name}')
+buf = memoryview(bytearray(4096)); n = 0
+while True:
+    k = r.raw.readinto(buf)
+    if not k: break
+    n += k
+print(time.ticks_diff(time.ticks_us(), t), n)
+"""
+        ref_us, n = map(int, mp(script, []).split())
+        kib = size / 1024
+        print("update (1 MiB image, simulated flash, .mpy, 128K heap; includes process start and reboot)")
+        row("signed update", f"{kib / dt_update:.0f}", "KiB/s", f"{kib / (ref_us / 1e6):.0f}", "KiB/s plain GET",
+            f"{(ref_us / 1e6) / dt_update:.2f}x of plain download speed")
+
+        def smallest(main_py=None):
+            lo, hi = 32, 256  # KiB
+            while hi - lo > 4:
+                mid = (lo + hi) // 2
+                ok, _ = _update_once(tmp, url, kp, fw1, f"{mid}K", main_py)
+                lo, hi = (lo, mid) if ok else (mid, hi)
+            return hi
+        need = smallest()
+        base = smallest("import ota\nota.confirm(lambda: True)\n")
+        print("heap (unix port; the emulated esp32 module (~19 KiB) is included)")
+        row("smallest heap for an update", need, "KiB", base, "KiB confirm", f"{need / base:.2f}x")
+    finally:
+        httpd.shutdown()
+
+
+def main():
+    tmp = Path(tempfile.mkdtemp(prefix="mpota-bench-"))
+    try:
+        bench_code_size(tmp)
+        bench_crypto(tmp)
+        bench_update(tmp)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,218 @@
+# device/ota/sha512.py against CPython's hashlib, run in the real MicroPython
+# unix binary. Cases are generated here, written to one JSON file, and checked
+# by a single micropython process per batch.
+import ast
+import hashlib
+import json
+import os
+import random
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from hypothesis import given, settings, strategies as st
+
+ROOT = Path(__file__).resolve().parents[1]
+DEVICE = ROOT / "device"
+SHA_SRC = DEVICE / "ota" / "sha512.py"
+
+
+def _tool(name):
+    exe = Path(sys.executable).parent / name
+    if exe.exists():
+        return str(exe)
+    found = shutil.which(name)
+    if not found:
+        pytest.fail("%s not found next to %s or on PATH" % (name, sys.executable))
+    return found
+
+
+# Runs in MicroPython. argv: cases.json. Each case: data (hex, repeated rep
+# times if rep is given), chunks
+# (list of sizes), mode ("viper" or "py"), kind ("bytes", "bytearray",
+# "memoryview"), at (chunk index after which digest() is taken mid-stream, or
+# -1). Prints one JSON line per case: [mid digest or null, final digest,
+# second final digest, hexdigest, digest of a copy made mid-stream].
+_RUNNER = r"""
+import sys, json
+from binascii import hexlify, unhexlify
+from ota import sha512 as m
+
+if m._compress_viper is None:
+    print("NO-VIPER")
+mode = None
+with open(sys.argv[1]) as f:
+    cases = json.load(f)
+for c in cases:
+    if c["mode"] != mode:
+        mode = c["mode"]
+        m._compress = m._compress_viper if mode == "viper" else m._compress_py
+    data = unhexlify(c["data"]) * c.get("rep", 1)
+    if c["kind"] == "bytearray":
+        data = bytearray(data)
+    elif c["kind"] == "memoryview":
+        data = memoryview(bytearray(b"\xaa" + data + b"\xbb"))[1:-1]
+    if c["chunks"] is None:
+        h = m.sha512(data)
+        mid = None
+        cp = h.copy()
+    else:
+        h = m.sha512()
+        mid = None
+        cp = None
+        pos = 0
+        for i, n in enumerate(c["chunks"]):
+            h.update(data[pos:pos + n])
+            pos += n
+            if i == c["at"]:
+                mid = hexlify(h.digest()).decode()
+                cp = h.copy()
+        h.update(data[pos:])
+        if cp is None:
+            cp = h.copy()
+    d1 = hexlify(h.digest()).decode()
+    d2 = hexlify(h.digest()).decode()
+    print(json.dumps([mid, d1, d2, h.hexdigest(), hexlify(cp.digest()).decode()]))
+"""
+
+
+def _run(cases, tmp_path):
+    path = tmp_path / "cases.json"
+    path.write_text(json.dumps(cases))
+    script = tmp_path / "runner.py"
+    script.write_text(_RUNNER)
+    env = dict(os.environ, MICROPYPATH=str(DEVICE))
+    r = subprocess.run([_tool("micropython"), "-X", "heapsize=64M", str(script), str(path)],
+                       capture_output=True, text=True, env=env, timeout=300)
+    assert r.returncode == 0, r.stderr + r.stdout[-2000:]
+    lines = r.stdout.splitlines()
+    assert "NO-VIPER" not in lines, "viper version did not compile on the unix port"
+    assert len(lines) == len(cases), r.stdout[-2000:]
+    return [json.loads(x) for x in lines]
+
+
+def _expected(c):
+    data = bytes.fromhex(c["data"]) * c.get("rep", 1)
+    full = hashlib.sha512(data).hexdigest()
+    mid = None
+    if c["chunks"] is not None and 0 <= c["at"] < len(c["chunks"]):
+        mid = hashlib.sha512(data[:sum(c["chunks"][:c["at"] + 1])]).hexdigest()
+    return full, mid
+
+
+def _check(cases, results):
+    bad = []
+    for c, (mid, d1, d2, hx, dcopy) in zip(cases, results):
+        full, emid = _expected(c)
+        ok = d1 == full and d2 == full and hx == full and mid == emid
+        # the copy made mid-stream (or at the end) never saw the later data
+        ok = ok and dcopy == (emid if emid is not None else full)
+        if not ok:
+            bad.append((c["mode"], c["kind"], len(c["data"]) // 2 * c.get("rep", 1), c["chunks"], c["at"]))
+    assert not bad, "%d mismatches, first: %r" % (len(bad), bad[:5])
+
+
+def _case(data, chunks=None, at=-1, mode="viper", kind="bytes"):
+    return {"data": data.hex(), "chunks": chunks, "at": at, "mode": mode, "kind": kind}
+
+
+@pytest.mark.parametrize("mode", ["viper", "py"])
+def test_all_lengths_0_to_1000(tmp_path, mode):
+    rng = random.Random(512)
+    kinds = ["bytes", "bytearray", "memoryview"]
+    cases = [_case(rng.randbytes(n), mode=mode, kind=kinds[n % 3]) for n in range(1001)]
+    _check(cases, _run(cases, tmp_path))
+
+
+def test_known_answers(tmp_path):
+    # FIPS 180-4 examples, plus one million 'a' (fed in uneven pieces)
+    cases = [
+        _case(b"abc"),
+        _case(b"abcdefghbcdefghicdefghijdefghijkefghijklfghijklmghijklmnhijklmnoijklmnopjklmnopq"
+              b"klmnopqrlmnopqrsmnopqrstnopqrstu"),
+        dict(_case(b"a", chunks=[1, 127, 128, 129, 65536, 3], at=2), rep=1000000),
+        dict(_case(b"a", chunks=[1, 127, 128, 129, 65536, 3], at=3, mode="py"), rep=100000),
+    ]
+    results = _run(cases, tmp_path)
+    assert results[0][1] == ("ddaf35a193617abacc417349ae20413112e6fa4e89a97ea20a9eeee64b55d39a"
+                             "2192992a274fc1a836ba3c23a3feebbd454d4423643ce80e2a9ac94fa54ca49f")
+    assert results[1][1] == ("8e959b75dae313da8cf4f72814fc143f8f7779c6eb9f7fa17299aeadb6889018"
+                             "501d289e4900f7e4331b99dec4b5433ac7d329eeb6dd26545e96e55b874be909")
+    assert results[2][1] == ("e718483d0ce769644e2e42c7bc15b4638e1f98b13b2044285632a803afa973eb"
+                             "de0ff244877ea60a4cb0432ce577c31beb009c5c2c49aa2e4eadb217ad8cc09b")
+    _check(cases, results)
+
+
+def test_hypothesis_random_chunkings(tmp_path):
+    # Hypothesis generates the cases; one micropython run checks them all.
+    cases = []
+
+    @settings(max_examples=400, deadline=None, database=None)
+    @given(st.data())
+    def collect(draw):
+        data = draw.draw(st.one_of(st.binary(max_size=300), st.binary(min_size=300, max_size=3000)))
+        cuts = sorted(draw.draw(st.lists(st.integers(0, len(data)), max_size=12)))
+        chunks = [b - a for a, b in zip([0] + cuts, cuts)]
+        at = draw.draw(st.integers(-1, max(len(chunks) - 1, -1)))
+        mode = draw.draw(st.sampled_from(["viper", "py"]))
+        kind = draw.draw(st.sampled_from(["bytes", "bytearray", "memoryview"]))
+        cases.append(_case(data, chunks, at, mode, kind))
+
+    collect()
+    cases.sort(key=lambda c: c["mode"])
+    assert len(cases) >= 300
+    _check(cases, _run(cases, tmp_path))
+
+
+_SELECT_SCRIPT = r"""
+from ota import sha512 as m
+# on the unix port the viper version compiles and passes its self-test
+assert m._compress_viper is not None and m._compress is m._compress_viper
+good = m._VIPER_SRC
+assert m._select() is not None
+# a port without the native emitter: exec() raises SyntaxError / ValueError
+m._VIPER_SRC = good.replace("@micropython.viper", "@micropython.no_such_emitter")
+assert m._select() is None
+# out of memory while compiling
+m._VIPER_SRC = "raise MemoryError"
+assert m._select() is None
+# compiles and runs but computes a wrong answer: the self-test rejects it
+m._VIPER_SRC = good.replace("h[t + 1] = s", "h[t + 1] = s ^ 1")
+assert m._VIPER_SRC != good
+assert m._select() is None
+print("ok")
+"""
+
+
+def test_fallback_selected_when_viper_fails(tmp_path):
+    # _select() must return None (so _compress_py is used) whenever the
+    # viper version cannot be built or gives a wrong answer.
+    script = tmp_path / "sel.py"
+    script.write_text(_SELECT_SCRIPT)
+    env = dict(os.environ, MICROPYPATH=str(DEVICE))
+    r = subprocess.run([_tool("micropython"), str(script)], capture_output=True, text=True, env=env,
+                       timeout=60)
+    assert r.stdout.strip() == "ok", r.stderr + r.stdout
+
+
+def _viper_source():
+    tree = ast.parse(SHA_SRC.read_text())
+    for node in tree.body:
+        if isinstance(node, ast.Assign) and getattr(node.targets[0], "id", None) == "_VIPER_SRC":
+            return ast.literal_eval(node.value)
+    raise AssertionError("_VIPER_SRC not found")
+
+
+@pytest.mark.parametrize("arch", ["x64", "xtensawin"])
+def test_mpy_cross_compiles(tmp_path, arch):
+    # The module, and its viper source on its own, as native code for ESP32
+    # (xtensawin) and the unix port (x64).
+    viper = tmp_path / "sha512_viper.py"
+    viper.write_text(_viper_source())
+    for src in (SHA_SRC, viper):
+        out = tmp_path / (src.stem + "." + arch + ".mpy")
+        r = subprocess.run([_tool("mpy-cross"), "-march=" + arch, "-o", str(out), str(src)],
+                           capture_output=True, text=True, timeout=60)
+        assert r.returncode == 0 and out.stat().st_size > 0, r.stderr
