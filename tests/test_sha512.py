@@ -6,27 +6,19 @@ import hashlib
 import json
 import os
 import random
-import shutil
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 from hypothesis import given, settings, strategies as st
+
+from conftest import tool
 
 ROOT = Path(__file__).resolve().parents[1]
 DEVICE = ROOT / "device"
 SHA_SRC = DEVICE / "ota" / "sha512.py"
 
 
-def _tool(name):
-    exe = Path(sys.executable).parent / name
-    if exe.exists():
-        return str(exe)
-    found = shutil.which(name)
-    if not found:
-        pytest.fail("%s not found next to %s or on PATH" % (name, sys.executable))
-    return found
 
 
 # Runs in MicroPython. argv: cases.json. Each case: data (hex, repeated rep
@@ -84,7 +76,7 @@ def _run(cases, tmp_path):
     script = tmp_path / "runner.py"
     script.write_text(_RUNNER)
     env = dict(os.environ, MICROPYPATH=str(DEVICE))
-    r = subprocess.run([_tool("micropython"), "-X", "heapsize=64M", str(script), str(path)],
+    r = subprocess.run([tool("micropython"), "-X", "heapsize=64M", str(script), str(path)],
                        capture_output=True, text=True, env=env, timeout=300)
     assert r.returncode == 0, r.stderr + r.stdout[-2000:]
     lines = r.stdout.splitlines()
@@ -192,7 +184,7 @@ def test_fallback_selected_when_viper_fails(tmp_path):
     script = tmp_path / "sel.py"
     script.write_text(_SELECT_SCRIPT)
     env = dict(os.environ, MICROPYPATH=str(DEVICE))
-    r = subprocess.run([_tool("micropython"), str(script)], capture_output=True, text=True, env=env,
+    r = subprocess.run([tool("micropython"), str(script)], capture_output=True, text=True, env=env,
                        timeout=60)
     assert r.stdout.strip() == "ok", r.stderr + r.stdout
 
@@ -213,6 +205,6 @@ def test_mpy_cross_compiles(tmp_path, arch):
     viper.write_text(_viper_source())
     for src in (SHA_SRC, viper):
         out = tmp_path / (src.stem + "." + arch + ".mpy")
-        r = subprocess.run([_tool("mpy-cross"), "-march=" + arch, "-o", str(out), str(src)],
+        r = subprocess.run([tool("mpy-cross"), "-march=" + arch, "-o", str(out), str(src)],
                            capture_output=True, text=True, timeout=60)
         assert r.returncode == 0 and out.stat().st_size > 0, r.stderr

@@ -9,7 +9,7 @@ from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
-from host_tools import dsse, release
+from host_tools import release
 
 
 def exits(boots):
