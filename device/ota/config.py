@@ -1,9 +1,16 @@
-# The device's provisioning, written by `mpota sim create` / `mpota deploy`:
-#   ota_config.json  {"server": "http://host:8000/", "pubkeys": ["<64 hex>", ...],
-#                     "board": "esp32", "chip": "esp32", "device_id": "dev1", "timeout_s": 10}
-# "server" is the release directory URL (manifest.json is fetched from it) or a manifest URL.
+# The device's provisioning, written by `mpota sim create` / `mpota deploy` / `mpota config`:
+#   ota_config.json  {"server": "http://host:8000/", "mirrors": ["http://backup/rel/"],
+#                     "pubkeys": ["<64 hex>", ...], "board": "esp32", "chip": "esp32",
+#                     "device_id": "dev1", "timeout_s": 10, "ca": "ca.der",
+#                     "progress_every": 16, "aes_keys": ["<64 hex>"]}
+# "server" and each mirror is a release directory URL (manifest.json is fetched from it) or a
+# manifest URL; they are tried in order. "ca" names a DER CA certificate file for https.
+# "progress_every": blocks between saves of the download position (for resuming).
+# "aes_keys": AES-256 keys for encrypted releases, found by key id (first 16 hex digits of
+# SHA-256 of the key); the file is the device's secret, like the Wi-Fi password.
 from ota.errors import OtaError, DEVICE
 from ota import jsonfile
+from binascii import unhexlify, hexlify
 
 PATH = "ota_config.json"
 _MAX = 4096
@@ -29,18 +36,24 @@ def load():
     if not isinstance(raw, dict):
         raise _bad("not a JSON object")
     c = Config()
-    server = raw.get("server")
-    if not isinstance(server, str) or not (server.startswith("http://") or server.startswith("https://")):
-        raise _bad("server must be an http:// or https:// URL")
-    if server.endswith(".json"):
-        c.manifest_url = server
-    else:
-        c.manifest_url = server.rstrip("/") + "/manifest.json"
-    c.base_url = c.manifest_url[:c.manifest_url.rfind("/") + 1]
+    servers = [raw.get("server")] + (raw.get("mirrors") or [])
+    if not isinstance(raw.get("mirrors") or [], list) or len(servers) > 8:
+        raise _bad("mirrors must be a list of at most 7 URLs")
+    c.manifest_urls = []
+    for server in servers:
+        if not isinstance(server, str) or not (server.startswith("http://") or server.startswith("https://")):
+            raise _bad("server and mirrors must be http:// or https:// URLs")
+        c.manifest_urls.append(server if server.endswith(".json") else server.rstrip("/") + "/manifest.json")
+    c.ca = None
+    if raw.get("ca"):
+        try:
+            with open(raw["ca"], "rb") as f:
+                c.ca = f.read()
+        except (OSError, TypeError):
+            raise _bad("cannot read the CA certificate %r" % (raw.get("ca"),))
     keys = raw.get("pubkeys")
     if not isinstance(keys, list) or not keys or len(keys) > 8:
         raise _bad("pubkeys must list 1 to 8 Ed25519 public keys (64 hex digits each)")
-    from binascii import unhexlify
     c.pubkeys = []
     for k in keys:
         try:
@@ -56,6 +69,26 @@ def load():
     c.chip_id = CHIP_IDS[c.chip]
     c.board = raw.get("board", c.chip)
     c.device_id = raw.get("device_id", "")
-    t = raw.get("timeout_s", 10)
-    c.timeout_s = t if isinstance(t, int) and 0 < t <= 300 else 10
+    c.aes_keys = {}
+    aes = raw.get("aes_keys") or []
+    if not isinstance(aes, list) or len(aes) > 4:
+        raise _bad("aes_keys must list at most 4 AES-256 keys (64 hex digits each)")
+    for k in aes:
+        try:
+            kb = unhexlify(k)
+        except (ValueError, TypeError):
+            kb = b""
+        if len(kb) != 32:
+            raise _bad("an AES key is not 64 hex digits")
+        from hashlib import sha256
+        c.aes_keys[hexlify(sha256(kb).digest()[:8]).decode()] = kb
+    c.timeout_s = _int(raw, "timeout_s", 10, 1, 300)
+    c.progress_every = _int(raw, "progress_every", 16, 1, 4096)
     return c
+
+
+def _int(raw, key, default, lo, hi):
+    v = raw.get(key, default)
+    if not isinstance(v, int) or not lo <= v <= hi:
+        raise _bad("%s must be a whole number from %d to %d" % (key, lo, hi))
+    return v

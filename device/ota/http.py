@@ -1,63 +1,224 @@
-# HTTP GET for the agent, over micropython-lib `requests` (frozen into stock ESP32 and unix
-# builds). We keep only the response headers we use, so a chatty or hostile server cannot
-# fill the heap with headers, and map every failure to a transport error code.
-from ota.errors import OtaError, TRANSPORT
+# A small, bounded HTTP/1.0 GET client for the agent.
+#
+# Why not micropython-lib `requests` (which design.md names): it reads header lines with an
+# unbounded readline(), follows redirects by unbounded recursion, and keeps every header; a
+# hostile or broken server can exhaust the heap or the stack with it. Here every line, header
+# count and redirect chain is bounded, a stalled server hits a per-read timeout and a
+# per-block deadline, and every failure maps to one transport error code. TLS uses the
+# firmware's `tls` (or `ssl`) module with certificate verification always on.
+from micropython import const
+import socket
+import time
+from ota.errors import OtaError, TRANSPORT, DEVICE
 
-_KEEP = (b"content-length", b"content-range", b"etag", b"retry-after")
+_LINE_MAX = const(512)
+_HEADERS_MAX = const(48)
+_REDIRECTS_MAX = const(3)
+# Transport failures worth an immediate reconnect with Range (the link broke mid-body).
+RESUMABLE = ("network", "truncated", "too-slow")
+_KEEP = ("content-length", "content-range", "location", "retry-after", "transfer-encoding",
+         "content-encoding", "etag")
 
 
-def _keep_headers(line, d):
-    i = line.find(b":")
-    if i <= 0:
-        return
-    k = line[:i].strip().lower()
-    if k in _KEEP and len(d) < 8:
-        d[k.decode()] = line[i + 1:].strip()[:64].decode()
+def _err(code, detail):
+    return OtaError(code, detail, TRANSPORT)
 
 
-def get(url, timeout_s, start=0):
-    # Returns the open response (status 200 or 206); read the body from resp.raw.
-    import requests
-    headers = {}
-    if start:
-        headers["Range"] = "bytes=%d-" % start
+class Response:
+    # status, headers (lower-case names, only those in _KEEP), length (Content-Length or
+    # None); read the body with readinto() until it returns 0.
+    def __init__(self, sock, status, headers):
+        self.sock = sock
+        self.status = status
+        self.headers = headers
+        self.length = None
+        v = headers.get("content-length")
+        if v is not None:
+            try:
+                self.length = int(v)
+            except ValueError:
+                self.length = -1
+            if self.length < 0:
+                self.close()
+                raise _err("bad-response", "Content-Length %r" % v)
+
+    def readinto(self, mv):
+        try:
+            n = self.sock.readinto(mv)
+        except OSError as e:
+            raise _err("network", "receive failed: %r" % (e,))
+        return n or 0
+
+    def close(self):
+        try:
+            self.sock.close()
+        except OSError:
+            pass
+
+
+def split_url(url):
+    # "http://host:port/path" -> (https?, host, port, "/path"); ValueError if malformed.
+    if url.startswith("http://"):
+        tls, rest, port = False, url[7:], 80
+    elif url.startswith("https://"):
+        tls, rest, port = True, url[8:], 443
+    else:
+        raise ValueError(url)
+    i = rest.find("/")
+    hostport, path = (rest, "/") if i < 0 else (rest[:i], rest[i:])
+    if ":" in hostport:
+        host, p = hostport.rsplit(":", 1)
+        port = int(p)
+    else:
+        host = hostport
+    if not host or not 0 < port < 65536 or " " in path or "\r" in path or "\n" in path:
+        raise ValueError(url)
+    return tls, host, port, path
+
+
+def join(base, ref):
+    # A Location or payload URL relative to `base`.
+    if ref.startswith("http://") or ref.startswith("https://"):
+        return ref
+    tls, host, port, path = split_url(base)
+    root = ("https://" if tls else "http://") + host + ":" + str(port)
+    if ref.startswith("/"):
+        return root + ref
+    return root + path[:path.rfind("/") + 1] + ref
+
+
+def _readline(s, buf):
+    # One header line, at most _LINE_MAX bytes, byte by byte (headers are a few hundred
+    # bytes; reading exactly to the end of the headers leaves the body for readinto).
+    n = 0
+    one = bytearray(1)
+    while True:
+        if not s.readinto(one):
+            raise _err("bad-response", "connection closed in the headers")
+        c = one[0]
+        if c == 10:
+            break
+        if n == _LINE_MAX:
+            raise _err("bad-response", "header line longer than %d bytes" % _LINE_MAX)
+        buf[n] = c
+        n += 1
+    if n and buf[n - 1] == 13:
+        n -= 1
+    return bytes(buf[:n])
+
+
+def _connect(tls, host, port, timeout_s, ca):
     try:
-        resp = requests.request("GET", url, headers=headers, timeout=timeout_s,
-                                parse_headers=_keep_headers)
+        ai = socket.getaddrinfo(host, port, 0, socket.SOCK_STREAM)[0]
+        s = socket.socket(ai[0], socket.SOCK_STREAM, ai[2])
     except OSError as e:
-        raise OtaError("network", "%s: %r" % (url, e), TRANSPORT)
-    except (ValueError, NotImplementedError, IndexError, RuntimeError) as e:
-        raise OtaError("bad-response", "%s: %r" % (url, e), TRANSPORT)
-    if resp.status_code != 200 and resp.status_code != 206:
-        code = resp.status_code
-        resp.close()
-        raise OtaError("http-%d" % code, "GET %s answered %d" % (url, code), TRANSPORT)
-    return resp
+        raise _err("network", "cannot resolve %s: %r" % (host, e))
+    try:
+        s.settimeout(timeout_s)
+        s.connect(ai[-1])
+        if tls:
+            if ca is None:
+                raise OtaError("bad-config", "https needs a CA certificate (\"ca\" in ota_config.json)", DEVICE)
+            try:
+                import tls as _tls
+            except ImportError:
+                import ssl as _tls
+            ctx = _tls.SSLContext(_tls.PROTOCOL_TLS_CLIENT)
+            ctx.verify_mode = _tls.CERT_REQUIRED
+            ctx.load_verify_locations(cadata=ca)
+            s = ctx.wrap_socket(s, server_hostname=host)
+    except OSError as e:
+        s.close()
+        raise _err("network", "cannot connect to %s:%d: %r" % (host, port, e))
+    return s
 
 
-def content_length(resp):
-    v = resp.headers.get("content-length")
+def get(url, timeout_s, start=0, ca=None):
+    # GET `url` (from byte `start` with a Range request). Returns a Response with status 200
+    # or 206; redirects are followed (at most 3); anything else raises a transport OtaError
+    # (with .retry_after set from a 503/429 Retry-After header).
+    for _ in range(_REDIRECTS_MAX + 1):
+        try:
+            tls, host, port, path = split_url(url)
+        except ValueError:
+            raise OtaError("bad-url", "cannot use URL %r" % url[:80], DEVICE)
+        s = _connect(tls, host, port, timeout_s, ca)
+        try:
+            req = "GET %s HTTP/1.0\r\nHost: %s\r\nUser-Agent: mpota\r\nConnection: close\r\n" % (path, host)
+            if start:
+                req += "Range: bytes=%d-\r\n" % start
+            s.write(req.encode() + b"\r\n")
+            buf = bytearray(_LINE_MAX)
+            line = _readline(s, buf)
+            parts = line.split(None, 2)
+            if len(parts) < 2 or not parts[0].startswith(b"HTTP/") or not parts[1].isdigit():
+                raise _err("bad-response", "bad status line %r" % line[:40])
+            status = int(parts[1])
+            headers = {}
+            for _ in range(_HEADERS_MAX):
+                line = _readline(s, buf)
+                if not line:
+                    break
+                i = line.find(b":")
+                if i > 0:
+                    k = line[:i].strip().lower().decode()
+                    if k in _KEEP:
+                        headers[k] = line[i + 1:].strip()[:200].decode()
+            else:
+                raise _err("bad-response", "more than %d header lines" % _HEADERS_MAX)
+        except OSError as e:
+            s.close()
+            raise _err("network", "%s: %r" % (url[:80], e))
+        except (OtaError, UnicodeError, ValueError) as e:
+            s.close()
+            if isinstance(e, OtaError):
+                raise
+            raise _err("bad-response", "malformed response from %s" % url[:80])
+        if status in (301, 302, 303, 307, 308) and "location" in headers:
+            s.close()
+            url = join(url, headers["location"])
+            continue
+        if "transfer-encoding" in headers or "content-encoding" in headers:
+            s.close()
+            raise _err("bad-response", "encoded response (%s); serve the files as they are"
+                       % (headers.get("transfer-encoding") or headers.get("content-encoding")))
+        if status == 200 or status == 206:
+            return Response(s, status, headers)
+        s.close()
+        e = _err("http-%d" % status, "GET %s answered %d" % (url[:80], status))
+        e.retry_after = _retry_after(headers.get("retry-after"))
+        raise e
+    raise _err("redirect-loop", "more than %d redirects from %s" % (_REDIRECTS_MAX, url[:80]))
+
+
+def _retry_after(v):
+    # Seconds from a Retry-After header (the delay form; an HTTP date gives the default).
     if v is None:
         return None
     try:
         n = int(v)
     except ValueError:
-        raise OtaError("bad-response", "Content-Length %r" % v, TRANSPORT)
-    if n < 0:
-        raise OtaError("bad-response", "Content-Length %r" % v, TRANSPORT)
-    return n
+        return 60
+    return n if 0 <= n <= 86400 else 86400
 
 
-def readinto_full(raw, mv):
-    # Fill `mv` from the socket; returns how many bytes arrived before the end of the body.
+def deadline(timeout_s):
+    # A ticks_ms deadline for one buffer: each 4 KiB block (or smaller read) must arrive
+    # within the timeout, a minimum transfer rate that a trickling server cannot dodge.
+    return time.ticks_add(time.ticks_ms(), timeout_s * 1000)
+
+
+def read_full(resp, mv, deadline_ms):
+    # Fill `mv` from the body; returns how many bytes came before the body ended. A server
+    # that trickles bytes to dodge the socket timeout still has to beat `deadline_ms` (a
+    # ticks_ms value) for the whole buffer: a minimum transfer rate.
     n = 0
     want = len(mv)
-    try:
-        while n < want:
-            k = raw.readinto(mv[n:])
-            if not k:
-                break
-            n += k
-    except OSError as e:
-        raise OtaError("network", "connection failed after %d bytes: %r" % (n, e), TRANSPORT)
+    while n < want:
+        k = resp.readinto(mv[n:])
+        if not k:
+            break
+        n += k
+        if time.ticks_diff(deadline_ms, time.ticks_ms()) < 0 and n < want:
+            raise _err("too-slow", "less than %d bytes in the time allowed" % want)
     return n

@@ -8,7 +8,8 @@ SCHEMA = 1
 # refused (like MCUboot's unknown protected TLVs): it relies on something we cannot check.
 KNOWN = ("schema", "version", "board", "chip", "security_counter", "image", "payload",
          "critical", "created_by")
-ENCODINGS = ("raw",)
+ENCODINGS = ("raw", "deflate")
+_CHUNKS_MAX = 512
 
 
 def _need(cond, field):
@@ -29,6 +30,32 @@ def _size(obj, field):
     n = obj.get("size")
     _need(isinstance(n, int) and 0 < n < 0x40000000, field + ".size")
     return n
+
+
+def _chunks(r, pay):
+    # Chunked payloads (compressed or encrypted): `chunk` image bytes per chunk, and per chunk
+    # [payload size, first 16 bytes of its SHA-256 in hex]. Sizes must add up exactly.
+    r.chunk = pay.get("chunk")
+    _need(isinstance(r.chunk, int) and r.chunk % 4096 == 0 and 4096 <= r.chunk <= 0x100000, "payload.chunk")
+    r.wbits = pay.get("wbits", 10)
+    _need(isinstance(r.wbits, int) and 9 <= r.wbits <= 15, "payload.wbits")
+    chunks = pay.get("chunks")
+    _need(isinstance(chunks, list) and 0 < len(chunks) <= _CHUNKS_MAX, "payload.chunks")
+    _need(len(chunks) == (r.image_size + r.chunk - 1) // r.chunk, "payload.chunks (count)")
+    total = 0
+    out = []
+    for c in chunks:
+        _need(isinstance(c, list) and len(c) == 2 and isinstance(c[0], int) and 0 < c[0] < 0x40000000
+              and isinstance(c[1], str) and len(c[1]) == 32, "payload.chunks entry")
+        if r.enc_keyid is not None:
+            _need(c[0] % 16 == 0, "payload.chunks entry (AES block size)")
+        try:
+            out.append((c[0], unhexlify(c[1])))
+        except ValueError:
+            _need(False, "payload.chunks digest")
+        total += c[0]
+    _need(total == r.size, "payload.chunks (sizes add up to payload.size)")
+    r.chunks = out
 
 
 def parse_version(text):
@@ -96,7 +123,24 @@ def parse(body):
     r.encoding = pay.get("encoding", "raw")
     if r.encoding not in ENCODINGS:
         raise OtaError("bad-encoding", "payload encoding %r is not supported" % (r.encoding,))
-    _need(r.encoding != "raw" or (r.size == r.image_size and r.sha256 == r.image_sha256), "payload (raw must equal image)")
+    enc = pay.get("encryption")
+    r.enc_keyid = None
+    r.aes_key = None  # filled in by decide() from the device's provisioned keys
+    if enc is not None:
+        _need(isinstance(enc, dict), "payload.encryption")
+        if enc.get("alg") != "aes-256-cbc":
+            raise OtaError("bad-encoding", "encryption %r is not supported" % (enc.get("alg"),))
+        r.enc_keyid = enc.get("keyid")
+        _need(isinstance(r.enc_keyid, str) and 0 < len(r.enc_keyid) <= 64, "payload.encryption.keyid")
+        try:
+            r.iv = unhexlify(enc.get("iv"))
+        except (ValueError, TypeError):
+            r.iv = b""
+        _need(len(r.iv) == 16, "payload.encryption.iv")
+    if r.encoding == "raw" and enc is None:
+        _need(r.size == r.image_size and r.sha256 == r.image_sha256, "payload (raw must equal image)")
+    else:
+        _chunks(r, pay)
     url = pay.get("url")
     # Relative to the manifest, inside the release: no scheme, no absolute path, no "..".
     _need(isinstance(url, str) and url and ":" not in url and not url.startswith("/")
@@ -121,4 +165,12 @@ def decide(m, cfg, running, floor, slot_size):
         raise OtaError("downgrade", "release %s is older than running %s" % (m.version, running))
     if m.image_size > slot_size:
         raise OtaError("too-large", "image is %d bytes, the slot holds %d" % (m.image_size, slot_size))
+    if m.enc_keyid is not None:
+        m.aes_key = cfg.aes_keys.get(m.enc_keyid)
+        if m.aes_key is None:
+            if not cfg.aes_keys:
+                raise OtaError("missing-key", "release is encrypted (key %s); this device has no AES key"
+                               % m.enc_keyid)
+            raise OtaError("wrong-key", "release is encrypted with key %s; this device has %s"
+                           % (m.enc_keyid, ", ".join(cfg.aes_keys)))
     return True

@@ -1,9 +1,13 @@
 # ota.update() and ota.check(): fetch and verify the signed manifest, then stream the payload
 # into the inactive slot, verify what is in flash, make it bootable and reset.
 #
-# Memory: the manifest is read into one buffer of at most _MANIFEST_MAX bytes; the payload
-# streams through one 4096-byte block buffer (one flash erase block), which feeds both the
-# SHA-256 and the flash. Nothing holds a whole image.
+# Memory: one 4096-byte block buffer (taken by ota.update() before this module loads) holds
+# the manifest, then each payload block on its way to flash, then each block read back.
+# Nothing holds a whole image.
+#
+# Interruptions: the download position is saved every `progress_every` blocks; after a reset
+# or a dropped connection the agent re-hashes what is already in the slot and continues with
+# a Range request (a server answering 200 instead of 206 makes it start over).
 from micropython import const
 import hashlib
 from binascii import hexlify
@@ -14,9 +18,15 @@ from ota import state, http, slots, otadata
 from ota.envelope import open_envelope
 from ota.manifest import parse, decide
 from ota.image import check_first_block
+from ota.payload import Decoder
 
 _BLOCK = const(4096)
 _MANIFEST_MAX = const(4096)  # fits the block buffer
+_RETRIES = const(3)          # reconnects (with Range) within one update() after a dropped link
+
+
+def _log(msg):
+    print("ota: " + msg)
 
 
 def _block_buffer(buf=None):
@@ -29,20 +39,16 @@ def _block_buffer(buf=None):
     return memoryview(buf)
 
 
-def _log(msg):
-    print("ota: " + msg)
-
-
-def _fetch_manifest(cfg, mv):
+def _fetch_manifest(cfg, url, mv):
     # Read the manifest into the block buffer `mv`; returns the filled slice. One byte more
     # than the buffer holds means the manifest is too large: it is refused, not read.
-    resp = http.get(cfg.manifest_url, cfg.timeout_s)
+    resp = http.get(url, cfg.timeout_s, 0, cfg.ca)
     try:
-        n = http.content_length(resp)
+        n = resp.length
         if n is not None and n > _MANIFEST_MAX:
             raise OtaError("manifest-too-large", "%d bytes > %d" % (n, _MANIFEST_MAX))
-        got = http.readinto_full(resp.raw, mv[:_MANIFEST_MAX])
-        if got == _MANIFEST_MAX and http.readinto_full(resp.raw, bytearray(1)):
+        got = http.read_full(resp, mv[:_MANIFEST_MAX], http.deadline(cfg.timeout_s))
+        if got == _MANIFEST_MAX and http.read_full(resp, bytearray(1), http.deadline(cfg.timeout_s)):
             raise OtaError("manifest-too-large", "more than %d bytes" % _MANIFEST_MAX)
         if n is not None and got != n:
             raise OtaError("truncated", "manifest: %d of %d bytes" % (got, n), TRANSPORT)
@@ -51,22 +57,42 @@ def _fetch_manifest(cfg, mv):
         resp.close()
 
 
-def _plan(cfg, st, mv):
-    # -> (manifest, digest_hex, install?, running version, target slot) for the release the
-    # server offers. `mv` is the block buffer, used here to hold the manifest.
+class Offer:
+    # The release a server offers and what this device makes of it.
+    pass
+
+
+def _offer(cfg, st, mv):
+    # Try the server, then each mirror, until one serves a manifest signed by a trusted key.
+    # A mirror that fails (transport) or serves a bad release is skipped; if all fail, the
+    # error reported is the first bad release's, else the last transport error.
     all_slots = slots.ota_slots()
     run = slots.running()
     act = otadata.active(len(all_slots), otadata.records())
     if act is not None and act[1] == "PENDING_VERIFY" and slots.index_of(run, all_slots) == act[0]:
         # Writing the other slot now would overwrite the image we would roll back to.
         raise OtaError("not-confirmed", "this image is still on trial: call ota.confirm() first", DEVICE)
-    body = open_envelope(_fetch_manifest(cfg, mv), cfg.pubkeys)
-    digest = hexlify(hashlib.sha256(body).digest()).decode()
-    m = parse(body)
-    version = slots.read_app_desc(run)[0]
-    target = run.get_next_update()
-    install = decide(m, cfg, version, st["floor"], target.info()[3])
-    return m, digest, install, version, target
+    first_bad = last = None
+    for url in cfg.manifest_urls:
+        try:
+            body = open_envelope(_fetch_manifest(cfg, url, mv), cfg.pubkeys)
+            o = Offer()
+            o.m = parse(body)
+            o.digest = hexlify(hashlib.sha256(body).digest()).decode()
+            o.url = url
+            break
+        except OtaError as e:
+            if len(cfg.manifest_urls) > 1:
+                _log("%s: %s (%s)" % (url, e.code, e.detail))
+            last = e
+            if e.kind == RELEASE and first_bad is None:
+                first_bad = e
+    else:
+        raise first_bad or last
+    o.running = slots.read_app_desc(run)[0]
+    o.target = run.get_next_update()
+    o.install = decide(o.m, cfg, o.running, st["floor"], o.target.info()[3])
+    return o
 
 
 def check():
@@ -74,60 +100,87 @@ def check():
     from ota import config
     st = state.load()
     try:
-        cfg = config.load()
-        m, digest, install, running, _t = _plan(cfg, st, _block_buffer())
+        o = _offer(config.load(), st, _block_buffer())
     except OtaError as e:
         return {"update": False, "error": e.code, "detail": e.detail}
-    why = state.rejected_reason(st, digest)
+    why = state.rejected_reason(st, o.digest)
     if why:
-        return {"update": False, "version": m.version, "running": running, "error": "rejected",
-                "detail": "release %s was rejected before: %s" % (m.version, why)}
-    return {"update": install, "version": m.version, "running": running, "error": None,
-            "detail": "" if install else "up to date"}
+        return {"update": False, "version": o.m.version, "running": o.running, "error": "rejected",
+                "detail": "release %s was rejected before: %s" % (o.m.version, why)}
+    return {"update": o.install, "version": o.m.version, "running": o.running, "error": None,
+            "detail": "" if o.install else "up to date"}
 
 
-def _stream(cfg, m, target, mv):
-    # Download the payload into `target` block by block through `mv`; returns the image's
-    # secure_version.
-    url = cfg.base_url + m.url
-    resp = http.get(url, cfg.timeout_s)
+class _Job:
+    # One download into the target slot: where it is, and the payload hash so far.
+    def __init__(self, o):
+        self.o = o
+        self.m = o.m
+        self.done = 0
+        self.h = hashlib.sha256()
+
+
+def _rehash(job, mv, chip_id):
+    # Resume: hash what an earlier attempt already wrote to the slot (and check its header).
+    for b in range(job.done // _BLOCK):
+        job.o.target.readblocks(b, mv, 0)
+        if b == 0:
+            check_first_block(mv, chip_id, job.m.version)
+        job.h.update(mv)
+
+
+def _download(cfg, job, mv, st, url):
+    # Stream from job.done to the end; raises OtaError on failure with job.done at the last
+    # block written (so the caller can resume from there).
+    m, target = job.m, job.o.target
+    resp = http.get(url, cfg.timeout_s, job.done, cfg.ca)
     try:
-        n = http.content_length(resp)
-        if n is not None and n < m.size:
-            raise OtaError("truncated", "server has %d bytes, manifest says %d" % (n, m.size))
-        if n is not None and n > m.size:
-            raise OtaError("too-long", "server has %d bytes, manifest says %d" % (n, m.size))
-        h = hashlib.sha256()
-        done = 0
-        block = 0
-        secure = 0
+        if job.done and resp.status == 200:
+            # The server ignored Range: take the whole body from the start.
+            _log("server ignored the Range request: starting over")
+            job.done = 0
+            job.h = hashlib.sha256()
+        elif job.done and not resp.headers.get("content-range", "").startswith("bytes %d-" % job.done):
+            raise OtaError("bad-response", "Content-Range %r for a request from %d"
+                           % (resp.headers.get("content-range"), job.done), TRANSPORT)
+        left = m.size - job.done
+        if resp.length is not None and resp.length < left:
+            raise OtaError("truncated", "server has %d bytes, manifest says %d" % (job.done + resp.length, m.size))
+        if resp.length is not None and resp.length > left:
+            raise OtaError("too-long", "server has %d bytes, manifest says %d" % (job.done + resp.length, m.size))
         step = max(m.size // 4, _BLOCK)
-        mark = step
-        while done < m.size:
-            want = min(_BLOCK, m.size - done)
-            got = http.readinto_full(resp.raw, mv[:want])
+        mark = (job.done // step + 1) * step
+        since_save = 0
+        while job.done < m.size:
+            want = min(_BLOCK, m.size - job.done)
+            got = http.read_full(resp, mv[:want], http.deadline(cfg.timeout_s))
             if got < want:
-                raise OtaError("truncated", "payload ended after %d of %d bytes" % (done + got, m.size),
-                               TRANSPORT if n is not None else RELEASE)
+                raise OtaError("truncated", "payload ended after %d of %d bytes" % (job.done + got, m.size),
+                               TRANSPORT if resp.length is not None else RELEASE)
+            block = job.done // _BLOCK
             if block == 0:
-                secure = check_first_block(mv[:got], cfg.chip_id, m.version)
-            h.update(mv[:got])
-            if got < _BLOCK:
-                for i in range(got, _BLOCK):
-                    mv[i] = 0xFF  # the tail of the last block stays erased
+                check_first_block(mv, cfg.chip_id, m.version)
+            job.h.update(mv[:got])
+            for i in range(got, _BLOCK):
+                mv[i] = 0xFF  # the tail of the last block stays erased
             target.writeblocks(block, mv)  # erases the block, then writes it
-            block += 1
-            done += got
-            if done >= mark or done == m.size:
-                _log("written %d/%d bytes" % (done, m.size))
+            job.done += got
+            since_save += 1
+            if since_save >= cfg.progress_every and job.done < m.size:
+                _save_progress(st, job)
+                since_save = 0
+            if job.done >= mark or job.done == m.size:
+                _log("written %d/%d bytes" % (job.done, m.size))
                 mark += step
-        if n is None and http.readinto_full(resp.raw, mv[:1]):
+        if resp.length is None and http.read_full(resp, mv[:1], http.deadline(cfg.timeout_s)):
             raise OtaError("too-long", "payload continues past the declared %d bytes" % m.size)
-        if h.digest() != m.sha256:
-            raise OtaError("hash-mismatch", "payload SHA-256 differs from the signed manifest")
-        return secure
     finally:
         resp.close()
+
+
+def _save_progress(st, job):
+    st["progress"] = {"digest": job.o.digest, "slot": job.o.target.info()[4], "done": job.done}
+    state.save(st)
 
 
 def _verify_flash(target, m, mv):
@@ -145,22 +198,51 @@ def _verify_flash(target, m, mv):
         raise OtaError("flash-mismatch", "slot content differs from the signed image after writing", DEVICE)
 
 
-def _install(cfg, st, m, digest, running, target, mv):
+def _install(cfg, st, o, mv):
+    m, target = o.m, o.target
     label = target.info()[4]
-    _log("installing %s over %s into %s (%d bytes)" % (m.version, running, label, m.size))
+    job = _Job(o)
+    prog = st.get("progress")
+    if prog and prog.get("digest") == o.digest and prog.get("slot") == label and m.encoding == "raw":
+        job.done = min(prog.get("done", 0), m.size) // _BLOCK * _BLOCK
+    if job.done:
+        _log("resuming %s at %d/%d bytes" % (m.version, job.done, m.size))
+        _rehash(job, mv, cfg.chip_id)
+    else:
+        _log("installing %s over %s into %s (%d bytes)" % (m.version, o.running, label, m.size))
+    url = http.join(o.url, m.url)
     try:
-        _stream(cfg, m, target, mv)
+        if m.encoding == "raw":
+            tries = 0
+            while True:
+                try:
+                    _download(cfg, job, mv, st, url)
+                    break
+                except OtaError as e:
+                    if e.code not in http.RESUMABLE or tries >= _RETRIES:
+                        raise
+                    tries += 1
+                    _log("%s at %d bytes; reconnecting (%d/%d)" % (e.code, job.done, tries, _RETRIES))
+            if job.h.digest() != m.sha256:
+                raise OtaError("hash-mismatch", "payload SHA-256 differs from the signed manifest")
+        else:
+            Decoder(cfg, o, st, mv).run(url)
         _verify_flash(target, m, mv)
-    except OtaError:
-        # Leave no bootable half-image behind: erase the first block (its header).
-        try:
-            target.ioctl(6, 0)
-        except OSError:
-            pass
+    except OtaError as e:
+        if e.kind == TRANSPORT and job.done:
+            _save_progress(st, job)  # resume from here next time
+        else:
+            # Leave no bootable half-image behind: erase the first block (its header).
+            st["progress"] = None
+            try:
+                target.ioctl(6, 0)
+            except OSError:
+                pass
         raise
     # Remember what we are about to boot before set_boot, so the next boot can tell a
     # confirmation from a rollback even if power fails in between.
-    st["pending"] = {"digest": digest, "version": m.version, "slot": label, "counter": m.counter}
+    st["progress"] = None
+    st["pending"] = {"digest": o.digest, "version": m.version, "slot": label, "counter": m.counter}
     state.save(st)
     try:
         target.set_boot()
@@ -176,21 +258,23 @@ def update(reboot=True, buf=None):
     from ota import config
     st = state.load()
     result = None
+    retry_after = None
     try:
         mv = _block_buffer(buf)
         cfg = config.load()
-        m, digest, install, running, target = _plan(cfg, st, mv)
-        why = state.rejected_reason(st, digest)
+        o = _offer(cfg, st, mv)
+        why = state.rejected_reason(st, o.digest)
         if why:
-            state.record(st, "skipped", why, "release %s was rejected before (%s); not retrying" % (m.version, why))
-            _log("release %s was rejected before (%s); not retrying" % (m.version, why))
-        elif not install:
-            state.record(st, "up-to-date", None, "running %s" % running)
-            _log("up to date (%s)" % running)
+            state.record(st, "skipped", why, "release %s was rejected before (%s); not retrying" % (o.m.version, why))
+            _log("release %s was rejected before (%s); not retrying" % (o.m.version, why))
+        elif not o.install:
+            state.record(st, "up-to-date", None, "running %s" % o.running)
+            _log("up to date (%s)" % o.running)
         else:
-            _install(cfg, st, m, digest, running, target, mv)
+            _install(cfg, st, o, mv)
             result = "installed"
     except OtaError as e:
+        retry_after = getattr(e, "retry_after", None)
         state.record(st, "refused" if e.kind == RELEASE else "failed", e.code, e.detail)
         _log("%s: %s (%s)" % ("refused" if e.kind == RELEASE else "failed", e.code, e.detail))
     except MemoryError as e:
@@ -201,6 +285,8 @@ def update(reboot=True, buf=None):
         _log("failed: no-memory")
     state.save(st)
     out = {"result": st["last_result"], "error": st["last_error"], "detail": st["detail"]}
+    if retry_after is not None:
+        out["retry_after"] = retry_after  # seconds the server asked us to wait
     if result == "installed" and reboot:
         import machine
         machine.reset()
