@@ -46,6 +46,12 @@ def _counter(text: str) -> int:
 
 # ---- verbs ----------------------------------------------------------------------------------
 def cmd_keygen(a):
+    if a.aes:
+        from . import payload
+        kid = payload.generate_aes_key(Path(a.path), force=a.force)
+        print(f"AES-256 key: {a.path} (mode 0600; a device secret: provision it with --aes-key, never commit it)")
+        print(f"key id:      {kid}")
+        return
     from . import keys
     kid = keys.generate(Path(a.path), force=a.force)
     print(f"private key: {a.path} (mode 0600; keep it secret, never commit it)")
@@ -55,24 +61,33 @@ def cmd_keygen(a):
 
 def cmd_release(a):
     from . import keys, release
+    from . import payload
     signers = [keys.load_private(Path(k)) for k in a.key]
+    aes_key = payload.load_aes_key(Path(a.encrypt)) if a.encrypt else None
     print(f"release: reading {a.image}")
     rel = release.build(Path(a.image), Path(a.out), signers, version=a.version, chip=a.chip,
-                        board=a.board, security_counter=a.security_counter)
+                        board=a.board, security_counter=a.security_counter, compress=a.compress,
+                        aes_key=aes_key, chunk=a.chunk, wbits=a.wbits)
     m = rel.manifest
     print(f"release: {m['version']} for board {m['board']} / chip {m['chip']}, "
           f"security counter {m['security_counter']}")
-    print(f"release: payload {m['payload']['url']} {_human(m['payload']['size'])} sha256 {m['payload']['sha256'][:16]}...")
+    p = m["payload"]
+    how = ", ".join(x for x in (f"deflate wbits {p['wbits']}" if p["encoding"] == "deflate" else "",
+                                f"AES-256-CBC key {p['encryption']['keyid']}" if "encryption" in p else "",
+                                f"{len(p['chunks'])} chunks of {_human(p['chunk'])}" if "chunks" in p else "") if x)
+    print(f"release: payload {p['url']} {_human(p['size'])} ({how or 'raw'}) for a "
+          f"{_human(m['image']['size'])} image, sha256 {p['sha256'][:16]}...")
     print(f"release: signed by {', '.join(keys.keyid(k.public_key()) for k in signers)}")
     print(f"release: wrote {Path(a.out) / release.MANIFEST_NAME}")
     pubs = [k.public_key() for k in signers]
-    release.verify(Path(a.out), pubs)
+    release.verify(Path(a.out), pubs, aes_key)
     print("release: verified (signature, sizes, hashes, image)")
 
 
 def cmd_verify(a):
-    from . import keys, release
-    rel = release.verify(Path(a.release), [keys.load_public(Path(p)) for p in a.pub])
+    from . import keys, payload, release
+    aes_key = payload.load_aes_key(Path(a.aes)) if a.aes else None
+    rel = release.verify(Path(a.release), [keys.load_public(Path(p)) for p in a.pub], aes_key)
     m = rel.manifest
     print(f"OK: {m['version']} for {m['board']}/{m['chip']}, counter {m['security_counter']}, "
           f"payload {m['payload']['url']} {m['payload']['size']} bytes, signature and hashes verified")
@@ -101,7 +116,8 @@ def cmd_config(a):
     from .sim.device import board_info
     info = board_info(a.board)
     cfg = deviceconfig.make([Path(p) for p in a.pub], a.server, board=info.get("board_id", a.board),
-                            chip=info["chip"], device_id=a.device_id, timeout_s=a.timeout)
+                            chip=info["chip"], device_id=a.device_id, timeout_s=a.timeout,
+                            mirrors=a.mirror or [], aes_keys=[Path(k) for k in a.aes_key or []])
     deviceconfig.write(Path(a.out), cfg)
     print(f"config: wrote {a.out} (board {cfg['board']}, chip {cfg['chip']}, {len(cfg['pubkeys'])} key(s), "
           f"server {cfg['server']}); copy it to the device's root: mpremote fs cp {a.out} :ota_config.json")
@@ -126,7 +142,8 @@ def cmd_sim_firmware(a):
 def cmd_sim_create(a):
     from .sim import device
     dev = device.create(a.name, [Path(p) for p in a.pub], a.server, Path(a.firmware), root=Path(a.root),
-                        heap=a.heap, source=a.source, force=a.force)
+                        heap=a.heap, source=a.source, force=a.force, mirrors=a.mirror or [],
+                        aes_keys=[Path(k) for k in a.aes_key or []])
     print(f"sim: created {dev.path}/ (board {dev.board}, heap {dev.heap})")
     print(f"sim: flash {dev.flash} with {Path(a.firmware).name} in ota_0; agent in {dev.fs}/lib/ota "
           f"({'.py sources' if a.source else '.mpy'})")
@@ -164,6 +181,8 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("keygen", help="make an Ed25519 release key pair",
                        description="Write PATH (private, PEM, mode 0600) and PATH.pub; print the key id.")
     s.add_argument("path", help="private key file to create, e.g. keys/release")
+    s.add_argument("--aes", action="store_true",
+                   help="make an AES-256 payload-encryption key (hex, mode 0600) instead")
     s.add_argument("--force", action="store_true", help="replace existing key files")
     s.set_defaults(func=cmd_keygen)
 
@@ -178,6 +197,12 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--board", help="board id devices must have (default: the chip name)")
     s.add_argument("--security-counter", type=_counter,
                    help="anti-rollback counter (default: the image's secure_version)")
+    s.add_argument("--compress", action="store_true", help="raw-deflate the payload in resumable chunks")
+    s.add_argument("--wbits", type=int, default=10, choices=range(9, 16), metavar="9..15",
+                   help="deflate window: the device needs 2**wbits bytes of RAM to inflate (default 10)")
+    s.add_argument("--chunk", type=_size, default=64 * 1024,
+                   help="image bytes per chunk of a compressed/encrypted payload (multiple of 4K, default 64K)")
+    s.add_argument("--encrypt", metavar="KEYFILE", help="AES-256 key file (mpota keygen --aes) to encrypt the payload")
     s.set_defaults(func=cmd_release)
 
     s = sub.add_parser("verify", help="check a release: signature, sizes, hashes, image",
@@ -185,6 +210,7 @@ def build_parser() -> argparse.ArgumentParser:
                                    "exit 2 with the reason.")
     s.add_argument("release", help="release directory (or its manifest.json)")
     s.add_argument("--pub", action="append", required=True, help="trusted public key (repeatable)")
+    s.add_argument("--aes", metavar="KEYFILE", help="AES key, to check the image inside an encrypted payload")
     s.set_defaults(func=cmd_verify)
 
     s = sub.add_parser("serve", help="serve a release directory over HTTP (HEAD, Range, ETag)")
@@ -200,6 +226,8 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("config", help="write a device's ota_config.json (server, trusted keys, board)")
     s.add_argument("--pub", action="append", required=True, help="trusted release public key (repeatable)")
     s.add_argument("--server", required=True, help="release URL the device polls, e.g. http://192.168.1.10:8000")
+    s.add_argument("--mirror", action="append", help="another release URL, tried in order (repeatable)")
+    s.add_argument("--aes-key", action="append", help="AES key file for encrypted releases (repeatable)")
     s.add_argument("--board", default="esp32", help="board definition in boards/ (default esp32)")
     s.add_argument("--device-id", default="", help="name the device reports")
     s.add_argument("--timeout", type=int, default=10, choices=range(1, 301), metavar="SECONDS",
@@ -237,6 +265,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--pub", action="append", required=True, help="trusted release public key (repeatable)")
     s.add_argument("--server", required=True, help="release URL, e.g. http://127.0.0.1:8000")
     s.add_argument("--firmware", required=True, help="image to put in ota_0")
+    s.add_argument("--mirror", action="append", help="another release URL, tried in order (repeatable)")
+    s.add_argument("--aes-key", action="append", help="AES key file for encrypted releases (repeatable)")
     s.add_argument("--heap", type=_heap, default="128K", help="MicroPython heap (default 128K, ESP32-class)")
     s.add_argument("--source", action="store_true", help="install the agent as .py instead of .mpy")
     s.add_argument("--force", action="store_true", help="replace an existing device")

@@ -143,6 +143,10 @@ def build_sim_firmware(version: str, behavior: str = "healthy", size: int = 128 
     marker = (SIM_MARKER + behavior.encode()).ljust(64, b"\0")
     head = app_desc(version, secure_version) + marker
     filler_len = max(0, size - len(head) - 256) // 4 * 4
-    filler = random.Random(f"{chip}/{version}/{behavior}").randbytes(filler_len)
+    # Code-like filler: random picks from 256 random 8-byte "instructions", so it deflates
+    # about as well as real firmware does, and differs for every version.
+    rng = random.Random(f"{chip}/{version}/{behavior}")
+    words = [rng.randbytes(8) for _ in range(256)]
+    filler = b"".join(rng.choices(words, k=filler_len // 8 + 1))[:filler_len]
     iram = _IRAM[chip]
     return build([(CHIPS[chip][1], head + filler), (iram, b"\x00" * 64)], chip, iram)

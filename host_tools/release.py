@@ -6,7 +6,9 @@ The manifest body (JSON) fields, all checked by the device agent:
   board, chip       which devices may install it
   security_counter  anti-rollback floor: devices refuse releases below what they confirmed
   image             {"size", "sha256"} of the image as it ends up in the flash slot
-  payload           {"url" (relative to the manifest), "size", "sha256", "encoding": "raw"}
+  payload           {"url" (relative to the manifest), "size", "sha256", "encoding": "raw" |
+                    "deflate", and for chunked payloads "chunk", "chunks", "wbits",
+                    "encryption": {"alg": "aes-256-cbc", "keyid", "iv"}} (see payload.py)
   critical          names of fields the device must understand, or refuse the release
 """
 from __future__ import annotations
@@ -19,12 +21,12 @@ from pathlib import Path
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
-from . import MpotaError, dsse, espimage
+from . import MpotaError, dsse, espimage, payload as payloads
 
 SCHEMA = 1
 MANIFEST_NAME = "manifest.json"
 MANIFEST_MAX = 4096      # the device refuses larger manifests without reading them
-ENCODINGS = ("raw",)
+ENCODINGS = ("raw", "deflate")
 KNOWN_FIELDS = {"schema", "version", "board", "chip", "security_counter", "image", "payload",
                 "critical", "created_by"}
 
@@ -61,9 +63,10 @@ class Release:
 
 
 def build(image_path: Path, out_dir: Path, keys: list[Ed25519PrivateKey], *, version=None,
-          chip=None, board=None, security_counter=None) -> Release:
+          chip=None, board=None, security_counter=None, compress=False, aes_key=None,
+          chunk=payloads.DEFAULT_CHUNK, wbits=payloads.DEFAULT_WBITS) -> Release:
     """Sign `image_path` into `out_dir`: version, chip and security counter come from the image
-    (esp_app_desc_t and header) unless given."""
+    (esp_app_desc_t and header) unless given. `compress` and `aes_key` make a chunked payload."""
     image_path = Path(image_path)
     try:
         data = image_path.read_bytes()
@@ -86,6 +89,11 @@ def build(image_path: Path, out_dir: Path, keys: list[Ed25519PrivateKey], *, ver
     if security_counter < 0 or security_counter > 0x3FFFFFFF:
         raise ReleaseError("bad-counter", "security counter must be 0..1073741823")
     digest = hashlib.sha256(data).hexdigest()
+    if compress or aes_key:
+        blob, fields = payloads.encode(data, compress=compress, aes_key=aes_key, chunk=chunk, wbits=wbits)
+        name = image_path.name + (".z" if compress else "") + (".enc" if aes_key else "")
+    else:
+        blob, fields, name = None, {"size": len(data), "sha256": digest, "encoding": "raw"}, image_path.name
     manifest = {
         "schema": SCHEMA,
         "version": version,
@@ -93,17 +101,20 @@ def build(image_path: Path, out_dir: Path, keys: list[Ed25519PrivateKey], *, ver
         "chip": chip,
         "security_counter": security_counter,
         "image": {"size": len(data), "sha256": digest},
-        "payload": {"url": image_path.name, "size": len(data), "sha256": digest, "encoding": "raw"},
+        "payload": {"url": name, **fields},
         "critical": [],
     }
     body = json.dumps(manifest, separators=(",", ":"), sort_keys=True).encode()
     envelope = dsse.sign(body, keys)
     if len(envelope) > MANIFEST_MAX:
-        raise ReleaseError("manifest-too-large", f"manifest is {len(envelope)} bytes; devices accept {MANIFEST_MAX}")
+        raise ReleaseError("manifest-too-large", f"manifest is {len(envelope)} bytes; devices accept {MANIFEST_MAX}",
+                           hint="a larger --chunk lists fewer chunks")
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    if (out_dir / image_path.name).resolve() != image_path.resolve():
-        shutil.copyfile(image_path, out_dir / image_path.name)
+    if blob is not None:
+        (out_dir / name).write_bytes(blob)
+    elif (out_dir / name).resolve() != image_path.resolve():
+        shutil.copyfile(image_path, out_dir / name)
     tmp = out_dir / (MANIFEST_NAME + ".tmp")
     tmp.write_bytes(envelope)
     tmp.replace(out_dir / MANIFEST_NAME)
@@ -137,8 +148,9 @@ def check_manifest(m) -> None:
         raise ReleaseError("unsupported-critical", f"critical fields not understood: {', '.join(map(str, unknown))}")
 
 
-def verify(release_dir: Path, trusted: list[Ed25519PublicKey]) -> Release:
-    """Check signature, manifest fields, payload size and hash and the image itself."""
+def verify(release_dir: Path, trusted: list[Ed25519PublicKey], aes_key: bytes | None = None) -> Release:
+    """Check signature, manifest fields, payload size and hash and the image itself (for an
+    encrypted payload the image inside is checked only with `aes_key`)."""
     release_dir = Path(release_dir)
     mpath = release_dir / MANIFEST_NAME if release_dir.is_dir() else release_dir
     release_dir = mpath.parent
@@ -166,8 +178,19 @@ def verify(release_dir: Path, trusted: list[Ed25519PublicKey]) -> Release:
         raise ReleaseError(code, f"payload is {size} bytes, manifest says {p['size']}")
     if sha256_file(ppath) != p["sha256"]:
         raise ReleaseError("hash-mismatch", "payload SHA-256 differs from the manifest")
-    if p.get("encoding", "raw") == "raw":
-        info = espimage.parse(ppath.read_bytes())
+    image = None
+    if "chunks" in p:
+        if p.get("encryption") is None or aes_key is not None:
+            try:
+                image = payloads.decode(ppath.read_bytes(), p, m["image"]["size"], aes_key)
+            except MpotaError as e:
+                raise ReleaseError("bad-payload", str(e), e.hint) from None
+            if hashlib.sha256(image).hexdigest() != m["image"]["sha256"]:
+                raise ReleaseError("hash-mismatch", "the decoded image's SHA-256 differs from the manifest")
+    elif p.get("encoding", "raw") == "raw":
+        image = ppath.read_bytes()
+    if image is not None:
+        info = espimage.parse(image)
         if info.version != m["version"]:
             raise ReleaseError("version-mismatch", f"image says version {info.version}, manifest {m['version']}")
         if info.chip != m["chip"]:

@@ -15,4 +15,4 @@ def test_package_json_lists_every_agent_module():
 
 def test_freeze_manifest_names_the_package():
     text = (DEVICE / "manifest.py").read_text()
-    assert 'package("ota")' in text and 'require("requests")' in text
+    assert 'package("ota")' in text

@@ -149,7 +149,6 @@ def mark_running_valid():
 # ---- esp_image_verify() ---------------------------------------------------------------------
 IMAGE_MAGIC = 0xE9
 APP_DESC_MAGIC = 0xABCD5432
-_scratch = bytearray(SECTOR)  # taken at import: ESP-IDF's image check uses no Python heap
 
 
 def verify_image(part_offset, part_size):
@@ -168,7 +167,7 @@ def verify_image(part_offset, part_size):
     pos = 24
     csum = 0xEF
     seghdr = bytearray(8)
-    buf = _scratch
+    buf = f._old  # the flash's scratch sector: reads do not touch it, and we only read here
     for _ in range(nseg):
         if pos + 8 > part_size:
             raise OSError(-0x1503)

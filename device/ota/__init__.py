@@ -17,13 +17,16 @@ def confirm(health=None, timeout_ms=30000):
 
 
 def update(reboot=True):
-    # The update's one 4 KiB block buffer is taken first, while the heap is least fragmented;
-    # the updater's code loads after it (many small allocations fit where 4 KiB would not).
+    # The update's one 4 KiB block buffer is taken first, while the heap is least fragmented,
+    # and with it a 2 KiB reserve that is let go just before a compressed payload's inflater
+    # allocates its window; the updater's code loads after them (many small allocations fit
+    # where 4 KiB would not). See docs/memory.md.
     import gc
     gc.collect()
     buf = bytearray(4096)
+    reserve = bytearray(2048)
     from ota.updater import update as _update
-    return _update(reboot, buf)
+    return _update(reboot, buf, reserve)
 
 
 def check():

@@ -137,6 +137,7 @@ def parse(body):
         except (ValueError, TypeError):
             r.iv = b""
         _need(len(r.iv) == 16, "payload.encryption.iv")
+    r.chunks = None  # plain raw payload: the payload is the image
     if r.encoding == "raw" and enc is None:
         _need(r.size == r.image_size and r.sha256 == r.image_sha256, "payload (raw must equal image)")
     else:

@@ -76,7 +76,8 @@ class _ChunkReader(io.IOBase):
 
 
 class Decoder:
-    def __init__(self, cfg, offer, st, mv):
+    def __init__(self, cfg, offer, st, mv, reserve=None):
+        self.reserve = reserve  # heap held back for the inflater's window (see ota.update)
         self.cfg = cfg
         self.o = offer
         self.m = offer.m
@@ -159,6 +160,11 @@ class Decoder:
         src = reader
         if m.encoding == "deflate":
             import deflate
+            import gc
+            # Let go of the reserve (and the previous chunk's window) so the new window
+            # (2^wbits bytes) finds a hole even in a fragmented heap.
+            self.reserve = None
+            gc.collect()
             src = deflate.DeflateIO(reader, deflate.RAW, m.wbits)
         out = min(m.chunk, m.image_size - k * m.chunk)
         block = k * m.chunk // _BLOCK

@@ -198,12 +198,12 @@ def _verify_flash(target, m, mv):
         raise OtaError("flash-mismatch", "slot content differs from the signed image after writing", DEVICE)
 
 
-def _install(cfg, st, o, mv):
+def _install(cfg, st, o, mv, reserve=None):
     m, target = o.m, o.target
     label = target.info()[4]
     job = _Job(o)
     prog = st.get("progress")
-    if prog and prog.get("digest") == o.digest and prog.get("slot") == label and m.encoding == "raw":
+    if prog and prog.get("digest") == o.digest and prog.get("slot") == label and m.chunks is None:
         job.done = min(prog.get("done", 0), m.size) // _BLOCK * _BLOCK
     if job.done:
         _log("resuming %s at %d/%d bytes" % (m.version, job.done, m.size))
@@ -212,7 +212,7 @@ def _install(cfg, st, o, mv):
         _log("installing %s over %s into %s (%d bytes)" % (m.version, o.running, label, m.size))
     url = http.join(o.url, m.url)
     try:
-        if m.encoding == "raw":
+        if m.chunks is None:
             tries = 0
             while True:
                 try:
@@ -226,7 +226,7 @@ def _install(cfg, st, o, mv):
             if job.h.digest() != m.sha256:
                 raise OtaError("hash-mismatch", "payload SHA-256 differs from the signed manifest")
         else:
-            Decoder(cfg, o, st, mv).run(url)
+            Decoder(cfg, o, st, mv, reserve).run(url)
         _verify_flash(target, m, mv)
     except OtaError as e:
         if e.kind == TRANSPORT and job.done:
@@ -254,7 +254,7 @@ def _install(cfg, st, o, mv):
     _log("%s verified in flash and set to boot" % m.version)
 
 
-def update(reboot=True, buf=None):
+def update(reboot=True, buf=None, reserve=None):
     from ota import config
     st = state.load()
     result = None
@@ -271,7 +271,7 @@ def update(reboot=True, buf=None):
             state.record(st, "up-to-date", None, "running %s" % o.running)
             _log("up to date (%s)" % o.running)
         else:
-            _install(cfg, st, o, mv)
+            _install(cfg, st, o, mv, reserve)
             result = "installed"
     except OtaError as e:
         retry_after = getattr(e, "retry_after", None)

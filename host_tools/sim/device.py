@@ -85,10 +85,10 @@ def layout_flash(path: Path, table: list[partitions.Partition], firmware: bytes,
 
 def create(name: str, pubkeys: list[Path], server: str, firmware: Path, *, root: Path = DEFAULT_ROOT,
            board: str = "unix", heap: str = "128K", source: bool = False, force: bool = False,
-           device_id: str | None = None) -> SimDevice:
+           device_id: str | None = None, mirrors: list[str] = (), aes_keys: list[Path] = ()) -> SimDevice:
     info = board_info(board)
     config = deviceconfig.make(pubkeys, server, board=info.get("board_id", board), chip=info["chip"],
-                               device_id=device_id or name)
+                               device_id=device_id or name, mirrors=mirrors, aes_keys=aes_keys)
     try:
         fw = Path(firmware).read_bytes()
     except OSError as e:
