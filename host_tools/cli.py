@@ -105,10 +105,13 @@ def cmd_serve(a):
 
 
 def cmd_boards(a):
-    from . import BOARDS_DIR
+    from . import BOARDS_DIR, partitions
     for p in sorted(BOARDS_DIR.glob("*/board.json")):
         info = json.loads(p.read_text())
-        print(f"{info['name']:10} chip {info['chip']:8} mpy {info['mpy_arch']:9} {info.get('description', '')}")
+        slots = [q for q in partitions.parse_csv(p.parent / "partitions.csv") if q.is_ota_slot]
+        print(f"{info['name']:8} chip {info['chip']:8} mpy {info['mpy_arch']:9} flash {info['flash_size']:4} "
+              f"bootloader {info['bootloader_offset']:6} {len(slots)} x {_human(slots[0].size)} OTA slots  "
+              f"{info.get('description', '')}")
 
 
 def cmd_config(a):
@@ -170,6 +173,127 @@ def cmd_sim_status(a):
     ordered = {k: st[k] for k in STATUS_ORDER if k in st}
     ordered.update(st)
     print(json.dumps(ordered, indent=1))
+
+
+def cmd_flash(a):
+    from . import flashing
+    if not a.port and not a.dry_run:
+        raise MpotaError("give the board's serial port (--port), or --dry-run to only check and print",
+                         hint="e.g. mpota flash --board esp32 --port /dev/ttyUSB0 ESP32_GENERIC-OTA-v1.24.1.bin")
+    p = flashing.plan(a.board, Path(a.firmware), Path(a.bootloader) if a.bootloader else None)
+    kind = "merged image (bootloader + partition table + app)" if p.kind == "merged" else "app image"
+    print(f"flash: {a.firmware}: {kind} for {p.app.chip}, version {p.app.version or '(none in esp_app_desc_t)'}")
+    for r in p.regions:
+        print(f"flash:   0x{r.offset:06x}  {len(r.data):>8} bytes  {r.what}")
+    for note in p.notes:
+        print(f"flash: note: {note}")
+    out = Path(a.out or f"build/flash/{a.board}")
+    files = flashing.write_files(p, out)
+    cmd = flashing.esptool_command(p, files, a.port, a.baud, a.erase_all)
+    print(f"flash: wrote {out}/ ({', '.join(f.name for _, f in files)}, {flashing.FLASH_ARGS_NAME})")
+    if a.dry_run:
+        print("flash: dry run, nothing written to a board; the esptool command that writes the same:")
+        print(flashing.shell_line(cmd))
+        return
+    print(f"flash: writing through esptool's Python API, as: {flashing.shell_line(cmd)}", flush=True)
+    t0 = time.monotonic()
+    flashing.flash(p, a.port, a.baud, erase_all=a.erase_all, no_progress=a.no_progress)
+    slot = next(q for q in p.table if q.is_ota_slot)
+    print(f"flash: done in {time.monotonic() - t0:.1f} s; the board boots MicroPython from {slot.label}")
+    print(f"flash: next: mpota deploy --port {a.port} --pub keys/release.pub --server http://YOUR-HOST:8000")
+
+
+def cmd_deploy(a):
+    import os
+    from . import deploy, deviceconfig
+    from .sim.device import board_info
+    if a.config and (a.pub or a.server):
+        raise MpotaError("give either --config FILE or --pub/--server, not both")
+    if not a.config and not (a.pub and a.server):
+        raise MpotaError("the device needs a release server and a trusted key",
+                         hint="give --pub keys/release.pub --server http://HOST:8000 (or --config ota_config.json)")
+    t0 = time.monotonic()
+    pr = None
+    if a.dry_run:
+        board = a.board or "esp32"
+        board_info(board)
+    else:
+        print(f"deploy: asking the board on {a.port} what it runs ...", flush=True)
+        pr = deploy.probe(a.port)
+        board = deploy.choose_board(pr, a.board, a.source)
+        print(f"deploy: {pr.describe()}: board {board}" + (f", unique id {pr.uid}" if pr.uid else ""))
+    info = board_info(board)
+    if a.config:
+        cfg = deploy.load_config(Path(a.config))
+        if cfg.get("chip", info["chip"]) != info["chip"]:
+            raise MpotaError(f"{a.config} is for chip {cfg.get('chip')}; board {board} is {info['chip']}",
+                             hint=f"write it with: mpota config --board {board} ...")
+    else:
+        device_id = a.device_id if a.device_id is not None else (pr.uid if pr else "")
+        cfg = deviceconfig.make([Path(k) for k in a.pub], a.server, board=info.get("board_id", board),
+                                chip=info["chip"], device_id=device_id, timeout_s=a.timeout,
+                                mirrors=a.mirror or [])
+    if a.no_main:
+        main, main_note = None, "main.py: left as it is (--no-main)"
+    elif a.main:
+        main, main_note = Path(a.main), f"main.py: {a.main}"
+    elif pr is not None and pr.main:
+        main, main_note = None, (f"main.py: the board has one, kept (it must call ota.confirm() first; "
+                                 f"example: {deploy.example_main(board)}; --main FILE replaces it)")
+    else:
+        main = deploy.example_main(board)
+        main_note = f"main.py: the example {main}"
+    wifi = None
+    if a.wifi:
+        wifi = (a.wifi, os.environ.get("MPOTA_WIFI_PASSWORD", ""))
+        if not wifi[1]:
+            print(f"deploy: note: MPOTA_WIFI_PASSWORD is not set: {a.wifi} is joined as an open network")
+    st = deploy.stage(Path(a.stage or f"build/deploy/{board}"), board, cfg, main=main, wifi=wifi,
+                      source=a.source)
+    print(f"deploy: staged in {st.dir}/: lib/ota ({len(st.agent)} files, "
+          f"{'.py sources' if a.source else '.mpy for ' + info['mpy_arch']}), ota_config.json "
+          f"(server {cfg['server']}, {len(cfg['pubkeys'])} key(s), device id {cfg.get('device_id') or '-'})"
+          + (", wifi.json" if wifi else ""))
+    print(f"deploy: {main_note}")
+    args = deploy.copy_args(a.port, st, status=a.status, reset=a.reset)
+    if a.dry_run:
+        print("deploy: dry run, nothing sent to a board; the mpremote command that copies it:")
+        print(deploy.shell_line(args))
+        return
+    total = len(st.agent) + len(st.root_files)
+    print(f"deploy: copying {total} files ({_human(st.size)}) with mpremote ...", flush=True)
+    status, out = deploy.copy(a.port, st, status=a.status, reset=a.reset,
+                              echo=lambda line: print("    | " + line, flush=True))
+    same = out.count("Up to date:")
+    if wifi:
+        (st.dir / "wifi.json").unlink()
+    print(f"deploy: done in {time.monotonic() - t0:.1f} s: {total} files, {total - same} copied, "
+          f"{same} already up to date")
+    if status is not None:
+        ordered = {k: status[k] for k in STATUS_ORDER if k in status}
+        ordered.update(status)
+        print("deploy: ota.status() on the board:")
+        print(json.dumps(ordered, indent=1))
+    if a.reset:
+        print(f"deploy: the board was told to reset, so that main.py runs; watch it: mpremote connect {a.port} repl")
+    else:
+        print(f"deploy: next: reset the board so main.py runs (mpremote connect {a.port} reset, or --reset)")
+
+
+def cmd_sim_repl(a):
+    from .sim import device, repl
+    dev = device.load(a.name, Path(a.root))
+    srv = repl.listen(a.host, a.port)
+    host, port = srv.getsockname()[:2]
+    url = f"socket://{'[' + host + ']' if ':' in host else host}:{port}"
+    print(f"sim repl: {a.name}'s MicroPython REPL on {url} (Ctrl-C stops)", flush=True)
+    print(f"sim repl: try: mpremote connect {url} resume fs ls   or   mpota deploy --port {url} ...", flush=True)
+    try:
+        repl.serve(dev, srv, heap=a.heap, once=a.once, log=lambda m: print(m, flush=True))
+    except KeyboardInterrupt:
+        print("sim repl: stopped")
+    finally:
+        srv.close()
 
 
 # ---- parser ---------------------------------------------------------------------------------
@@ -243,7 +367,51 @@ def build_parser() -> argparse.ArgumentParser:
                    help="architecture (repeatable; default: every board's)")
     s.set_defaults(func=cmd_mpy)
 
-    sim = sub.add_parser("sim", help="the simulated ESP32 (unix port): firmware, create, run, status",
+    s = sub.add_parser("flash", help="put MicroPython firmware on a board with an OTA partition table (esptool)",
+                       description="Check FIRMWARE (chip, size against the OTA slots), build the board's "
+                                   "partition table, and write bootloader (if the firmware has one), "
+                                   "partition table, erased otadata and the app to ota_0 with esptool. "
+                                   "FIRMWARE is a MicroPython app image (build-*/micropython.bin) or a "
+                                   "merged image from micropython.org (its partition table is replaced).")
+    s.add_argument("firmware", help="MicroPython .bin (app image or merged image)")
+    s.add_argument("--board", default="esp32", help="board definition in boards/ (default esp32; `mpota boards`)")
+    s.add_argument("--port", help="serial port, e.g. /dev/ttyUSB0, /dev/ttyACM0, COM3")
+    s.add_argument("--baud", type=int, default=460800, help="baud rate for writing (default 460800)")
+    s.add_argument("--bootloader", help="bootloader .bin to write (default: the merged image's, else keep the board's)")
+    s.add_argument("--erase-all", action="store_true", help="erase the whole flash first (the filesystem too)")
+    s.add_argument("--out", help="where to write the files that get flashed (default build/flash/BOARD)")
+    s.add_argument("--dry-run", action="store_true", help="check and write the files, print the esptool command; "
+                                                          "touch no board")
+    s.add_argument("--no-progress", action="store_true", help="no progress bars (for scripts)")
+    s.set_defaults(func=cmd_flash)
+
+    s = sub.add_parser("deploy", help="copy the agent (.mpy), its config and a main.py to a board (mpremote)",
+                       description="Ask the board what it runs, compile the agent for its architecture, "
+                                   "write ota_config.json, and copy them (and the example main.py, if the "
+                                   "board has none) with mpremote. Works with the simulator too: "
+                                   "`mpota sim repl NAME --port N`, then --port socket://127.0.0.1:N.")
+    s.add_argument("--port", required=True, help="mpremote port: /dev/ttyUSB0, /dev/ttyACM0, COM3, socket://HOST:PORT")
+    s.add_argument("--pub", action="append", help="trusted release public key (repeatable)")
+    s.add_argument("--server", help="release URL the device polls, e.g. http://192.168.1.10:8000")
+    s.add_argument("--mirror", action="append", help="another release URL, tried in order (repeatable)")
+    s.add_argument("--config", help="an ota_config.json written by `mpota config` (instead of --pub/--server)")
+    s.add_argument("--board", help="board definition (default: found from the board's MCU)")
+    s.add_argument("--device-id", help="name the device reports (default: its machine.unique_id() in hex)")
+    s.add_argument("--timeout", type=int, default=10, choices=range(1, 301), metavar="SECONDS",
+                   help="network timeout on the device (default 10)")
+    s.add_argument("--main", help="copy this file as main.py (default: the example, only if the board has no main.py)")
+    s.add_argument("--no-main", action="store_true", help="never touch main.py")
+    s.add_argument("--wifi", metavar="SSID", help="write wifi.json for the example main.py "
+                                                  "(password from $MPOTA_WIFI_PASSWORD)")
+    s.add_argument("--source", action="store_true", help="copy .py sources instead of .mpy")
+    s.add_argument("--status", action="store_true", help="print the board's ota.status() afterwards")
+    s.add_argument("--reset", action="store_true", help="reset the board afterwards so main.py runs")
+    s.add_argument("--stage", help="where to stage the files (default build/deploy/BOARD)")
+    s.add_argument("--dry-run", action="store_true", help="stage the files and print the mpremote command; "
+                                                          "touch no board")
+    s.set_defaults(func=cmd_deploy)
+
+    sim = sub.add_parser("sim", help="the simulated ESP32 (unix port): firmware, create, run, status, repl",
                          description="Simulated ESP32 devices on the MicroPython unix port.")
     ssub = sim.add_subparsers(dest="simverb", metavar="COMMAND", required=True)
 
@@ -284,6 +452,17 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("name")
     root_arg(s)
     s.set_defaults(func=cmd_sim_status)
+
+    s = ssub.add_parser("repl", help="serve the device's REPL on a loopback TCP port (for mpremote, mpota deploy)",
+                        description="Each connection gets a micropython REPL running as the device "
+                                    "(its fs/, flash and running slot): mpremote connect socket://HOST:PORT.")
+    s.add_argument("name")
+    s.add_argument("--host", default="127.0.0.1", help="loopback address to listen on (default 127.0.0.1)")
+    s.add_argument("--port", type=int, default=5555, help="TCP port (default 5555; 0 picks a free one)")
+    s.add_argument("--heap", type=_heap, help="MicroPython heap (default: the device's)")
+    s.add_argument("--once", action="store_true", help="exit after the first session")
+    root_arg(s)
+    s.set_defaults(func=cmd_sim_repl)
     return p
 
 

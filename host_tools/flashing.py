@@ -131,8 +131,8 @@ def image_length(data: bytes, at: int = 0) -> int:
     pos += 16 - pos % 16  # pad to 16 with the checksum byte last
     if hash_appended:
         pos += 32
-    if pos - at > len(data) - at:
-        raise FlashError("ESP image runs past the end of the file")
+    if pos > len(data):
+        raise FlashError("ESP image runs past the end of the file (truncated?)")
     return pos - at
 
 
@@ -160,6 +160,8 @@ def _chip_of(data: bytes, at: int = 0) -> str | None:
 
 def split_firmware(data: bytes, info: dict) -> tuple[str, bytes | None, bytes, list | None]:
     """-> (kind, bootloader or None, app image bytes, the merged image's own partition table)."""
+    if _is_app(data):
+        return "app", None, data[:image_length(data)], None
     bl_off = int(info["bootloader_offset"], 0)
     pt_off = int(info["partition_table_offset"], 0)
     for base in dict.fromkeys((bl_off, 0)):   # written at the bootloader offset, or a dump from 0
@@ -178,12 +180,21 @@ def split_firmware(data: bytes, info: dict) -> tuple[str, bytes | None, bytes, l
         bootloader = data[bl:bl + image_length(data, bl)]
         app = data[a:a + image_length(data, a)]
         return "merged", bootloader, app, embedded
-    if data[:1] != bytes([espimage.IMAGE_MAGIC]):
-        raise FlashError(f"not an ESP firmware image (first byte 0x{data[0]:02x}, expected 0xe9)" if data
-                         else "the firmware file is empty",
-                         hint="give the .bin of a MicroPython build (build-*/micropython.bin) or the "
-                              "firmware .bin from micropython.org, not an .elf, .hex or .uf2")
-    return "app", None, data[:image_length(data)], None
+    if data[:1] == bytes([espimage.IMAGE_MAGIC]):
+        raise FlashError("this is an ESP image but not an application (no esp_app_desc_t in its first "
+                         "segment): a bootloader?", hint="give a bootloader with --bootloader, and the "
+                                                         "MicroPython app or merged image as FIRMWARE")
+    raise FlashError(f"not an ESP firmware image (first byte 0x{data[0]:02x}, expected 0xe9)" if data
+                     else "the firmware file is empty",
+                     hint="give the .bin of a MicroPython build (build-*/micropython.bin) or the "
+                          "firmware .bin from micropython.org, not an .elf, .hex or .uf2")
+
+
+def _is_app(data: bytes) -> bool:
+    """An app image starts with the image header, then its first segment's header, then
+    esp_app_desc_t (magic 0xABCD5432). A merged image starts with the bootloader (or 0xFF)."""
+    return (len(data) > 36 and data[0] == espimage.IMAGE_MAGIC
+            and struct.unpack_from("<I", data, 32)[0] == espimage.APP_DESC_MAGIC)
 
 
 def plan(board: str, firmware: Path, bootloader: Path | None = None) -> FlashPlan:
@@ -197,9 +208,11 @@ def plan(board: str, firmware: Path, bootloader: Path | None = None) -> FlashPla
                          hint=_download_hint(info)) from None
     kind, bl, app, embedded = split_firmware(data, info)
     name = Path(firmware).name
-    chip_hint = (f"use the --board for that chip (`mpota boards` lists them), or a firmware built "
-                 f"for {info['chip']}" + (f": {_download_hint(info)}" if _download_hint(info) else ""))
     app_chip = _chip_of(app)
+    other = [q.parent.name for q in info_paths() if _json(q).get("chip") == app_chip
+             and not _json(q).get("emulates")]
+    chip_hint = ((f"use --board {other[0]}, or " if other else "use ") + f"a firmware built for {info['chip']}"
+                 + (f": {_download_hint(info)}" if _download_hint(info) else ""))
     if app_chip != info["chip"]:
         raise FlashError(f"{name} is firmware for {app_chip or 'an unknown chip'}; board {board} "
                          f"is an {info['chip']}", hint=chip_hint)
@@ -326,7 +339,7 @@ def flash(p: FlashPlan, port: str, baud: int = DEFAULT_BAUD, erase_all: bool = F
     try:
         esp = cmds.connect_esp(port=port, chip="auto", initial_baud=ROM_BAUD)
     except (FatalError, OSError) as e:
-        raise FlashError(f"esptool could not connect to {port}: {e}",
+        raise FlashError(f"esptool could not connect to {port}: {' '.join(str(e).split())}",
                          hint="check the cable and the port (ls /dev/tty*); hold BOOT while pressing "
                               "RESET for download mode; close serial monitors (mpremote, screen) on it; "
                               "on Linux add yourself to the dialout group") from None

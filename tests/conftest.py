@@ -106,6 +106,16 @@ class Device:
     def status(self) -> dict:
         return runner.status(self.dev)
 
+    def config(self, **changes) -> None:
+        """Change the device's ota_config.json (timeouts, mirrors, ...)."""
+        path = self.dev.fs / "ota_config.json"
+        cfg = json.loads(path.read_text())
+        cfg.update(changes)
+        path.write_text(json.dumps(cfg))
+
+    def state(self) -> dict:
+        return json.loads((self.dev.fs / "ota_state.json").read_text())
+
     def flash(self) -> bytes:
         return self.dev.flash.read_bytes()
 
@@ -115,6 +125,16 @@ class Device:
     def slot_bytes(self, index: int, n: int) -> bytes:
         off = (0x10000, 0x190000)[index]
         return self.flash()[off:off + n]
+
+
+@pytest.fixture
+def fault_server(tmp_path):
+    from faultserver import FaultServer
+    root = tmp_path / "faulty"
+    root.mkdir()
+    s = FaultServer(root).start()
+    yield s
+    s.stop()
 
 
 @pytest.fixture

@@ -16,7 +16,8 @@ ROOT = Path(__file__).resolve().parents[1]
 MPOTA = str(Path(sys.executable).parent / "mpota")
 
 COMMANDS = [["keygen"], ["release"], ["verify"], ["serve"], ["boards"], ["config"], ["mpy"],
-            ["sim"], ["sim", "firmware"], ["sim", "create"], ["sim", "run"], ["sim", "status"]]
+            ["flash"], ["deploy"],
+            ["sim"], ["sim", "firmware"], ["sim", "create"], ["sim", "run"], ["sim", "status"], ["sim", "repl"]]
 
 
 def mpota(*args, cwd=None, check=False):
@@ -80,7 +81,7 @@ def test_sim_commands_point_to_the_next_step(tmp_path):
 
 def test_mpy_compiles_the_agent_for_every_board_arch(tmp_path):
     r = mpota("mpy", "--out", tmp_path, check=True)
-    for arch in ("x64", "xtensawin"):
+    for arch in ("x64", "xtensawin", "rv32imc"):
         assert (tmp_path / arch / "ota" / "updater.mpy").exists()
         assert arch in r.stdout
 

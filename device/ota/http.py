@@ -7,6 +7,7 @@
 # per-block deadline, and every failure maps to one transport error code. TLS uses the
 # firmware's `tls` (or `ssl`) module with certificate verification always on.
 from micropython import const
+import select
 import socket
 import time
 from ota.errors import OtaError, TRANSPORT, DEVICE
@@ -22,6 +23,46 @@ _KEEP = ("content-length", "content-range", "location", "retry-after", "transfer
 
 def _err(code, detail):
     return OtaError(code, detail, TRANSPORT)
+
+
+class _Conn:
+    # A connected socket read without ever blocking past a deadline. A blocking readinto()
+    # in MicroPython waits until the whole buffer is full, so a server trickling one byte
+    # per second would hold it for hours; instead the socket is non-blocking and we poll().
+    def __init__(self, sock, timeout_s):
+        self.sock = sock
+        self.timeout_ms = timeout_s * 1000
+        sock.setblocking(False)
+        self.poller = select.poll()
+        self.poller.register(sock, select.POLLIN)
+
+    def readinto(self, mv, deadline_ms=None):
+        # Some bytes (at least 1), or 0 at the end of the stream. "network" when nothing
+        # arrives for timeout_s; "too-slow" when deadline_ms passes first.
+        while True:
+            try:
+                n = self.sock.readinto(mv)
+            except OSError as e:
+                raise _err("network", "receive failed: %r" % (e,))
+            if n is not None:
+                return n
+            wait = self.timeout_ms
+            if deadline_ms is not None:
+                left = time.ticks_diff(deadline_ms, time.ticks_ms())
+                if left <= 0:
+                    raise _err("too-slow", "the server sends too slowly (under 4 KiB per %d s)"
+                               % (2 * self.timeout_ms // 1000))
+                wait = min(wait, left)
+            if not self.poller.poll(wait):
+                if deadline_ms is not None and time.ticks_diff(deadline_ms, time.ticks_ms()) <= 0:
+                    continue  # reported as too-slow above
+                raise _err("network", "no data for %d s (server stalled)" % (self.timeout_ms // 1000))
+
+    def close(self):
+        try:
+            self.sock.close()
+        except OSError:
+            pass
 
 
 class Response:
@@ -42,18 +83,11 @@ class Response:
                 self.close()
                 raise _err("bad-response", "Content-Length %r" % v)
 
-    def readinto(self, mv):
-        try:
-            n = self.sock.readinto(mv)
-        except OSError as e:
-            raise _err("network", "receive failed: %r" % (e,))
-        return n or 0
+    def readinto(self, mv, deadline_ms=None):
+        return self.sock.readinto(mv, deadline_ms)
 
     def close(self):
-        try:
-            self.sock.close()
-        except OSError:
-            pass
+        self.sock.close()
 
 
 def split_url(url):
@@ -87,13 +121,13 @@ def join(base, ref):
     return root + path[:path.rfind("/") + 1] + ref
 
 
-def _readline(s, buf):
+def _readline(s, buf, deadline_ms):
     # One header line, at most _LINE_MAX bytes, byte by byte (headers are a few hundred
     # bytes; reading exactly to the end of the headers leaves the body for readinto).
     n = 0
     one = bytearray(1)
     while True:
-        if not s.readinto(one):
+        if not s.readinto(one, deadline_ms):
             raise _err("bad-response", "connection closed in the headers")
         c = one[0]
         if c == 10:
@@ -133,6 +167,14 @@ def _connect(tls, host, port, timeout_s, ca):
     return s
 
 
+def _send(s, data):
+    try:
+        s.write(data)
+    except OSError as e:
+        s.close()
+        raise _err("network", "send failed: %r" % (e,))
+
+
 def get(url, timeout_s, start=0, ca=None):
     # GET `url` (from byte `start` with a Range request). Returns a Response with status 200
     # or 206; redirects are followed (at most 3); anything else raises a transport OtaError
@@ -143,20 +185,22 @@ def get(url, timeout_s, start=0, ca=None):
         except ValueError:
             raise OtaError("bad-url", "cannot use URL %r" % url[:80], DEVICE)
         s = _connect(tls, host, port, timeout_s, ca)
+        req = "GET %s HTTP/1.0\r\nHost: %s\r\nUser-Agent: mpota\r\nConnection: close\r\n" % (path, host)
+        if start:
+            req += "Range: bytes=%d-\r\n" % start
+        _send(s, req.encode() + b"\r\n")
+        s = _Conn(s, timeout_s)
+        dl = deadline(timeout_s)  # all the headers within one timeout
         try:
-            req = "GET %s HTTP/1.0\r\nHost: %s\r\nUser-Agent: mpota\r\nConnection: close\r\n" % (path, host)
-            if start:
-                req += "Range: bytes=%d-\r\n" % start
-            s.write(req.encode() + b"\r\n")
             buf = bytearray(_LINE_MAX)
-            line = _readline(s, buf)
+            line = _readline(s, buf, dl)
             parts = line.split(None, 2)
             if len(parts) < 2 or not parts[0].startswith(b"HTTP/") or not parts[1].isdigit():
                 raise _err("bad-response", "bad status line %r" % line[:40])
             status = int(parts[1])
             headers = {}
             for _ in range(_HEADERS_MAX):
-                line = _readline(s, buf)
+                line = _readline(s, buf, dl)
                 if not line:
                     break
                 i = line.find(b":")
@@ -203,9 +247,10 @@ def _retry_after(v):
 
 
 def deadline(timeout_s):
-    # A ticks_ms deadline for one buffer: each 4 KiB block (or smaller read) must arrive
-    # within the timeout, a minimum transfer rate that a trickling server cannot dodge.
-    return time.ticks_add(time.ticks_ms(), timeout_s * 1000)
+    # A ticks_ms deadline for one buffer (a 4 KiB block at most): a minimum transfer rate that
+    # a trickling server cannot dodge. Twice the idle timeout, so that a server that stops
+    # sending altogether is reported as stalled ("network"), one that trickles as "too-slow".
+    return time.ticks_add(time.ticks_ms(), timeout_s * 2000)
 
 
 def read_full(resp, mv, deadline_ms):
@@ -215,10 +260,8 @@ def read_full(resp, mv, deadline_ms):
     n = 0
     want = len(mv)
     while n < want:
-        k = resp.readinto(mv[n:])
+        k = resp.readinto(mv[n:], deadline_ms)
         if not k:
             break
         n += k
-        if time.ticks_diff(deadline_ms, time.ticks_ms()) < 0 and n < want:
-            raise _err("too-slow", "less than %d bytes in the time allowed" % want)
     return n

@@ -283,10 +283,11 @@ def update(reboot=True, buf=None, reserve=None):
         sys.print_exception(e)
         state.record(st, "failed", "no-memory", "out of heap during the update")
         _log("failed: no-memory")
+    st["retry_after"] = retry_after  # seconds the server asked us to wait, or None
     state.save(st)
     out = {"result": st["last_result"], "error": st["last_error"], "detail": st["detail"]}
     if retry_after is not None:
-        out["retry_after"] = retry_after  # seconds the server asked us to wait
+        out["retry_after"] = retry_after
     if result == "installed" and reboot:
         import machine
         machine.reset()

@@ -90,9 +90,11 @@ def _exit_name(rc):
     return {IDLE: "idle", RESET: "reset", POWER_LOSS: "power-loss", PANIC: "panic", None: "watchdog"}.get(rc, "crash")
 
 
-def run(dev: SimDevice, heap: str | None = None, max_boots: int = 8, echo=print) -> list[Boot]:
+def run(dev: SimDevice, heap: str | None = None, max_boots: int = 8, echo=print,
+        fault: dict | None = None) -> list[Boot]:
     """Boot until the device is idle (main.py returned). Raises SimError on a reset loop or
-    when no slot holds a bootable image."""
+    when no slot holds a bootable image. `fault` ({"MPOTA_CUT_AT": n, "MPOTA_CUT_TEAR": 1})
+    applies to the first boot's firmware process only."""
     heap = heap or dev.heap
     boots = []
     for n in range(1, max_boots + 1):
@@ -104,7 +106,7 @@ def run(dev: SimDevice, heap: str | None = None, max_boots: int = 8, echo=print)
         note = " (fallback: the selected slot did not verify)" if sel.get("fallback") else ""
         echo(f"[boot {n}] bootloader: {sel['slot']} firmware {sel['version']} ({sel['behavior']}){note}")
         env = device_env(dev, MPOTA_RUNNING=sel["slot"], MPOTA_BEHAVIOR=sel["behavior"],
-                         MPOTA_VERSION=sel["version"])
+                         MPOTA_VERSION=sel["version"], **(fault if fault and n == 1 else {}))
         rc, out = run_micropython(dev, ["-m", "firmware"], env, heap,
                                   echo=lambda line: echo("    | " + line))
         boot = Boot(n, sel["slot"], sel["version"], sel["behavior"], _exit_name(rc), out)

@@ -1,0 +1,233 @@
+"""`mpota deploy` and `mpota sim repl`, for real: the simulated device's REPL (the real
+micropython unix port on a pseudo-terminal) is served on a loopback TCP port, real mpremote
+copies the agent, config and main.py to it, and the deployed agent then updates the device.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shlex
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from host_tools import deploy, devicepkg
+from host_tools.sim import device
+
+BIN = Path(sys.executable).parent
+MPOTA = str(BIN / "mpota")
+MPREMOTE = str(BIN / "mpremote")
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def mpota(*args, cwd=None, timeout=180):
+    return subprocess.run([MPOTA, *map(str, args)], capture_output=True, text=True, cwd=cwd, timeout=timeout)
+
+
+class Repl:
+    """`mpota sim repl NAME --port 0` in the background; .url is where it listens."""
+
+    def __init__(self, name, root):
+        self.proc = subprocess.Popen([MPOTA, "sim", "repl", name, "--port", "0", "--root", str(root)],
+                                     stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        first = self.proc.stdout.readline()
+        assert "socket://" in first, first + self.proc.stdout.read()
+        self.url = first.split()[first.split().index("on") + 1]
+
+    def stop(self) -> str:
+        if self.proc.returncode is not None:
+            return ""
+        self.proc.send_signal(signal.SIGINT)  # the command's own Ctrl-C handling
+        try:
+            out, _ = self.proc.communicate(timeout=10)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            out, _ = self.proc.communicate()
+        return out
+
+
+@pytest.fixture
+def bare_device(tmp_path, keydir, firmware):
+    """A simulated ESP32 running firmware 1.0.0 with an empty filesystem: nothing of mpota on it."""
+    root = tmp_path / "devices"
+    dev = device.create("dev", [keydir / "release.pub"], "http://127.0.0.1:9", firmware("1.0.0"), root=root)
+    for p in dev.fs.iterdir():
+        shutil.rmtree(p) if p.is_dir() else p.unlink()
+    return dev
+
+
+@pytest.fixture
+def repl(bare_device):
+    r = Repl("dev", bare_device.path.parent)
+    yield r
+    r.stop()
+
+
+def test_deploy_then_the_deployed_agent_updates_the_device(bare_device, repl, server, firmware, signer,
+                                                          keydir, tmp_path):
+    server.publish(firmware("2.0.0"), signer)
+    r = mpota("deploy", "--port", repl.url, "--pub", keydir / "release.pub", "--server", server.url,
+              "--status", cwd=tmp_path)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "board unix" in r.stdout and "x64" in r.stdout
+    n = len(devicepkg.agent_sources()) + 2  # the agent, ota_config.json, main.py
+    assert f"{n} files, {n} copied, 0 already up to date" in r.stdout
+    status = json.loads(r.stdout[r.stdout.index("{"):r.stdout.rindex("}") + 1])
+    assert status["version"] == "1.0.0" and status["slot"] == "ota_0"
+
+    # What is on the device is what mpy-cross makes for the board's architecture...
+    fs = bare_device.fs
+    ref = devicepkg.install_agent(tmp_path / "ref", arch="x64")
+    assert sorted(p.name for p in (fs / "lib" / "ota").iterdir()) == sorted(p.name for p in ref)
+    for p in ref:
+        assert (fs / "lib" / "ota" / p.name).read_bytes() == p.read_bytes(), p.name
+    cfg = json.loads((fs / "ota_config.json").read_text())
+    assert cfg["server"] == server.url and cfg["chip"] == "esp32" and cfg["device_id"] == "240ac4000001"
+    assert (fs / "main.py").read_bytes() == (ROOT / "boards" / "unix" / "main.py").read_bytes()
+
+    # ... and it works: boot, update to 2.0.0, reboot, confirm.
+    r = mpota("sim", "run", "dev", "--root", bare_device.path.parent)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "running 2.0.0 from ota_1" in r.stdout
+    st = json.loads(mpota("sim", "status", "dev", "--root", bare_device.path.parent).stdout)
+    assert st["version"] == "2.0.0" and st["slots"]["ota_1"] == "VALID"
+
+
+def test_a_second_deploy_copies_only_what_changed(bare_device, repl, keydir, tmp_path):
+    args = ["deploy", "--port", repl.url, "--pub", keydir / "release.pub", "--server", "http://10.0.0.1:8000"]
+    assert mpota(*args, cwd=tmp_path).returncode == 0
+    stale = bare_device.fs / "lib" / "ota" / "updater.py"  # a source that would shadow updater.mpy
+    stale.write_text("raise ImportError('stale')\n")
+    (bare_device.fs / "main.py").write_text("# the user's application\n")
+    r = mpota(*args[:-1], "http://10.0.0.2:8000", cwd=tmp_path)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "removed stale lib/ota/updater.py" in r.stdout and not stale.exists()
+    n = len(devicepkg.agent_sources()) + 1  # main.py is the user's now: not copied
+    assert f"{n} files, 1 copied, {n - 1} already up to date" in r.stdout  # only ota_config.json changed
+    assert "main.py: the board has one, kept" in r.stdout
+    assert (bare_device.fs / "main.py").read_text() == "# the user's application\n"
+    assert json.loads((bare_device.fs / "ota_config.json").read_text())["server"] == "http://10.0.0.2:8000"
+
+
+def test_deploy_refuses_a_board_that_does_not_match(bare_device, repl, keydir, tmp_path):
+    r = mpota("deploy", "--port", repl.url, "--pub", keydir / "release.pub", "--server", "http://h:1",
+              "--board", "esp32", cwd=tmp_path)
+    assert r.returncode == 2
+    assert "unix port (the simulator); board esp32 is for esp32" in r.stderr and "--board unix" in r.stderr
+    assert not (bare_device.fs / "lib").exists(), "nothing is copied to a board that does not match"
+
+
+def test_deploy_to_a_port_where_nothing_listens_says_what_to_check(keydir, tmp_path):
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+    s.close()
+    r = mpota("deploy", "--port", f"socket://127.0.0.1:{port}", "--pub", keydir / "release.pub",
+              "--server", "http://h:1", cwd=tmp_path)
+    assert r.returncode == 2
+    assert "mpremote could not open" in r.stderr and "mpota sim repl" in r.stderr
+
+
+def test_deploy_needs_a_server_and_a_key(keydir, tmp_path):
+    r = mpota("deploy", "--port", "/dev/ttyUSB0", "--pub", keydir / "release.pub", cwd=tmp_path)
+    assert r.returncode == 2 and "--server" in r.stderr
+
+
+def test_dry_run_stages_the_board_architecture_and_prints_the_command(keydir, tmp_path):
+    env = dict(os.environ, MPOTA_WIFI_PASSWORD="s3cret")
+    r = subprocess.run([MPOTA, "deploy", "--port", "/dev/ttyUSB0", "--pub", str(keydir / "release.pub"),
+                        "--server", "http://192.168.1.10:8000", "--board", "esp32c3", "--wifi", "lab",
+                        "--dry-run"], capture_output=True, text=True, cwd=tmp_path, env=env)
+    assert r.returncode == 0, r.stderr
+    assert "s3cret" not in r.stdout
+    stage = tmp_path / "build" / "deploy" / "esp32c3"
+    mpys = sorted((stage / "lib" / "ota").glob("*.mpy"))
+    assert len(mpys) == len(devicepkg.agent_sources())
+    # .mpy v6, as mpy-cross compiles for the board's architecture (the agent has no native code,
+    # so the header names no architecture and the bytecode loads on any v6 port).
+    ref = {p.name: p.read_bytes() for p in devicepkg.install_agent(tmp_path / "ref", arch="rv32imc")}
+    assert {m.name: m.read_bytes() for m in mpys} == ref
+    assert {m.read_bytes()[:2] for m in mpys} == {b"M\x06"}
+    assert (stage / "main.py").read_bytes() == (ROOT / "device" / "examples" / "main.py").read_bytes()
+    assert json.loads((stage / "wifi.json").read_text()) == {"ssid": "lab", "password": "s3cret"}
+    assert oct((stage / "wifi.json").stat().st_mode & 0o777) == "0o600"
+    assert json.loads((stage / "ota_config.json").read_text())["chip"] == "esp32c3"
+    # The command (its exec scripts span lines) is one shell command line:
+    cmd = shlex.split(r.stdout[r.stdout.index("\nmpremote ") + 1:])
+    assert cmd[:5] == ["mpremote", "connect", "/dev/ttyUSB0", "resume", "exec"]
+    stage_rel = stage.relative_to(tmp_path)
+    assert " ".join(cmd[6:12]) == f"+ fs cp -r {stage_rel}/lib/ota :lib"
+    assert f"+ fs cp {stage_rel}/wifi.json :wifi.json" in " ".join(cmd)
+    # the same arguments a real deploy runs (test_deploy_then_the_deployed_agent_updates_the_device)
+    assert cmd[3:6] == ["resume", "exec", deploy.CLEAN.format(keep=json.dumps(sorted(m.name for m in mpys)))]
+
+
+def test_example_main_compiles_for_every_board_arch(tmp_path):
+    for arch in ("xtensawin", "rv32imc"):
+        devicepkg.compile_file(ROOT / "device" / "examples" / "main.py", tmp_path / f"main-{arch}.mpy", arch)
+
+
+# ---- the bridge itself, with mpremote by hand ---------------------------------------------------
+def test_mpremote_works_through_the_bridge_with_and_without_resume(bare_device, repl):
+    (bare_device.fs / "hello.txt").write_text("hi\n")
+    r = subprocess.run([MPREMOTE, "connect", repl.url, "resume", "fs", "cat", ":hello.txt"],
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0 and r.stdout.strip() == "hi", r.stdout + r.stderr
+    # Without `resume` mpremote soft-resets first: the bridge does what a board does.
+    r = subprocess.run([MPREMOTE, "connect", repl.url, "exec", "import os; print(sorted(os.listdir()))",
+                        "+", "soft-reset", "+", "exec", "print(7 * 6)"], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "['hello.txt']" in r.stdout and "42" in r.stdout
+    log = repl.stop()
+    assert "soft reset" in log and "connected" in log
+
+
+def test_repl_is_only_served_on_loopback(bare_device):
+    r = mpota("sim", "repl", "dev", "--host", "0.0.0.0", "--port", "0", "--root", bare_device.path.parent)
+    assert r.returncode == 2 and "loopback" in r.stderr
+
+
+# ---- board detection ----------------------------------------------------------------------------
+def probe(platform, machine, arch, version=6):
+    return deploy.Probe(platform, machine, "1.24.1", version | (deploy.NATIVE_ARCHS.index(arch) << 10))
+
+
+@pytest.mark.parametrize("machine,arch,board", [
+    ("Generic ESP32 module with ESP32", "xtensawin", "esp32"),
+    ("Generic ESP32S3 module with ESP32S3", "xtensawin", "esp32s3"),
+    ("ESP32C3 module with ESP32C3", "rv32imc", "esp32c3"),
+])
+def test_the_board_is_found_from_what_micropython_reports(machine, arch, board):
+    assert deploy.choose_board(probe("esp32", machine, arch), None) == board
+
+
+def test_board_detection_refuses_mismatches_with_a_way_out():
+    with pytest.raises(deploy.DeployError) as e:
+        deploy.choose_board(probe("esp32", "Generic ESP32S3 module with ESP32S3", "xtensawin"), "esp32c3")
+    assert e.value.hint == "use --board esp32s3"
+    with pytest.raises(deploy.DeployError) as e:
+        deploy.choose_board(probe("esp32", "Generic ESP32 module with ESP32", "xtensawin", version=5), None)
+    assert ".mpy version 5" in str(e.value) and "--source" in e.value.hint
+    assert deploy.choose_board(probe("esp32", "Generic ESP32 module with ESP32", "xtensawin", version=5), None,
+                               source=True) == "esp32"
+    with pytest.raises(deploy.DeployError) as e:
+        deploy.choose_board(probe("rp2", "Raspberry Pi Pico with RP2040", "armv6m"), None)
+    assert "ESP32" in str(e.value)
+
+
+def test_deploy_with_a_config_file_checks_it_is_for_the_board(keydir, tmp_path):
+    assert mpota("config", "--pub", keydir / "release.pub", "--server", "http://h:1", "--board", "esp32s3",
+                 "--out", tmp_path / "s3.json").returncode == 0
+    r = mpota("deploy", "--port", "/dev/ttyUSB0", "--config", tmp_path / "s3.json", "--board", "esp32",
+              "--dry-run", cwd=tmp_path)
+    assert r.returncode == 2 and "chip esp32s3" in r.stderr and "--board esp32" in r.stderr
+    r = mpota("deploy", "--port", "/dev/ttyUSB0", "--config", tmp_path / "s3.json", "--board", "esp32s3",
+              "--dry-run", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    staged = json.loads((tmp_path / "build" / "deploy" / "esp32s3" / "ota_config.json").read_text())
+    assert staged == json.loads((tmp_path / "s3.json").read_text())

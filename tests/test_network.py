@@ -1,0 +1,172 @@
+"""Network faults against a real loopback server that misbehaves on purpose. Each ends with a
+clear error code and a retry later, or a resumed download, never a half-installed image."""
+from __future__ import annotations
+
+import pytest
+
+from faultserver import Fault
+from host_tools import release
+from host_tools.sim import runner
+
+SIZE = 96 * 1024
+
+
+@pytest.fixture
+def setup(fault_server, firmware, signer, make_device):
+    release.build(firmware("2.0.0", size=SIZE), fault_server.root, [signer])
+    d = make_device(firmware("1.0.0"), fault_server.url)
+    d.config(timeout_s=1, progress_every=2)
+    return fault_server, d, firmware("2.0.0", size=SIZE).name
+
+
+def payload_requests(fs, name):
+    return [r for r in fs.requests if r.path.endswith(name)]
+
+
+def assert_untouched(d):
+    st = d.status()
+    assert st["version"] == "1.0.0" and st["slot"] == "ota_0" and st["pending"] is None
+    assert st["slots"] == {"ota_0": "UNDEFINED", "ota_1": "UNDEFINED"}
+
+
+def test_dropped_connection_resumes_with_range_in_the_same_update(setup):
+    fs, d, name = setup
+    fs.faults = [Fault(path=name, drop_after=30000, times=1)]
+    d.run()
+    assert d.status()["version"] == "2.0.0", d.output
+    reqs = payload_requests(fs, name)
+    assert [r.range for r in reqs] == [None, "bytes=28672-"]  # 7 whole blocks survived
+    assert "reconnecting" in d.output
+
+
+def test_drops_at_several_offsets_still_complete(setup):
+    fs, d, name = setup
+    fs.faults = [Fault(path=name, drop_after=n, times=1) for n in (5000, 20000, 33333)]
+    d.run()
+    assert d.status()["version"] == "2.0.0", d.output
+    assert len(payload_requests(fs, name)) == 4
+
+
+def test_a_link_that_keeps_dropping_fails_then_resumes_in_a_later_update(setup):
+    fs, d, name = setup
+    fs.faults = [Fault(path=name, drop_after=9000)]  # every time
+    d.run()
+    assert d.status()["last_error"] == "truncated"
+    assert_untouched(d)
+    assert d.state()["progress"]["done"] > 0
+    fs.faults = []
+    fs.requests.clear()
+    d.run()
+    assert d.status()["version"] == "2.0.0"
+    first = payload_requests(fs, name)[0]
+    assert first.range is not None and first.range != "bytes=0-", first
+    assert "resuming 2.0.0" in d.output
+
+
+def test_reset_in_the_middle_of_a_download_resumes_after_boot(setup):
+    fs, d, name = setup
+    # power fails at the 14th flash operation of the first boot (mid-payload)
+    boots = runner.run(d.dev, echo=d.log.append, fault={"MPOTA_CUT_AT": 14}, max_boots=6)
+    assert boots[0].exit == "power-loss"
+    assert d.status()["version"] == "2.0.0", d.output
+    assert "resuming 2.0.0" in d.output
+    assert any(r.range for r in payload_requests(fs, name))
+
+
+def test_server_that_ignores_range_makes_it_start_over(setup):
+    fs, d, name = setup
+    fs.faults = [Fault(path=name, drop_after=50000, times=1),
+                 Fault(path=name, ignore_range=True, times=5)]
+    d.run()
+    assert d.status()["version"] == "2.0.0", d.output
+    assert "server ignored the Range request: starting over" in d.output
+
+
+@pytest.mark.parametrize("status,code", [(404, "http-404"), (500, "http-500"), (503, "http-503")])
+def test_http_errors_are_transport_errors(status, code, setup):
+    fs, d, name = setup
+    fs.faults = [Fault(path="manifest.json", status=status, retry_after="120")]
+    out = d.run()
+    assert out[-1].exit == "idle"
+    st = d.status()
+    assert st["last_error"] == code and st["last_result"] == "failed"
+    assert_untouched(d)
+    if status == 503:
+        assert d.state()["retry_after"] == 120
+
+
+def test_payload_404_after_a_good_manifest(setup):
+    fs, d, name = setup
+    fs.faults = [Fault(path=name, status=404)]
+    d.run()
+    assert d.status()["last_error"] == "http-404"
+    assert_untouched(d)
+
+
+def test_stalled_server_times_out(setup):
+    fs, d, name = setup
+    fs.faults = [Fault(path=name, stall_after=10000)]
+    d.run()
+    assert d.status()["last_error"] == "network", d.output
+    assert_untouched(d)
+
+
+def test_trickling_server_is_too_slow(setup):
+    fs, d, name = setup
+    fs.faults = [Fault(path=name, trickle=0.05)]
+    d.run()
+    assert d.status()["last_error"] == "too-slow", d.output
+    assert_untouched(d)
+
+
+@pytest.mark.parametrize("delta,code", [(+1000, "too-long"), (-1000, "truncated")])
+def test_wrong_content_length(delta, code, setup):
+    fs, d, name = setup
+    fs.faults = [Fault(path=name, length_delta=delta)]
+    d.run()
+    assert d.status()["last_error"] == code, d.output
+    assert_untouched(d)
+
+
+def test_redirect_loop(setup):
+    fs, d, name = setup
+    fs.faults = [Fault(path="manifest.json", redirect_to="/manifest.json")]
+    d.run()
+    assert d.status()["last_error"] == "redirect-loop"
+    assert_untouched(d)
+
+
+def test_a_redirect_is_followed(setup):
+    fs, d, name = setup
+    fs.faults = [Fault(path="manifest.json", redirect_to="/manifest.json", times=1)]
+    d.run()
+    assert d.status()["version"] == "2.0.0"
+
+
+@pytest.mark.parametrize("bomb", ["long-line", "many"])
+def test_hostile_headers(bomb, setup):
+    fs, d, name = setup
+    fs.faults = [Fault(path="manifest.json", header_bomb=bomb)]
+    d.run()
+    assert d.status()["last_error"] == "bad-response"
+    assert_untouched(d)
+
+
+def test_mirror_failover(setup, tmp_path, firmware, signer):
+    fs, d, name = setup
+    fs.faults = [Fault(path="/manifest.json", status=500)]
+    d.config(mirrors=[fs.url + "mirror/"])
+    release.build(firmware("2.0.0", size=SIZE), fs.root / "mirror", [signer])
+    d.run()
+    assert d.status()["version"] == "2.0.0", d.output
+    assert any(r.path.startswith("/mirror/") for r in payload_requests(fs, name))
+
+
+def test_a_mirror_serving_a_forged_release_is_skipped(setup, firmware, keydir):
+    from host_tools import keys
+    fs, d, name = setup
+    release.build(firmware("9.9.9", size=SIZE), fs.root / "evil", [keys.load_private(keydir / "foreign")])
+    d.config(server=fs.url + "evil/", mirrors=[fs.url])
+    d.run()
+    assert d.status()["version"] == "2.0.0", d.output
+    assert "unknown-key" in d.output
