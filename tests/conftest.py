@@ -156,3 +156,14 @@ def otadata_record(seq: int, state: int, crc: int | None = None) -> bytes:
 
 def sha256(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
+
+
+# Lines for the end of the test run (the power-loss sweep reports its case counts here).
+REPORT: list[str] = []
+
+
+def pytest_terminal_summary(terminalreporter):
+    if REPORT:
+        terminalreporter.section("reliability")
+        for line in REPORT:
+            terminalreporter.write_line(line)

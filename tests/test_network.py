@@ -65,8 +65,8 @@ def test_a_link_that_keeps_dropping_fails_then_resumes_in_a_later_update(setup):
 
 def test_reset_in_the_middle_of_a_download_resumes_after_boot(setup):
     fs, d, name = setup
-    # power fails at the 14th flash operation of the first boot (mid-payload)
-    boots = runner.run(d.dev, echo=d.log.append, fault={"MPOTA_CUT_AT": 14}, max_boots=6)
+    # power fails at the 14th flash operation (mid-payload)
+    boots = runner.run(d.dev, echo=d.log.append, cut=runner.PowerCut(14), max_boots=6)
     assert boots[0].exit == "power-loss"
     assert d.status()["version"] == "2.0.0", d.output
     assert "resuming 2.0.0" in d.output

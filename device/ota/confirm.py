@@ -41,22 +41,39 @@ def confirm(health=None, timeout_ms=30000):
     all_slots = slots.ota_slots()
     run = slots.running()
     label = run.info()[4]
-    act = otadata.active(len(all_slots), otadata.records())
+    recs = otadata.records()
+    act = otadata.active(len(all_slots), recs)
     pending_verify = act is not None and act[1] == "PENDING_VERIFY" and \
         all_slots[act[0]].info()[2] == run.info()[2]
     st = state.load()
     pend = st.get("pending")
     if not pending_verify:
-        if pend and pend.get("slot") != label:
-            # We set another slot to boot, yet we run here: it never confirmed (crash, reset,
-            # or the bootloader found it unbootable) and the bootloader rolled back.
-            state.reject(st, pend.get("digest"), pend.get("version"), "rolled-back")
+        if pend and pend.get("slot") != label and not _was_booted(pend, recs, all_slots):
+            # set_boot() never reached the flash (power failed while otadata was written):
+            # nothing was tried, nothing to reject. The next update() finds the image
+            # complete in its slot, checks it again and sets it to boot.
             st["pending"] = None
-            state.record(st, "rolled-back", "rolled-back",
-                         "%s did not confirm itself before a reset; running %s again"
-                         % (pend.get("version"), label))
+            state.record(st, "interrupted", "interrupted",
+                         "setting %s to boot did not complete; the next update retries" % pend.get("version"))
             state.save(st)
-            _log("rolled back from %s: it did not confirm itself" % pend.get("version"))
+            _log("setting %s to boot was interrupted; will retry" % pend.get("version"))
+            return {"result": "interrupted", "error": "interrupted"}
+        if pend and pend.get("slot") != label:
+            # We set another slot to boot, yet we run here: it never confirmed itself (a
+            # crash, a watchdog reset, or power lost before the health check passed) and the
+            # bootloader rolled back. A power cut is no fault of the release, so it gets one
+            # more try (its image is still complete in the slot); failing twice rejects it.
+            st["pending"] = None
+            if st.get("retried") == pend.get("digest"):
+                st["progress"] = None
+                state.reject(st, pend.get("digest"), pend.get("version"), "rolled-back")
+                detail = "%s did not confirm itself, twice; rejected" % pend.get("version")
+            else:
+                st["retried"] = pend.get("digest")
+                detail = "%s did not confirm itself before a reset; it gets one more try" % pend.get("version")
+            state.record(st, "rolled-back", "rolled-back", detail)
+            state.save(st)
+            _log("rolled back: " + detail)
             return {"result": "rolled-back", "error": "rolled-back"}
         if pend and act is not None and act[1] == "VALID":
             # Marked valid, then power failed before the state was saved: finish the job.
@@ -74,6 +91,7 @@ def confirm(health=None, timeout_ms=30000):
     if pend:
         state.reject(st, pend.get("digest"), version, code)
     st["pending"] = None
+    st["progress"] = None
     state.record(st, "rolled-back", code, "%s failed its health check (%s); rolling back" % (version, detail))
     state.save(st)
     _log("health check failed (%s: %s); resetting to roll back" % (code, detail))
@@ -81,8 +99,20 @@ def confirm(health=None, timeout_ms=30000):
     machine.reset()
 
 
+def _was_booted(pend, recs, all_slots):
+    # Did set_boot() write its record? The agent erased that otadata sector just before
+    # set_boot (pending["sector"]), so any intact record there naming the pending slot is the
+    # one set_boot wrote (and the bootloader may since have marked ABORTED).
+    n = len(all_slots)
+    for seq, _state, sector in recs:
+        if sector == pend.get("sector") and all_slots[(seq - 1) % n].info()[4] == pend.get("slot"):
+            return True
+    return False
+
+
 def _confirmed(st, pend):
     st["pending"] = None
+    st["progress"] = None
     c = pend.get("counter") or 0
     if c > st["floor"]:
         st["floor"] = c

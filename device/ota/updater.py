@@ -214,7 +214,7 @@ def _install(cfg, st, o, mv, reserve=None):
     try:
         if m.chunks is None:
             tries = 0
-            while True:
+            while job.done < m.size:
                 try:
                     _download(cfg, job, mv, st, url)
                     break
@@ -240,14 +240,20 @@ def _install(cfg, st, o, mv, reserve=None):
                 pass
         raise
     # Remember what we are about to boot before set_boot, so the next boot can tell a
-    # confirmation from a rollback even if power fails in between.
-    st["progress"] = None
-    st["pending"] = {"digest": o.digest, "version": m.version, "slot": label, "counter": m.counter}
+    # confirmation from a rollback, or from a set_boot that power cut short. The progress
+    # record stays, marking the download complete: a retry only re-checks the slot.
+    sector = otadata.next_sector(otadata.records())
+    st["progress"] = {"digest": o.digest, "slot": label, "done": m.size,
+                      "chunk": len(m.chunks) if m.chunks else 0}
+    st["pending"] = {"digest": o.digest, "version": m.version, "slot": label, "counter": m.counter,
+                     "sector": sector}
     state.save(st)
     try:
+        otadata.erase_sector(sector)
         target.set_boot()
     except OSError as e:
         st["pending"] = None
+        st["progress"] = None
         raise OtaError("set-boot-failed", "esp_ota_set_boot_partition: %r" % (e,), DEVICE)
     state.record(st, "installed", None, "%s written to %s; rebooting to confirm" % (m.version, label))
     state.save(st)

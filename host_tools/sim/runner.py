@@ -79,8 +79,38 @@ def run_micropython(dev: SimDevice, args: list[str], env: dict, heap: str | None
     return rc, "".join(lines)
 
 
-def bootloader(dev: SimDevice, **fault) -> dict:
-    rc, out = run_micropython(dev, ["-m", "bootloader"], device_env(dev, **fault))
+class PowerCut:
+    """Cut the power at the `at`-th flash operation (erase or write, counted from 1 across
+    every process of a run: bootloader and firmware), before it happens or torn (`tear`: half
+    of it happens). With `at=None` it only counts the operations (`used`)."""
+
+    def __init__(self, at: int | None = None, tear: bool = False, ops_file: Path | None = None):
+        self.at, self.tear, self.used, self.fired = at, tear, 0, False
+        self.ops_file = ops_file
+
+    def env(self) -> dict:
+        env = {"MPOTA_OPS_FILE": str(self.ops_file)} if self.ops_file else {}
+        if self.at is not None and not self.fired:
+            env["MPOTA_CUT_AT"] = self.at - self.used
+            env["MPOTA_CUT_TEAR"] = 1 if self.tear else 0
+        return env
+
+    def account(self, rc) -> None:
+        if self.ops_file and self.ops_file.exists():
+            self.used += int(self.ops_file.read_text() or 0)
+            self.ops_file.unlink()
+        if rc == POWER_LOSS:
+            self.fired = True
+
+
+def bootloader(dev: SimDevice, cut: PowerCut | None = None) -> dict:
+    """Run the simulated bootloader; {"power-loss": True} if a PowerCut fired inside it."""
+    env = device_env(dev, **(cut.env() if cut else {}))
+    rc, out = run_micropython(dev, ["-m", "bootloader"], env)
+    if cut:
+        cut.account(rc)
+        if rc == POWER_LOSS:
+            return {"power-loss": True}
     if rc != 0:
         raise SimError(f"simulated bootloader failed (exit {rc}):\n{out}")
     return json.loads(out.strip().splitlines()[-1])
@@ -91,14 +121,17 @@ def _exit_name(rc):
 
 
 def run(dev: SimDevice, heap: str | None = None, max_boots: int = 8, echo=print,
-        fault: dict | None = None) -> list[Boot]:
+        cut: PowerCut | None = None) -> list[Boot]:
     """Boot until the device is idle (main.py returned). Raises SimError on a reset loop or
-    when no slot holds a bootable image. `fault` ({"MPOTA_CUT_AT": n, "MPOTA_CUT_TEAR": 1})
-    applies to the first boot's firmware process only."""
+    when no slot holds a bootable image. `cut` cuts the power once at a flash operation."""
     heap = heap or dev.heap
     boots = []
     for n in range(1, max_boots + 1):
-        sel = bootloader(dev)
+        sel = bootloader(dev, cut)
+        if sel.get("power-loss"):
+            echo(f"[boot {n}] power lost in the bootloader")
+            boots.append(Boot(n, "", None, "", "power-loss", ""))
+            continue
         if "error" in sel:
             raise SimError(f"boot {n}: the device is bricked: {sel['error']}")
         dev.running = sel
@@ -106,9 +139,11 @@ def run(dev: SimDevice, heap: str | None = None, max_boots: int = 8, echo=print,
         note = " (fallback: the selected slot did not verify)" if sel.get("fallback") else ""
         echo(f"[boot {n}] bootloader: {sel['slot']} firmware {sel['version']} ({sel['behavior']}){note}")
         env = device_env(dev, MPOTA_RUNNING=sel["slot"], MPOTA_BEHAVIOR=sel["behavior"],
-                         MPOTA_VERSION=sel["version"], **(fault if fault and n == 1 else {}))
+                         MPOTA_VERSION=sel["version"], **(cut.env() if cut else {}))
         rc, out = run_micropython(dev, ["-m", "firmware"], env, heap,
                                   echo=lambda line: echo("    | " + line))
+        if cut:
+            cut.account(rc)
         boot = Boot(n, sel["slot"], sel["version"], sel["behavior"], _exit_name(rc), out)
         boots.append(boot)
         echo(f"[boot {n}] {boot.exit}" + ("" if rc in (IDLE, RESET) else f" (exit {rc})"))
