@@ -170,3 +170,24 @@ def test_a_mirror_serving_a_forged_release_is_skipped(setup, firmware, keydir):
     d.run()
     assert d.status()["version"] == "2.0.0", d.output
     assert "unknown-key" in d.output
+
+
+@pytest.mark.parametrize("encrypt", [False, True], ids=["deflate", "deflate+aes"])
+def test_compressed_download_resumes_at_a_chunk_boundary(encrypt, fault_server, firmware, signer, make_device, tmp_path):
+    from host_tools import payload
+    key = None
+    if encrypt:
+        payload.generate_aes_key(tmp_path / "k.aes")
+        key = payload.load_aes_key(tmp_path / "k.aes")
+    rel = release.build(firmware("2.0.0", size=SIZE), fault_server.root, [signer], compress=True,
+                        aes_key=key, chunk=16 * 1024)
+    p = rel.manifest["payload"]
+    sizes = [c[0] for c in p["chunks"]]
+    cut = sizes[0] + sizes[1] + sizes[2] // 2  # in the middle of the third chunk
+    fault_server.faults = [Fault(path=p["url"], drop_after=cut, times=1)]
+    d = make_device(firmware("1.0.0"), fault_server.url, aes_keys=[tmp_path / "k.aes"] if encrypt else [])
+    d.config(timeout_s=1, progress_every=1)
+    d.run()
+    assert d.status()["version"] == "2.0.0", d.output
+    ranges = [r.range for r in payload_requests(fault_server, p["url"])]
+    assert ranges == [None, f"bytes={sizes[0] + sizes[1]}-"]

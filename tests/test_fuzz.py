@@ -1,0 +1,171 @@
+"""Hypothesis-driven fuzzing of the device's parsers, run in the real micropython binary (.mpy,
+ESP32-sized heap): DSSE envelopes, manifest bodies and raw HTTP responses. Every input must end
+in a result or a stable error code: no other exception, no MemoryError."""
+from __future__ import annotations
+
+import base64
+import json
+import socket
+import subprocess
+import threading
+
+import pytest
+from hypothesis import HealthCheck, given, settings, strategies as st
+
+from conftest import tool
+from host_tools import devicepkg, dsse, keys
+
+HARNESS = r"""
+import sys, json
+from binascii import unhexlify
+from ota.errors import OtaError
+from ota import envelope, manifest, http
+cases = json.load(open(sys.argv[1]))
+keys = [unhexlify(k) for k in cases["keys"]]
+for kind, data in cases["cases"]:
+    try:
+        if kind == "envelope":
+            envelope.open_envelope(unhexlify(data), keys)
+            r = "ok"
+        elif kind == "manifest":
+            manifest.parse(unhexlify(data))
+            r = "ok"
+        else:
+            resp = http.get(data, 2)
+            buf = bytearray(512)
+            while http.read_full(resp, memoryview(buf), http.deadline(2)) == 512:
+                pass
+            resp.close()
+            r = "ok"
+    except OtaError as e:
+        r = "code:" + e.code
+    except Exception as e:
+        r = "CRASH:" + repr(e)
+    print(r)
+"""
+
+json_values = st.recursive(
+    st.none() | st.booleans() | st.integers(-2**40, 2**40) | st.floats(allow_nan=False) | st.text(max_size=20),
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=10), inner, max_size=4),
+    max_leaves=12)
+
+
+@pytest.fixture(scope="module")
+def agent(tmp_path_factory):
+    lib = tmp_path_factory.mktemp("lib")
+    devicepkg.install_agent(lib, arch="x64")
+    (lib / "h.py").write_text(HARNESS)
+    return lib
+
+
+@pytest.fixture(scope="module")
+def signer(tmp_path_factory):
+    d = tmp_path_factory.mktemp("k")
+    keys.generate(d / "k")
+    return keys.load_private(d / "k")
+
+
+def run(agent, tmp_path, cases, signer):
+    pub = keys.raw_public(signer.public_key()).hex()
+    f = tmp_path / "cases.json"
+    f.write_text(json.dumps({"keys": [pub], "cases": cases}))
+    env = {"MICROPYPATH": f".frozen:{agent}"}
+    r = subprocess.run([tool("micropython"), "-X", "heapsize=96K", str(agent / "h.py"), str(f)],
+                       capture_output=True, text=True, env=env, timeout=120)
+    lines = r.stdout.splitlines()
+    assert r.returncode == 0 and len(lines) == len(cases), r.stdout[-2000:] + r.stderr[-2000:]
+    crashes = [(c, line) for c, line in zip(cases, lines) if not (line == "ok" or line.startswith("code:"))]
+    assert not crashes, crashes[:3]
+    return lines
+
+
+VALID_BODY = {"schema": 1, "version": "2.0.0", "board": "esp32", "chip": "esp32", "security_counter": 0,
+              "image": {"size": 100, "sha256": "ab" * 32},
+              "payload": {"url": "fw.bin", "size": 100, "sha256": "ab" * 32, "encoding": "raw"}, "critical": []}
+
+body_mutations = st.fixed_dictionaries({}, optional={k: json_values for k in VALID_BODY}).map(
+    lambda d: {**VALID_BODY, **d}) | st.builds(
+    lambda p: {**VALID_BODY, "payload": {**VALID_BODY["payload"], **p}},
+    st.dictionaries(st.sampled_from(["url", "size", "sha256", "encoding", "chunk", "chunks", "wbits", "encryption"]),
+                    json_values, max_size=4))
+
+
+@settings(max_examples=6, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture,
+                                                                 HealthCheck.too_slow, HealthCheck.data_too_large])
+@given(bodies=st.lists(body_mutations, min_size=30, max_size=30),
+       raw=st.lists(st.binary(max_size=300), min_size=10, max_size=10))
+def test_manifest_bodies(agent, tmp_path, signer, bodies, raw):
+    cases = [["manifest", json.dumps(b).encode().hex()] for b in bodies] + [["manifest", r.hex()] for r in raw]
+    run(agent, tmp_path, cases, signer)
+
+
+@settings(max_examples=6, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture,
+                                                                 HealthCheck.too_slow, HealthCheck.data_too_large])
+@given(envs=st.lists(st.one_of(
+    st.dictionaries(st.sampled_from(["payloadType", "payload", "signatures"]), json_values, max_size=3),
+    st.builds(lambda sigs: {"payloadType": dsse.PAYLOAD_TYPE, "payload": base64.b64encode(b"{}").decode(),
+                            "signatures": sigs},
+              st.lists(st.dictionaries(st.sampled_from(["keyid", "sig"]), json_values | st.text(max_size=90)),
+                       max_size=10))), min_size=20, max_size=20),
+       cuts=st.lists(st.integers(0, 600), min_size=10, max_size=10),
+       raw=st.lists(st.binary(max_size=200), min_size=5, max_size=5))
+def test_envelopes(agent, tmp_path, signer, envs, cuts, raw):
+    good = dsse.sign(json.dumps(VALID_BODY).encode(), [signer])
+    cases = [["envelope", json.dumps(e).encode().hex()] for e in envs]
+    cases += [["envelope", good[:c].hex()] for c in cuts]  # truncations of a valid one
+    cases += [["envelope", r.hex()] for r in raw]
+    lines = run(agent, tmp_path, cases + [["envelope", good.hex()]], signer)
+    assert lines[-1] == "ok"  # and the untouched one verifies
+
+
+class RawServer:
+    """Answers each connection with the next canned response, byte for byte."""
+
+    def __init__(self, responses):
+        self.responses = list(responses)
+        self.sock = socket.socket()
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.listen(8)
+        self.port = self.sock.getsockname()[1]
+        threading.Thread(target=self.serve, daemon=True).start()
+
+    def serve(self):
+        for data in self.responses:
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:
+                return
+            try:
+                conn.settimeout(2)
+                conn.recv(4096)
+                conn.sendall(data)
+            except OSError:
+                pass
+            finally:
+                conn.close()
+
+
+header_line = st.one_of(
+    st.sampled_from([b"Content-Length: 5", b"Content-Length: -1", b"Content-Length: x", b"Content-Length: 99999999999",
+                     b"Transfer-Encoding: chunked", b"Location: /", b"Location: http://", b"Location: ftp://x/",
+                     b"Content-Range: bytes 0-1/2", b"Retry-After: soon", b": empty", b"NoColon"]),
+    st.binary(max_size=80).filter(lambda b: b"\n" not in b))
+responses = st.builds(
+    lambda status, headers, body: status + b"\r\n" + b"".join(h + b"\r\n" for h in headers) + b"\r\n" + body,
+    st.sampled_from([b"HTTP/1.0 200 OK", b"HTTP/1.1 206 Partial", b"HTTP/1.0 302 Found", b"HTTP/1.0 503 Busy",
+                     b"HTTP/1.0 abc", b"HTTP/1.0", b"", b"ICY 200 OK"]) | st.binary(max_size=40),
+    st.lists(header_line, max_size=6), st.binary(max_size=600)) | st.binary(max_size=400)
+
+
+@settings(max_examples=5, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture,
+                                                                 HealthCheck.too_slow, HealthCheck.data_too_large])
+@given(resps=st.lists(responses, min_size=25, max_size=25))
+def test_http_responses(agent, tmp_path, signer, resps):
+    # A redirect answered from the same canned list would consume extra connections; each
+    # case gets a fresh server so counts line up.
+    servers = [RawServer([r] * 4) for r in resps]
+    try:
+        run(agent, tmp_path, [["http", f"http://127.0.0.1:{s.port}/m"] for s in servers], signer)
+    finally:
+        for s in servers:
+            s.sock.close()
