@@ -54,15 +54,7 @@ def load():
     keys = raw.get("pubkeys")
     if not isinstance(keys, list) or not keys or len(keys) > 8:
         raise _bad("pubkeys must list 1 to 8 Ed25519 public keys (64 hex digits each)")
-    c.pubkeys = []
-    for k in keys:
-        try:
-            kb = unhexlify(k)
-        except (ValueError, TypeError):
-            kb = b""
-        if len(kb) != 32:
-            raise _bad("public key %r is not 64 hex digits" % (k,))
-        c.pubkeys.append(kb)
+    c.pubkeys = [_key32(k, "public key") for k in keys]
     c.chip = raw.get("chip", "esp32")
     if c.chip not in CHIP_IDS:
         raise _bad("unknown chip %r" % (c.chip,))
@@ -73,18 +65,24 @@ def load():
     aes = raw.get("aes_keys") or []
     if not isinstance(aes, list) or len(aes) > 4:
         raise _bad("aes_keys must list at most 4 AES-256 keys (64 hex digits each)")
+    from hashlib import sha256
     for k in aes:
-        try:
-            kb = unhexlify(k)
-        except (ValueError, TypeError):
-            kb = b""
-        if len(kb) != 32:
-            raise _bad("an AES key is not 64 hex digits")
-        from hashlib import sha256
+        kb = _key32(k, "AES key")
         c.aes_keys[hexlify(sha256(kb).digest()[:8]).decode()] = kb
     c.timeout_s = _int(raw, "timeout_s", 10, 1, 300)
     c.progress_every = _int(raw, "progress_every", 16, 1, 4096)
     return c
+
+
+def _key32(text, what):
+    # A 32-byte key written as 64 hex digits (never echoed: it may be a secret).
+    try:
+        kb = unhexlify(text)
+    except (ValueError, TypeError):
+        kb = b""
+    if len(kb) != 32:
+        raise _bad("a %s is not 64 hex digits" % what)
+    return kb
 
 
 def _int(raw, key, default, lo, hi):

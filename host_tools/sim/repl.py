@@ -27,20 +27,10 @@ import subprocess
 import time
 
 from .device import SimDevice
-from .runner import SimError, bootloader, device_env, micropython_binary
+from .runner import SimError, device_env, ensure_running, micropython_binary
 
 EXIT_NAMES = {0: "exit (Ctrl-D: the unix port's soft reset ends the process)",
               100: "machine.reset()", 101: "power loss", 102: "panic"}
-
-
-def _running(dev: SimDevice) -> dict:
-    if not dev.running:
-        sel = bootloader(dev)
-        if "error" in sel:
-            raise SimError(f"the device is bricked: {sel['error']}")
-        dev.running = sel
-        dev.save()
-    return dev.running
 
 
 def listen(host: str = "127.0.0.1", port: int = 0) -> socket.socket:
@@ -122,7 +112,7 @@ def session(dev: SimDevice, conn: socket.socket, heap: str | None = None, idle_s
     A soft reset (Ctrl-D; the unix port exits 0) is emulated as a board does it: "soft reboot",
     a new process, and back into the raw REPL if the client had entered it. So mpremote works
     without `resume` too. machine.reset() (exit 100) and crashes end the session."""
-    sel = _running(dev)
+    sel = ensure_running(dev)
     env = device_env(dev, MPOTA_RUNNING=sel["slot"], MPOTA_BEHAVIOR=sel.get("behavior"),
                      MPOTA_VERSION=sel.get("version"))
     cmd = [micropython_binary(), "-X", f"heapsize={heap or dev.heap}"]
@@ -189,7 +179,7 @@ def _pending(fd, timeout: float = 0) -> bool:
 def serve(dev: SimDevice, srv: socket.socket, heap: str | None = None, once: bool = False,
           idle_s: float = 600, log=print) -> None:
     """Accept connections one after another (a serial port has one user at a time)."""
-    _running(dev)
+    ensure_running(dev)
     while True:
         conn, peer = srv.accept()
         conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)

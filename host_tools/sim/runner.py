@@ -153,14 +153,20 @@ def run(dev: SimDevice, heap: str | None = None, max_boots: int = 8, echo=print,
                    hint="see the boot log above; --max-boots raises the limit")
 
 
-def status(dev: SimDevice, heap: str | None = None) -> dict:
-    """ota.status() of the device, asked of the agent itself in the slot that last booted."""
+def ensure_running(dev: SimDevice) -> dict:
+    """The slot the device last booted; a device never run is powered on (bootloader) first."""
     if not dev.running:
         sel = bootloader(dev)
         if "error" in sel:
             raise SimError(f"the device is bricked: {sel['error']}")
         dev.running = sel
         dev.save()
+    return dev.running
+
+
+def status(dev: SimDevice, heap: str | None = None) -> dict:
+    """ota.status() of the device, asked of the agent itself in the slot that last booted."""
+    ensure_running(dev)
     env = device_env(dev, MPOTA_RUNNING=dev.running["slot"], MPOTA_BEHAVIOR=dev.running.get("behavior"))
     rc, out = run_micropython(dev, ["-c", "import ota, json; print(json.dumps(ota.status()))"], env,
                               heap or dev.heap)
