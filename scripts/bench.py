@@ -225,7 +225,7 @@ print(time.ticks_diff(time.ticks_us(), t), n)
             return hi
         need = smallest()
         base = smallest("import ota\nota.confirm(lambda: True)\n")
-        print("heap (unix port; the emulated esp32 module (~19 KiB) is included)")
+        print("heap (unix port; the emulated esp32 module (~12 KiB) is included)")
         row("smallest heap for an update", need, "KiB", base, "KiB confirm", f"{need / base:.2f}x")
     finally:
         httpd.shutdown()

@@ -286,7 +286,7 @@ def test_update_refuses_to_run_before_the_new_image_is_confirmed(server, firmwar
 
 
 def test_a_large_image_streams_within_an_esp32_heap(server, firmware, signer, make_device):
-    # 1 MiB through a 128 KiB heap (which in the simulator also holds the ~19 KiB emulated
+    # 1 MiB through a 128 KiB heap (which in the simulator also holds the ~12 KiB emulated
     # esp32 module): only possible if nothing holds the payload.
     big = firmware("2.0.0", size=1024 * 1024)
     server.publish(big, signer)
