@@ -164,7 +164,7 @@ def cmd_sim_run(a):
 
 
 STATUS_ORDER = ("version", "slot", "slots", "last_result", "last_error", "detail", "pending",
-                "rejected", "security_floor", "secure_version")
+                "progress", "rejected", "retry_after", "security_floor", "secure_version")
 
 
 def cmd_sim_status(a):

@@ -19,4 +19,6 @@ def status():
         "pending": st["pending"],
         "security_floor": st["floor"],
         "rejected": [r.get("version") for r in st["rejected"]],
+        "retry_after": st.get("retry_after"),
+        "progress": st.get("progress"),
     }
