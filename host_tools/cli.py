@@ -232,7 +232,7 @@ def cmd_deploy(a):
         device_id = a.device_id if a.device_id is not None else (pr.uid if pr else "")
         cfg = deviceconfig.make([Path(k) for k in a.pub], a.server, board=info.get("board_id", board),
                                 chip=info["chip"], device_id=device_id, timeout_s=a.timeout,
-                                mirrors=a.mirror or [])
+                                mirrors=a.mirror or [], aes_keys=[Path(k) for k in a.aes_key or []])
     if a.no_main:
         main, main_note = None, "main.py: left as it is (--no-main)"
     elif a.main:
@@ -302,8 +302,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--version", action="version", version=f"mpota {__version__}")
     sub = p.add_subparsers(dest="verb", metavar="COMMAND", required=True)
 
-    s = sub.add_parser("keygen", help="make an Ed25519 release key pair",
-                       description="Write PATH (private, PEM, mode 0600) and PATH.pub; print the key id.")
+    s = sub.add_parser("keygen", help="make an Ed25519 release key pair (or an AES payload key: --aes)",
+                       description="Write PATH (private, PEM, mode 0600) and PATH.pub; print the key id. "
+                                   "With --aes, write an AES-256 payload-encryption key instead.")
     s.add_argument("path", help="private key file to create, e.g. keys/release")
     s.add_argument("--aes", action="store_true",
                    help="make an AES-256 payload-encryption key (hex, mode 0600) instead")
@@ -394,6 +395,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--pub", action="append", help="trusted release public key (repeatable)")
     s.add_argument("--server", help="release URL the device polls, e.g. http://192.168.1.10:8000")
     s.add_argument("--mirror", action="append", help="another release URL, tried in order (repeatable)")
+    s.add_argument("--aes-key", action="append", help="AES key file for encrypted releases (repeatable)")
     s.add_argument("--config", help="an ota_config.json written by `mpota config` (instead of --pub/--server)")
     s.add_argument("--board", help="board definition (default: found from the board's MCU)")
     s.add_argument("--device-id", help="name the device reports (default: its machine.unique_id() in hex)")

@@ -231,3 +231,16 @@ def test_deploy_with_a_config_file_checks_it_is_for_the_board(keydir, tmp_path):
     assert r.returncode == 0, r.stderr
     staged = json.loads((tmp_path / "build" / "deploy" / "esp32s3" / "ota_config.json").read_text())
     assert staged == json.loads((tmp_path / "s3.json").read_text())
+
+
+def test_dry_run_provisions_mirrors_and_aes_keys(keydir, tmp_path):
+    from host_tools import payload
+    payload.generate_aes_key(tmp_path / "fw.aes")
+    r = mpota("deploy", "--port", "/dev/ttyUSB0", "--pub", keydir / "release.pub", "--server", "http://a:8000",
+              "--mirror", "http://b:8000", "--aes-key", tmp_path / "fw.aes", "--board", "esp32", "--dry-run",
+              cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    cfg = json.loads((tmp_path / "build" / "deploy" / "esp32" / "ota_config.json").read_text())
+    assert cfg["mirrors"] == ["http://b:8000"]
+    assert cfg["aes_keys"] == [payload.load_aes_key(tmp_path / "fw.aes").hex()]
+    assert cfg["aes_keys"][0] not in r.stdout  # the key is never printed
