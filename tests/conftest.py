@@ -97,7 +97,10 @@ class Device:
 
     def run(self, max_boots=8, heap=None):
         self.log = []
-        return runner.run(self.dev, heap=heap, max_boots=max_boots, echo=self.log.append)
+        try:
+            return runner.run(self.dev, heap=heap, max_boots=max_boots, echo=self.log.append)
+        except runner.SimError as e:
+            raise AssertionError(f"{e}\n{self.output}") from None
 
     @property
     def output(self) -> str:

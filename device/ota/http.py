@@ -154,14 +154,16 @@ def _connect(tls, host, port, timeout_s, ca):
             if ca is None:
                 raise OtaError("bad-config", "https needs a CA certificate (\"ca\" in ota_config.json)", DEVICE)
             try:
-                import tls as _tls
+                import tls  # v1.23+: the C module; cadata is its only (positional) argument
+                ctx = tls.SSLContext(tls.PROTOCOL_TLS_CLIENT)
+                ctx.load_verify_locations(ca)
             except ImportError:
-                import ssl as _tls
-            ctx = _tls.SSLContext(_tls.PROTOCOL_TLS_CLIENT)
-            ctx.verify_mode = _tls.CERT_REQUIRED
-            ctx.load_verify_locations(cadata=ca)
+                import ssl  # older firmware: CPython-style keywords
+                ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+                ctx.load_verify_locations(cadata=ca)
+            ctx.verify_mode = 2  # CERT_REQUIRED: the server must chain to the provisioned CA
             s = ctx.wrap_socket(s, server_hostname=host)
-    except OSError as e:
+    except (OSError, ValueError) as e:  # ValueError: a CA file that is not a certificate
         s.close()
         raise _err("network", "cannot connect to %s:%d: %r" % (host, port, e))
     return s

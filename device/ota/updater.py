@@ -289,6 +289,11 @@ def update(reboot=True, buf=None, reserve=None):
         sys.print_exception(e)
         state.record(st, "failed", "no-memory", "out of heap during the update")
         _log("failed: no-memory")
+    except Exception as e:  # a bug of ours must not take the application down either
+        import sys
+        sys.print_exception(e)
+        state.record(st, "failed", "internal-error", repr(e)[:120])
+        _log("failed: internal-error %r" % (e,))
     st["retry_after"] = retry_after  # seconds the server asked us to wait, or None
     state.save(st)
     out = {"result": st["last_result"], "error": st["last_error"], "detail": st["detail"]}
