@@ -1,5 +1,5 @@
-# The ESP-IDF second-stage bootloader of the simulated ESP32, as a script:
-#     MPOTA_FLASH=flash.bin micropython bootloader.py
+# The ESP-IDF second-stage bootloader of the simulated ESP32, as a module run as a script:
+#     MPOTA_FLASH=flash.bin micropython -m bootloader
 # It follows bootloader_utility_get_selected_boot_partition() with
 # CONFIG_BOOTLOADER_APP_ROLLBACK_ENABLE, and prints one JSON line for the simulator:
 #   {"slot": "ota_1", "index": 1, "version": "2.0.0", "behavior": "healthy", "states": [...]}

@@ -4,9 +4,11 @@
 # PENDING_VERIFY. We run the health check; if it passes, the image is marked VALID
 # (mark_app_valid_cancel_rollback) and kept. If it fails, raises or runs out of time, we
 # record why, reject the release for good, and reset: at that reset the bootloader turns
-# PENDING_VERIFY into ABORTED and boots the previous image. If the new image crashes before
-# it gets here, the same happens without us; the old image then finds the install still
-# pending in its state and records the rollback.
+# PENDING_VERIFY into ABORTED and boots the previous image. If the new image resets before
+# it gets here (a crash, a watchdog, or power lost), the same happens without us; the old
+# image then finds the install still pending in its state, records the rollback, and gives
+# the release one more try (the old image cannot tell a power cut from a crash) before
+# rejecting it. If set_boot itself was cut short, nothing was tried: it is simply redone.
 import time
 from ota import state, otadata, slots
 

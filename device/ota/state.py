@@ -1,9 +1,13 @@
 # What the agent remembers across resets, in ota_state.json (replaced atomically):
 #   last_result  what the last update/confirm did: installed, confirmed, up-to-date, refused,
-#                failed, rolled-back, skipped
+#                failed, rolled-back, interrupted, skipped
 #   last_error   null or a stable error code; detail: the human-readable reason
+#   progress     the download under way: {"digest", "slot", "done" (bytes) or "chunk"}
 #   pending      the release written and set to boot but not yet confirmed:
-#                {"digest", "version", "slot", "counter"}
+#                {"digest", "version", "slot", "counter", "sector" (otadata sector erased
+#                for set_boot)}
+#   retried      digest of the release that already had its one extra try after a rollback
+#   retry_after  seconds a server asked us to wait (Retry-After), or null
 #   rejected     releases never to try again (manifest digest, version, reason), newest last
 #   floor        the security counter of the newest confirmed release (anti-rollback)
 from ota import jsonfile
