@@ -191,3 +191,23 @@ def test_compressed_download_resumes_at_a_chunk_boundary(encrypt, fault_server, 
     assert d.status()["version"] == "2.0.0", d.output
     ranges = [r.range for r in payload_requests(fault_server, p["url"])]
     assert ranges == [None, f"bytes={sizes[0] + sizes[1]}-"]
+
+
+def test_a_compressed_download_that_keeps_dropping_resumes_in_a_later_update(fault_server, firmware, signer,
+                                                                             make_device):
+    rel = release.build(firmware("2.0.0", size=SIZE), fault_server.root, [signer], compress=True, chunk=16 * 1024)
+    p = rel.manifest["payload"]
+    sizes = [c[0] for c in p["chunks"]]
+    # two chunks arrive, then every reconnect breaks at once
+    fault_server.faults = [Fault(path=p["url"], drop_after=sizes[0] + sizes[1] + 100, times=1),
+                           Fault(path=p["url"], drop_after=100)]
+    d = make_device(firmware("1.0.0"), fault_server.url)
+    d.config(timeout_s=1, progress_every=1)
+    d.run()
+    assert d.status()["last_error"] == "truncated", d.output
+    assert d.state()["progress"]["chunk"] == 2
+    fault_server.faults = []
+    fault_server.requests.clear()
+    d.run()
+    assert d.status()["version"] == "2.0.0", d.output
+    assert payload_requests(fault_server, p["url"])[0].range == f"bytes={sizes[0] + sizes[1]}-"

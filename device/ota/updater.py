@@ -229,8 +229,11 @@ def _install(cfg, st, o, mv, reserve=None):
             Decoder(cfg, o, st, mv, reserve).run(url)
         _verify_flash(target, m, mv)
     except OtaError as e:
-        if e.kind == TRANSPORT and job.done:
-            _save_progress(st, job)  # resume from here next time
+        if e.kind == TRANSPORT:
+            # Keep what is in the slot for the next update() to resume from (a chunked
+            # payload's Decoder has saved its position already).
+            if m.chunks is None and job.done:
+                _save_progress(st, job)
         else:
             # Leave no bootable half-image behind: erase the first block (its header).
             st["progress"] = None
