@@ -97,34 +97,42 @@ def bench_crypto(tmp: Path):
     ref_dir.mkdir()
     # the RFC 8032 transcription lives here only, never on the device
     devicepkg.compile_file(ROOT / "scripts" / "bench_ref" / "ed25519_ref.py", ref_dir / "ed25519_ref.mpy", "x64")
-    k = Ed25519PrivateKey.generate()
-    msg = dsse.pae(dsse.PAYLOAD_TYPE, b"x" * 600)  # a manifest-sized signed message
-    pub = keys.raw_public(k.public_key())
-    sig = k.sign(msg)
-    n = 100
-    # each figure is the best of 3 rounds: the machine's noise only ever adds
+    # 8 fixed keys, each signing its own manifest-sized message: the same figures every run, and
+    # no single key's scalars (the main loop is 125 to 134 steps long) decide the result
+    sigs = []
+    for i in range(8):
+        k = Ed25519PrivateKey.from_private_bytes(bytes([i + 1]) * 32)
+        msg = dsse.pae(dsse.PAYLOAD_TYPE, bytes([0x61 + i]) * 600)
+        sigs.append((keys.raw_public(k.public_key()), msg, k.sign(msg)))
+    pub, msg, sig = sigs[0]
+    n = 10  # verifies of each signature per round
+    # Rounds alternate between the device verifier and the reference, so a slow spell of the
+    # machine hits both; each figure is the best round (noise only ever adds).
     script = f"""
 import gc, time
 gc.collect(); a = gc.mem_alloc(); t = time.ticks_us()
 from ota.ed25519 import verify
 imp_us = time.ticks_diff(time.ticks_us(), t); gc.collect(); imp_mem = gc.mem_alloc() - a
 import ed25519_ref
-pub = bytes.fromhex('{pub.hex()}'); sig = bytes.fromhex('{sig.hex()}'); msg = bytes.fromhex('{msg.hex()}')
+sigs = [tuple(bytes.fromhex(x) for x in s) for s in {[tuple(x.hex() for x in s) for s in sigs]!r}]
+pub, msg, sig = sigs[0]
 t = time.ticks_us()
 assert verify(pub, msg, sig) is True
 first = time.ticks_diff(time.ticks_us(), t)
-assert ed25519_ref.verify(pub, msg, sig)
+for s in sigs:
+    assert verify(*s) is True and ed25519_ref.verify(*s)
 def per_call(f, n):
-    best = None
-    for _ in range(3):
-        t = time.ticks_us()
+    t = time.ticks_us()
+    for s in sigs:
         for i in range(n):
-            f(pub, msg, sig)
-        us = time.ticks_diff(time.ticks_us(), t) / n
-        best = us if best is None else min(best, us)
-    return best
-dev = per_call(verify, {n})
-ref = per_call(ed25519_ref.verify, {n // 10})
+            f(*s)
+    return time.ticks_diff(time.ticks_us(), t) / (n * len(sigs))
+dev = ref = None
+for _ in range(5):
+    us = per_call(verify, {n})
+    dev = us if dev is None else min(dev, us)
+    us = per_call(ed25519_ref.verify, 1)
+    ref = us if ref is None else min(ref, us)
 from ota import sha512 as m
 import hashlib
 buf = bytes(64 * 1024)
@@ -146,8 +154,11 @@ print(dev, ref, first, imp_us, imp_mem, s512, s256, s512py, m._compress_viper is
     args = dict(pub=pub.hex(), sig=sig.hex(), msg=msg.hex())
     need = int(mp(_VERIFY_HEAP.format(mod="ota.ed25519", **args), [lib], heap="256K"))
     need_ref = int(mp(_VERIFY_HEAP.format(mod="ed25519_ref", **args), [lib, ref_dir], heap="256K"))
-    print(f"crypto (unix port, .mpy; Ed25519 over a {len(msg)}-byte message)")
+    print(f"crypto (unix port, .mpy; Ed25519 over {len(msg)}-byte messages, {len(sigs)} keys)")
     row("Ed25519 verify", f"{dev / 1000:.2f}", "ms", f"{ref / 1000:.2f}", "ms (RFC)", f"{ref / dev:.1f}x faster")
+    # issue 3's target, 2 ms where the same RFC transcription took 9.6 ms, scaled to this machine
+    row("  target (issue 3)", f"{ref / 4.8 / 1000:.2f}", "ms", f"{ref / 1000:.2f}", "ms (RFC)",
+        f"4.8x faster; {'met' if ref / dev >= 4.8 else 'NOT met'} ({dev * 4.8 / ref * 2:.2f} ms at 9.6 ms RFC)")
     row("  first verify", f"{first / 1000:.2f}", "ms", f"{dev / 1000:.2f}", "ms later",
         f"{first / dev:.2f}x (a cold heap; no table is built)")
     row("  free heap one verify needs", f"{need / 1024:.1f}", "KiB", f"{need_ref / 1024:.1f}", "KiB (RFC)",

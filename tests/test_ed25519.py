@@ -665,7 +665,7 @@ def _halve_ref(k):
 
 
 def test_halve(tmp_path):
-    # c = d*k (mod 8L), d odd and positive, |c| < 2^128; d about 2^128 except
+    # c = d*k (mod 8L), d odd and positive, |c| and d about 2^128 except
     # rarely; both branches of the algorithm taken
     rng = random.Random(8)
     ks = [0, 1, 2, 3, L - 1, L // 2, 2**128 - 1, 2**128, 2**128 + 1, 2**252, L - 2**128]
@@ -684,10 +684,11 @@ for k in json.loads('%s'):
     big = 0
     for k, (c, d) in zip(ks, rows):
         assert (c - d * k) % (8 * L) == 0, k
-        assert d > 0 and d % 2 == 1 and d < 2**256, k
-        assert abs(c) < 2**128, k
-        big += d >= 2**132
-    assert big < len(ks) // 20
+        assert d > 0 and d % 2 == 1 and d < 2**256 and abs(c) < 2**256, k
+        if not _halve_ref(k):
+            assert abs(c) < 2**128 and d < 2**128, k  # stopped at the first r < 2^128
+        big += max(abs(c), d) >= 2**131
+    assert big < len(ks) // 40  # the main loop stays at about 128 steps
 
 
 def test_naf(tmp_path):

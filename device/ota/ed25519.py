@@ -57,11 +57,21 @@
 #   than half the time of pow(), whose square-and-multiply also divides
 #   after every step.
 #
-# Measured on the unix port (x86-64, .mpy): about 2.1 ms per verify, where
-# the previous version (253 doublings, table of B built on the first
-# verify) took 3.0 ms. The two square roots take a fifth of that, the
-# main loop (128 doublings, about 85 additions) two thirds, the tables of
-# A and R, the hash, the NAFs and the half-size reduction the rest.
+# Measured on the unix port (x86-64, .mpy; `make bench`, 8 keys): 2.13 ms
+# per verify where the RFC 8032 section 6 transcription takes 11.3 ms in
+# the same run (5.3x); the previous version (253 doublings, table of B
+# built on the first verify) took 3.0 ms. The two square roots take a
+# fifth of that, the main loop (128 doublings, about 85 additions) two
+# thirds, the tables of A and R, the hash, the NAFs and the half-size
+# reduction the rest. Where the time goes, in big-int operations (valgrind
+# instruction counts on the unix port): a 256-bit product costs about
+# 4.8 k instructions, any other operation about 1 k (allocation and
+# dispatch, whatever the size), so a fold (four operations) costs as much
+# as a product, and a fold of a negative number a quarter more. The
+# formulas above use about 2,300 products and 2,800 folds per verify;
+# what is left is the interpreter (about 3%: measured with the native
+# emitter, which is not used because on the ESP32 its code would take
+# 8 to 26 KiB of the executable RAM that Wi-Fi and TLS also need).
 #
 # Memory: the two tables are bytes constants of 3 KiB each (32 entries of
 # 3 x 32-byte little-endian field elements). A bytes constant costs no heap
@@ -101,6 +111,7 @@ _M = const(578960446186580977117854925043439539266349923328202820197287920039565
 _W = const(115792089237316195423570985008687907853269984665640564039457584007913129639935)
 _H = const(340282366920938463463374607431768211456)
 _HM = const(340282366920938463463374607431768211455)
+_N135 = const(43556142965880123323311949751266331066368)  # 2^135
 
 _WV = const(4)  # NAF width for A and R
 _WB = const(7)  # NAF width for B and B' (the shipped tables)
@@ -602,11 +613,12 @@ def _halve(k):
     # remainders r_i falling and |t_i| <= 8L / r_(i-1) rising; stopped at
     # the first r_i < 2^128, where |t_i| <= 8L / 2^128 < 2^128 (about 72
     # steps). Two consecutive t_i are coprime, so if t_i is even (one k in
-    # three) the next one is odd: one more step, after which d is often a
-    # few bits above 2^128 (a longer main loop; any d < 2^256 works, and
-    # only grinding the hash could make it much larger). k = 0 stops at
-    # once with (0, 1). The remainders cannot reach 0 before 2^128:
-    # gcd(8L, k) divides 8 for 0 < k < L.
+    # three) its neighbours and v_i +- v_(i-1), v_(i+1) +- v_i (v = (r, t),
+    # all lattice vectors) have t odd: the one with the smallest
+    # max(|r|, |t|) is taken, which keeps the main loop at about 128 steps
+    # (taking v_(i+1) alone gave 131 to 139 steps for one k in twenty).
+    # k = 0 stops at once with (0, 1). The remainders cannot reach 0 before
+    # 2^128: gcd(8L, k) divides 8 for 0 < k < L.
     r0 = _N
     r1 = k
     t0 = 0
@@ -620,8 +632,16 @@ def _halve(k):
         t1 = r
     if not t1 & 1:
         q = r0 // r1
-        r1 = r0 - q * r1
-        t1 = t0 - q * t1
+        r2 = r0 - q * r1
+        t2 = t0 - q * t1
+        best = None
+        for r, t in ((r2, t2), (r0, t0), (r1 + r0, t1 + t0), (r1 - r0, t1 - t0),
+                     (r2 + r1, t2 + t1), (r2 - r1, t2 - t1)):
+            size = max(abs(r), abs(t))
+            if best is None or size < best:
+                best = size
+                r1 = r
+                t1 = t
     if t1 < 0:
         return -r1, -t1
     return r1, t1
@@ -669,26 +689,40 @@ def _multiples(x, y, n):
     # entry need; for that 2P's plain T is kept instead of its 2*d*T.
     # Entries: below 2^258 (2dT gets a second fold: it meets T in every
     # use, and a smaller factor makes that product cheaper).
-    p = _P
     M = _M
-    # 2P (dbl-2008-hwcd with Z = 1)
-    a = x * x % p
-    b = y * y % p
-    e = 2 * x * y % p
+    # 2P (dbl-2008-hwcd with Z = 1, scaled by -1 as in the main loop);
+    # folds instead of % p, as everywhere values only feed products
+    a = x * x
+    a = (a & M) + (a >> 255) * 19
+    b = y * y
+    b = (b & M) + (b >> 255) * 19
+    e = x * y
+    e = (e & M) + (e >> 255) * 19
+    T = e * _D2  # 2*d*x*y, the running point's (and the entry P's) 2dT
+    T = (T & M) + (T >> 255) * 19
+    T = (T & M) + (T >> 255) * 19
+    e <<= 1
     g = b - a
     f = 2 - g
     h = a + b
-    X = e * f % p
-    Y = g * h % p
-    Z = f * g % p
+    X = e * f
+    X = (X & M) + (X >> 255) * 19
+    X = (X & M) + (X >> 255) * 19
+    Y = g * h
+    Y = (Y & M) + (Y >> 255) * 19
+    Y = (Y & M) + (Y >> 255) * 19
+    Z = f * g
+    Z = (Z & M) + (Z >> 255) * 19
+    Z = (Z & M) + (Z >> 255) * 19
     qm = Y - X
     qp = Y + X
-    qt = e * h % p
+    qt = e * h
+    qt = (qt & M) + (qt >> 255) * 19
+    qt = (qt & M) + (qt >> 255) * 19
     qz = Z + Z
     X = x
     Y = y
     Z = 1
-    T = x * y % p * _D2 % p
     out = [y - x, y + x, T, 2]
     for _ in range(n - 1):
         a = (Y - X) * qm
@@ -766,9 +800,10 @@ def _verify(public_key, message, signature):
     else:
         ta = _multiples(p - pa[0], pa[1], 1 << (_WV - 2))
     tr = _multiples(p - pr[0], pr[1], 1 << (_WV - 2))
-    # NAF digits: c and the halves of e are below 2^128 (at most 129
-    # digits), and so is d in about 5 of 6 cases (else a few bits more)
-    n = 136 if d < _H else 264
+    # NAF digits: the halves of e are below 2^128 (at most 129 digits),
+    # and so are c and d in most cases (else a few bits more); a number
+    # below 2^m has at most m + 1 digits
+    n = 136 if c < _N135 and d < _N135 else 264
     na = bytearray(n)
     nr = bytearray(n)
     n0 = bytearray(n)
