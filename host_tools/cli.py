@@ -118,12 +118,15 @@ def cmd_config(a):
     from . import deviceconfig
     from .sim.device import board_info
     info = board_info(a.board)
+    ca = deviceconfig.load_ca(Path(a.ca)) if a.ca else None
     cfg = deviceconfig.make([Path(p) for p in a.pub], a.server, board=info.get("board_id", a.board),
                             chip=info["chip"], device_id=a.device_id, timeout_s=a.timeout,
-                            mirrors=a.mirror or [], aes_keys=[Path(k) for k in a.aes_key or []])
-    deviceconfig.write(Path(a.out), cfg)
-    print(f"config: wrote {a.out} (board {cfg['board']}, chip {cfg['chip']}, {len(cfg['pubkeys'])} key(s), "
-          f"server {cfg['server']}); copy it to the device's root: mpremote fs cp {a.out} :ota_config.json")
+                            mirrors=a.mirror or [], aes_keys=[Path(k) for k in a.aes_key or []], ca=ca)
+    files = deviceconfig.write(Path(a.out), cfg, ca=ca)
+    print(f"config: wrote {' and '.join(str(f) for f in files)} (board {cfg['board']}, chip {cfg['chip']}, "
+          f"{len(cfg['pubkeys'])} key(s), server {cfg['server']})")
+    copy = " + ".join(f"fs cp {f} :{'ota_config.json' if i == 0 else f.name}" for i, f in enumerate(files))
+    print(f"config: next: mpota deploy --config {a.out} --port PORT, or by hand: mpremote {copy}")
 
 
 def cmd_mpy(a):
@@ -146,7 +149,7 @@ def cmd_sim_create(a):
     from .sim import device
     dev = device.create(a.name, [Path(p) for p in a.pub], a.server, Path(a.firmware), root=Path(a.root),
                         heap=a.heap, source=a.source, force=a.force, mirrors=a.mirror or [],
-                        aes_keys=[Path(k) for k in a.aes_key or []])
+                        aes_keys=[Path(k) for k in a.aes_key or []], ca=Path(a.ca) if a.ca else None)
     print(f"sim: created {dev.path}/ (board {dev.board}, heap {dev.heap})")
     print(f"sim: flash {dev.flash} with {Path(a.firmware).name} in ota_0; agent in {dev.fs}/lib/ota "
           f"({'.py sources' if a.source else '.mpy'})")
@@ -207,8 +210,9 @@ def cmd_deploy(a):
     import os
     from . import deploy, deviceconfig
     from .sim.device import board_info
-    if a.config and (a.pub or a.server):
-        raise MpotaError("give either --config FILE or --pub/--server, not both")
+    if a.config and (a.pub or a.server or a.ca):
+        raise MpotaError("give either --config FILE or --pub/--server (and --ca), not both",
+                         hint="a config written by `mpota config --ca` names its CA file already")
     if not a.config and not (a.pub and a.server):
         raise MpotaError("the device needs a release server and a trusted key",
                          hint="give --pub keys/release.pub --server http://HOST:8000 (or --config ota_config.json)")
@@ -224,15 +228,16 @@ def cmd_deploy(a):
         print(f"deploy: {pr.describe()}: board {board}" + (f", unique id {pr.uid}" if pr.uid else ""))
     info = board_info(board)
     if a.config:
-        cfg = deploy.load_config(Path(a.config))
+        cfg, ca = deploy.load_config(Path(a.config))
         if cfg.get("chip", info["chip"]) != info["chip"]:
             raise MpotaError(f"{a.config} is for chip {cfg.get('chip')}; board {board} is {info['chip']}",
                              hint=f"write it with: mpota config --board {board} ...")
     else:
         device_id = a.device_id if a.device_id is not None else (pr.uid if pr else "")
+        ca = deviceconfig.load_ca(Path(a.ca)) if a.ca else None
         cfg = deviceconfig.make([Path(k) for k in a.pub], a.server, board=info.get("board_id", board),
                                 chip=info["chip"], device_id=device_id, timeout_s=a.timeout,
-                                mirrors=a.mirror or [], aes_keys=[Path(k) for k in a.aes_key or []])
+                                mirrors=a.mirror or [], aes_keys=[Path(k) for k in a.aes_key or []], ca=ca)
     if a.no_main:
         main, main_note = None, "main.py: left as it is (--no-main)"
     elif a.main:
@@ -249,11 +254,11 @@ def cmd_deploy(a):
         if not wifi[1]:
             print(f"deploy: note: MPOTA_WIFI_PASSWORD is not set: {a.wifi} is joined as an open network")
     st = deploy.stage(Path(a.stage or f"build/deploy/{board}"), board, cfg, main=main, wifi=wifi,
-                      source=a.source)
+                      source=a.source, ca=ca)
     print(f"deploy: staged in {st.dir}/: lib/ota ({len(st.agent)} files, "
           f"{'.py sources' if a.source else '.mpy for ' + info['mpy_arch']}), ota_config.json "
           f"(server {cfg['server']}, {len(cfg['pubkeys'])} key(s), device id {cfg.get('device_id') or '-'})"
-          + (", wifi.json" if wifi else ""))
+          + (f", {cfg['ca']} (CA for https)" if ca else "") + (", wifi.json" if wifi else ""))
     print(f"deploy: {main_note}")
     args = deploy.copy_args(a.port, st, status=a.status, reset=a.reset)
     if a.dry_run:
@@ -353,6 +358,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--server", required=True, help="release URL the device polls, e.g. http://192.168.1.10:8000")
     s.add_argument("--mirror", action="append", help="another release URL, tried in order (repeatable)")
     s.add_argument("--aes-key", action="append", help="AES key file for encrypted releases (repeatable)")
+    s.add_argument("--ca", help="CA certificate (PEM or DER) that https servers are checked against")
     s.add_argument("--board", default="esp32", help="board definition in boards/ (default esp32)")
     s.add_argument("--device-id", default="", help="name the device reports")
     s.add_argument("--timeout", type=int, default=10, choices=range(1, 301), metavar="SECONDS",
@@ -396,6 +402,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--server", help="release URL the device polls, e.g. http://192.168.1.10:8000")
     s.add_argument("--mirror", action="append", help="another release URL, tried in order (repeatable)")
     s.add_argument("--aes-key", action="append", help="AES key file for encrypted releases (repeatable)")
+    s.add_argument("--ca", help="CA certificate (PEM or DER) that https servers are checked against")
     s.add_argument("--config", help="an ota_config.json written by `mpota config` (instead of --pub/--server)")
     s.add_argument("--board", help="board definition (default: found from the board's MCU)")
     s.add_argument("--device-id", help="name the device reports (default: its machine.unique_id() in hex)")
@@ -437,6 +444,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--firmware", required=True, help="image to put in ota_0")
     s.add_argument("--mirror", action="append", help="another release URL, tried in order (repeatable)")
     s.add_argument("--aes-key", action="append", help="AES key file for encrypted releases (repeatable)")
+    s.add_argument("--ca", help="CA certificate (PEM or DER) that https servers are checked against")
     s.add_argument("--heap", type=_heap, default="128K", help="MicroPython heap (default 128K, ESP32-class)")
     s.add_argument("--source", action="store_true", help="install the agent as .py instead of .mpy")
     s.add_argument("--force", action="store_true", help="replace an existing device")

@@ -248,15 +248,14 @@ def example_main(board: str) -> Path:
 
 
 def stage(stage_dir: Path, board: str, config: dict, *, main: Path | None, wifi: tuple[str, str] | None = None,
-          source: bool = False) -> Staged:
+          source: bool = False, ca: bytes | None = None) -> Staged:
     info = board_info(board)
     stage_dir = Path(stage_dir)
     if stage_dir.exists():
         shutil.rmtree(stage_dir)
     stage_dir.mkdir(parents=True)
     agent = devicepkg.install_agent(stage_dir / "lib", arch=None if source else info["mpy_arch"], source=source)
-    root = [stage_dir / "ota_config.json"]
-    deviceconfig.write(root[0], config)
+    root = deviceconfig.write(stage_dir / "ota_config.json", config, ca=ca)
     if main is not None:
         try:
             shutil.copyfile(main, stage_dir / "main.py")
@@ -272,7 +271,9 @@ def stage(stage_dir: Path, board: str, config: dict, *, main: Path | None, wifi:
     return Staged(board, info, stage_dir, agent, root)
 
 
-def load_config(path: Path) -> dict:
+def load_config(path: Path) -> tuple[dict, bytes | None]:
+    """An ota_config.json written by `mpota config`, and the CA certificate it names (written next
+    to it by `mpota config --ca`), if any."""
     try:
         cfg = json.loads(Path(path).read_text())
     except (OSError, ValueError) as e:
@@ -280,7 +281,13 @@ def load_config(path: Path) -> dict:
                           hint="write one with: mpota config --pub keys/release.pub --server URL") from None
     if not isinstance(cfg, dict) or not cfg.get("server") or not cfg.get("pubkeys"):
         raise DeployError(f"{path} is not an ota_config.json (no server or pubkeys)")
-    return cfg
+    ca = None
+    if cfg.get("ca"):
+        name = cfg["ca"]
+        if not isinstance(name, str) or "/" in name or name.startswith("."):
+            raise DeployError(f"{path}: \"ca\" must name a file next to it, not {name!r}")
+        ca = deviceconfig.load_ca(Path(path).parent / name)
+    return cfg, ca
 
 
 # ---- the mpremote command lines ---------------------------------------------------------------

@@ -1,4 +1,5 @@
-"""The device's provisioning file, ota_config.json (read by device/ota/config.py)."""
+"""The device's provisioning file, ota_config.json (read by device/ota/config.py), and the CA
+certificate file it names for https servers."""
 from __future__ import annotations
 
 import json
@@ -6,12 +7,46 @@ from pathlib import Path
 
 from . import MpotaError, keys, payload
 
+CA_FILE = "ca.der"  # the CA certificate on the device, next to ota_config.json
+MAX_CA_BYTES = 4096  # the device reads the whole file into RAM
+
+
+def load_ca(path: Path) -> bytes:
+    """A CA certificate file (PEM or DER) as DER, the form the device's tls module takes."""
+    from cryptography import x509
+    from cryptography.hazmat.primitives.serialization import Encoding
+    try:
+        data = Path(path).read_bytes()
+    except OSError as e:
+        raise MpotaError(f"cannot read CA certificate {path}: {e.strerror}") from None
+    try:
+        if b"-----BEGIN" in data:
+            cert = x509.load_pem_x509_certificate(data)
+        else:
+            cert = x509.load_der_x509_certificate(data)
+    except ValueError:
+        raise MpotaError(f"{path} is not an X.509 certificate (PEM or DER)",
+                         hint="give the certificate of the CA that signed the server's certificate") from None
+    der = cert.public_bytes(Encoding.DER)
+    if len(der) > MAX_CA_BYTES:
+        raise MpotaError(f"{path} is {len(der)} bytes as DER; the device takes at most {MAX_CA_BYTES}",
+                         hint="provision the CA certificate itself, not a bundle")
+    return der
+
 
 def make(pubkeys: list[Path], server: str, *, board: str, chip: str, device_id: str,
-         timeout_s: int = 10, mirrors: list[str] = (), aes_keys: list[Path] = ()) -> dict:
+         timeout_s: int = 10, mirrors: list[str] = (), aes_keys: list[Path] = (), ca: bytes | None = None) -> dict:
+    """The config dict; `ca` is the DER certificate (load_ca) that https servers are checked against."""
     for url in [server, *mirrors]:
         if not (url.startswith("http://") or url.startswith("https://")):
             raise MpotaError(f"server {url!r} is not an http(s) URL", hint="e.g. --server http://192.168.1.10:8000")
+    https = [url for url in [server, *mirrors] if url.startswith("https://")]
+    if https and ca is None:
+        raise MpotaError(f"{https[0]} is https: the device needs the CA certificate that signed the server's",
+                         hint="add --ca ca.pem (the device refuses servers it cannot verify)")
+    if ca is not None and not https:
+        raise MpotaError("--ca is for https servers; every server given is http",
+                         hint="drop --ca, or give the https URL")
     if len(mirrors) > 7:
         raise MpotaError("at most 7 mirrors")
     if not pubkeys or len(pubkeys) > 8:
@@ -22,8 +57,17 @@ def make(pubkeys: list[Path], server: str, *, board: str, chip: str, device_id: 
         cfg["mirrors"] = list(mirrors)
     if aes_keys:
         cfg["aes_keys"] = [payload.load_aes_key(p).hex() for p in aes_keys]
+    if ca is not None:
+        cfg["ca"] = CA_FILE
     return cfg
 
 
-def write(path: Path, config: dict) -> None:
-    Path(path).write_text(json.dumps(config, indent=1) + "\n")
+def write(path: Path, config: dict, ca: bytes | None = None) -> list[Path]:
+    """Write ota_config.json, and the CA certificate it names next to it; returns the files."""
+    path = Path(path)
+    path.write_text(json.dumps(config, indent=1) + "\n")
+    if ca is None:
+        return [path]
+    ca_path = path.parent / config["ca"]
+    ca_path.write_bytes(ca)
+    return [path, ca_path]

@@ -244,3 +244,44 @@ def test_dry_run_provisions_mirrors_and_aes_keys(keydir, tmp_path):
     assert cfg["mirrors"] == ["http://b:8000"]
     assert cfg["aes_keys"] == [payload.load_aes_key(tmp_path / "fw.aes").hex()]
     assert cfg["aes_keys"][0] not in r.stdout  # the key is never printed
+
+
+def test_a_ca_for_https_travels_with_the_config(keydir, tmp_path):
+    # --ca on deploy stages ca.der next to ota_config.json; `mpota config --ca` writes it next to
+    # the config, and deploy --config picks it up from there
+    import datetime
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "deploy CA")])
+    now = datetime.datetime.now(datetime.timezone.utc)
+    cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(key.public_key())
+            .serial_number(1).not_valid_before(now).not_valid_after(now + datetime.timedelta(days=1))
+            .sign(key, hashes.SHA256()))
+    (tmp_path / "ca.pem").write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    der = cert.public_bytes(serialization.Encoding.DER)
+    r = mpota("deploy", "--port", "/dev/ttyUSB0", "--pub", keydir / "release.pub", "--server", "https://a:8443",
+              "--ca", tmp_path / "ca.pem", "--board", "esp32", "--dry-run", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    staged = tmp_path / "build" / "deploy" / "esp32"
+    assert json.loads((staged / "ota_config.json").read_text())["ca"] == "ca.der"
+    assert (staged / "ca.der").read_bytes() == der
+    assert ":ca.der" in r.stdout and "CA for https" in r.stdout
+    r = mpota("deploy", "--port", "/dev/ttyUSB0", "--pub", keydir / "release.pub", "--server", "https://a:8443",
+              "--board", "esp32", "--dry-run", cwd=tmp_path)
+    assert r.returncode == 2 and "--ca" in r.stderr
+    out = tmp_path / "cfg" / "ota_config.json"
+    out.parent.mkdir()
+    r = mpota("config", "--pub", keydir / "release.pub", "--server", "https://a:8443", "--ca", tmp_path / "ca.pem",
+              "--out", out, cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    assert (out.parent / "ca.der").read_bytes() == der and ":ca.der" in r.stdout
+    x509.load_der_x509_certificate((out.parent / "ca.der").read_bytes())
+    r = mpota("deploy", "--port", "/dev/ttyUSB0", "--config", out, "--board", "esp32", "--dry-run", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    assert (staged / "ca.der").read_bytes() == der
+    (out.parent / "ca.der").unlink()
+    r = mpota("deploy", "--port", "/dev/ttyUSB0", "--config", out, "--board", "esp32", "--dry-run", cwd=tmp_path)
+    assert r.returncode == 2 and "cannot read CA certificate" in r.stderr

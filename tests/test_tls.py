@@ -15,7 +15,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
-from host_tools import release
+from host_tools import MpotaError, release
 
 
 def make_ca(name):
@@ -64,30 +64,57 @@ def https_release(tmp_path, firmware, signer):
     httpd.server_close()
 
 
-def test_https_with_the_provisioned_ca(https_release, firmware, make_device):
+def test_https_with_the_provisioned_ca(https_release, firmware, make_device, tmp_path):
+    # provisioned the way a user does it: `mpota sim create --ca ca.pem` (PEM converted to DER)
     url, ca_der = https_release
-    d = make_device(firmware("1.0.0"), url)
-    (d.dev.fs / "ca.der").write_bytes(ca_der)
-    d.config(ca="ca.der")
+    pem = tmp_path / "ca.pem"
+    pem.write_bytes(x509.load_der_x509_certificate(ca_der).public_bytes(serialization.Encoding.PEM))
+    d = make_device(firmware("1.0.0"), url, ca=pem)
+    assert (d.dev.fs / "ca.der").read_bytes() == ca_der
     d.run()
     st = d.status()
     assert st["version"] == "2.0.0", d.output
 
 
-def test_https_refuses_a_certificate_from_another_ca(https_release, firmware, make_device):
+def test_https_refuses_a_certificate_from_another_ca(https_release, firmware, make_device, tmp_path):
     url, _ = https_release
     _, other = make_ca("someone else")
-    d = make_device(firmware("1.0.0"), url)
-    (d.dev.fs / "ca.der").write_bytes(other.public_bytes(serialization.Encoding.DER))
-    d.config(ca="ca.der")
+    (tmp_path / "other.der").write_bytes(other.public_bytes(serialization.Encoding.DER))
+    d = make_device(firmware("1.0.0"), url, ca=tmp_path / "other.der")
     d.run()
     st = d.status()
     assert st["last_error"] == "network" and st["version"] == "1.0.0", d.output
     assert "cannot connect" in st["detail"]
 
 
-def test_https_without_a_ca_is_a_config_error(https_release, firmware, make_device):
+def test_https_without_a_ca_is_refused_by_mpota_and_by_the_device(https_release, firmware, make_device):
     url, _ = https_release
-    d = make_device(firmware("1.0.0"), url)
+    with pytest.raises(MpotaError) as e:
+        make_device(firmware("1.0.0"), url)
+    assert "--ca" in e.value.hint
+    # a config edited by hand to https, without a CA: the device says so and changes nothing
+    d = make_device(firmware("1.0.0"), "http://127.0.0.1:9/")
+    d.config(server=url)
     d.run()
-    assert d.status()["last_error"] == "bad-config"
+    assert d.status()["last_error"] == "bad-config" and d.status()["version"] == "1.0.0"
+
+
+def test_ca_files_that_are_not_certificates_or_too_big(https_release, firmware, make_device, tmp_path):
+    url, ca_der = https_release
+    (tmp_path / "junk.pem").write_bytes(b"-----BEGIN CERTIFICATE-----\nnot base64\n-----END CERTIFICATE-----\n")
+    with pytest.raises(MpotaError) as e:
+        make_device(firmware("1.0.0"), url, ca=tmp_path / "junk.pem")
+    assert "not an X.509 certificate" in str(e.value)
+    with pytest.raises(MpotaError) as e:
+        make_device(firmware("1.0.0"), "http://127.0.0.1:9/", ca=tmp_path / "junk.pem")
+    assert "not an X.509" in str(e.value)
+    (tmp_path / "ca.der").write_bytes(ca_der)
+    with pytest.raises(MpotaError) as e:  # a CA for http servers only is a mistake
+        make_device(firmware("1.0.0"), "http://127.0.0.1:9/", ca=tmp_path / "ca.der")
+    assert "https" in str(e.value)
+    # on the device: a CA file over the bound (a bundle, or garbage) is a config error
+    d = make_device(firmware("1.0.0"), url, ca=tmp_path / "ca.der")
+    (d.dev.fs / "ca.der").write_bytes(ca_der * (4097 // len(ca_der) + 1))
+    d.run()
+    st = d.status()
+    assert st["last_error"] == "bad-config" and "over 4096" in st["detail"] and st["version"] == "1.0.0"

@@ -14,6 +14,7 @@ from binascii import unhexlify, hexlify
 
 PATH = "ota_config.json"
 _MAX = 4096
+_MAX_CA = 4096  # a DER CA certificate (mpota checks the same bound)
 CHIP_IDS = {"esp32": 0, "esp32s2": 2, "esp32c3": 5, "esp32s3": 9, "esp32c2": 12,
             "esp32c6": 13, "esp32h2": 16}
 
@@ -48,9 +49,11 @@ def load():
     if raw.get("ca"):
         try:
             with open(raw["ca"], "rb") as f:
-                c.ca = f.read()
+                c.ca = f.read(_MAX_CA + 1)
         except (OSError, TypeError):
             raise _bad("cannot read the CA certificate %r" % (raw.get("ca"),))
+        if not c.ca or len(c.ca) > _MAX_CA:
+            raise _bad("the CA certificate %r is empty or over %d bytes" % (raw["ca"], _MAX_CA))
     keys = raw.get("pubkeys")
     if not isinstance(keys, list) or not keys or len(keys) > 8:
         raise _bad("pubkeys must list 1 to 8 Ed25519 public keys (64 hex digits each)")

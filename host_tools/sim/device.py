@@ -85,10 +85,12 @@ def layout_flash(path: Path, table: list[partitions.Partition], firmware: bytes,
 
 def create(name: str, pubkeys: list[Path], server: str, firmware: Path, *, root: Path = DEFAULT_ROOT,
            board: str = "unix", heap: str = "128K", source: bool = False, force: bool = False,
-           device_id: str | None = None, mirrors: list[str] = (), aes_keys: list[Path] = ()) -> SimDevice:
+           device_id: str | None = None, mirrors: list[str] = (), aes_keys: list[Path] = (),
+           ca: Path | None = None) -> SimDevice:
     info = board_info(board)
+    ca_der = deviceconfig.load_ca(ca) if ca is not None else None
     config = deviceconfig.make(pubkeys, server, board=info.get("board_id", board), chip=info["chip"],
-                               device_id=device_id or name, mirrors=mirrors, aes_keys=aes_keys)
+                               device_id=device_id or name, mirrors=mirrors, aes_keys=aes_keys, ca=ca_der)
     try:
         fw = Path(firmware).read_bytes()
     except OSError as e:
@@ -106,7 +108,7 @@ def create(name: str, pubkeys: list[Path], server: str, firmware: Path, *, root:
     dev = SimDevice(name, path, board, heap)
     layout_flash(dev.flash, partitions.parse_csv(dev.board_dir / "partitions.csv"), fw)
     shutil.copyfile(dev.board_dir / "main.py", dev.fs / "main.py")
-    deviceconfig.write(dev.fs / "ota_config.json", config)
+    deviceconfig.write(dev.fs / "ota_config.json", config, ca=ca_der)
     devicepkg.install_agent(dev.fs / "lib", arch=info.get("mpy_arch"), source=source)
     dev.platform_dir.mkdir()
     for src in sorted(dev.board_dir.glob("*.py")):
