@@ -15,14 +15,32 @@ from ota.errors import OtaError, TRANSPORT, DEVICE
 _LINE_MAX = const(512)
 _HEADERS_MAX = const(48)
 _REDIRECTS_MAX = const(3)
-# Transport failures worth an immediate reconnect with Range (the link broke mid-body).
+# Transport failures worth an immediate reconnect with Range (the link broke mid-body), and
+# how many such reconnects one update() makes (see resume()).
 RESUMABLE = ("network", "truncated", "too-slow")
+RETRIES = const(3)
 _KEEP = ("content-length", "content-range", "location", "retry-after", "transfer-encoding",
          "content-encoding", "etag")
 
 
 def _err(code, detail):
     return OtaError(code, detail, TRANSPORT)
+
+
+def resume(step, where):
+    # Run a download that survives a broken link: step() fetches from wherever the previous
+    # call got to (a Range request) and returns when everything has arrived. A RESUMABLE
+    # failure is retried up to RETRIES times; any other failure, or one too many, is raised
+    # (step has kept its position for the next update()). where() says how far it got.
+    tries = 0
+    while True:
+        try:
+            return step()
+        except OtaError as e:
+            if e.code not in RESUMABLE or tries >= RETRIES:
+                raise
+            tries += 1
+            print("ota: %s at %s; reconnecting (%d/%d)" % (e.code, where(), tries, RETRIES))
 
 
 class _Conn:

@@ -19,7 +19,6 @@ from ota.image import check_first_block
 
 _BLOCK = const(4096)
 _STAGE = const(512)
-_RETRIES = const(3)
 
 
 def _chunk_iv(iv, k):
@@ -100,17 +99,18 @@ class Decoder:
             k = min(prog.get("chunk", 0), len(m.chunks))
             if k:
                 print("ota: resuming %s at chunk %d/%d" % (m.version, k, len(m.chunks)))
-        tries = 0
-        while k < len(m.chunks):
-            try:
-                k = self._fetch(url, k)
-            except OtaError as e:
-                self._save(k if e.chunk is None else e.chunk)
-                if e.code not in http.RESUMABLE or tries >= _RETRIES:
+        self.k = k
+
+        def step():
+            if self.k < len(m.chunks):
+                try:
+                    self.k = self._fetch(url, self.k)
+                except OtaError as e:
+                    if e.chunk is not None:
+                        self.k = e.chunk
+                    self._save(self.k)  # kept for the next update() if this one gives up
                     raise
-                tries += 1
-                k = e.chunk
-                print("ota: %s at chunk %d; reconnecting (%d/%d)" % (e.code, k, tries, _RETRIES))
+        http.resume(step, lambda: "chunk %d" % self.k)
 
     def _save(self, k):
         self.st["progress"] = {"digest": self.o.digest, "slot": self.o.target.info()[4], "chunk": k}

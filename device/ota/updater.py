@@ -22,7 +22,6 @@ from ota.payload import Decoder
 
 _BLOCK = const(4096)
 _MANIFEST_MAX = const(4096)  # fits the block buffer
-_RETRIES = const(3)          # reconnects (with Range) within one update() after a dropped link
 
 
 def _log(msg):
@@ -213,16 +212,10 @@ def _install(cfg, st, o, mv, reserve=None):
     url = http.join(o.url, m.url)
     try:
         if m.chunks is None:
-            tries = 0
-            while job.done < m.size:
-                try:
+            def step():
+                if job.done < m.size:
                     _download(cfg, job, mv, st, url)
-                    break
-                except OtaError as e:
-                    if e.code not in http.RESUMABLE or tries >= _RETRIES:
-                        raise
-                    tries += 1
-                    _log("%s at %d bytes; reconnecting (%d/%d)" % (e.code, job.done, tries, _RETRIES))
+            http.resume(step, lambda: "%d bytes" % job.done)
             if job.h.digest() != m.sha256:
                 raise OtaError("hash-mismatch", "payload SHA-256 differs from the signed manifest")
         else:
