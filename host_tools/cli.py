@@ -141,6 +141,7 @@ def cmd_mpy(a):
 def cmd_sim_firmware(a):
     from . import espimage
     data = espimage.build_sim_firmware(a.version, a.behavior, a.size, a.chip, a.secure_version)
+    Path(a.out).parent.mkdir(parents=True, exist_ok=True)
     Path(a.out).write_bytes(data)
     print(f"firmware: {a.out} {a.version} ({a.behavior}, {a.chip}, secure_version {a.secure_version}), {_human(len(data))}")
 
@@ -153,7 +154,8 @@ def cmd_sim_create(a):
     print(f"sim: created {dev.path}/ (board {dev.board}, heap {dev.heap})")
     print(f"sim: flash {dev.flash} with {Path(a.firmware).name} in ota_0; agent in {dev.fs}/lib/ota "
           f"({'.py sources' if a.source else '.mpy'})")
-    print(f"sim: server {a.server}; next: mpota sim run {a.name}")
+    print(f"sim: server {a.server}" + (f" (checked against {a.ca}, provisioned as ca.der)" if a.ca else "")
+          + f"; next: mpota sim run {a.name}")
 
 
 def cmd_sim_run(a):
@@ -484,6 +486,13 @@ def main(argv=None) -> int:
         print(f"mpota: error: {e}", file=sys.stderr)
         if e.hint:
             print(f"  hint: {e.hint}", file=sys.stderr)
+        return 2
+    except OSError as e:
+        # a path the user gave that cannot be read or written, a port in use, ...: no traceback
+        where = f"{e.filename}: " if e.filename else ""
+        print(f"mpota: error: {where}{e.strerror or e}", file=sys.stderr)
+        print("  hint: check the paths and ports given (output directories must be writable)",
+              file=sys.stderr)
         return 2
     return 0
 

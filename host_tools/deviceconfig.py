@@ -65,9 +65,14 @@ def make(pubkeys: list[Path], server: str, *, board: str, chip: str, device_id: 
 def write(path: Path, config: dict, ca: bytes | None = None) -> list[Path]:
     """Write ota_config.json, and the CA certificate it names next to it; returns the files."""
     path = Path(path)
-    path.write_text(json.dumps(config, indent=1) + "\n")
-    if ca is None:
-        return [path]
-    ca_path = path.parent / config["ca"]
-    ca_path.write_bytes(ca)
-    return [path, ca_path]
+    files = [(path, (json.dumps(config, indent=1) + "\n").encode())]
+    if ca is not None:
+        files.append((path.parent / config["ca"], ca))
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        for p, data in files:
+            p.write_bytes(data)
+    except OSError as e:
+        raise MpotaError(f"cannot write {e.filename or path}: {e.strerror}",
+                         hint="check --out (a file in a directory you can write)") from None
+    return [p for p, _ in files]

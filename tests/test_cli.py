@@ -96,3 +96,19 @@ def test_demo_runs_the_readme_story(tmp_path):
     st = json.loads(subprocess.run([MPOTA, "sim", "status", "dev1"], capture_output=True, text=True,
                                    cwd=tmp_path / "demo").stdout)
     assert st["version"] == "2.0.0" and st["last_error"] == "health-failed"
+
+
+def test_outputs_that_cannot_be_written_are_errors_not_tracebacks(tmp_path):
+    # an output under a regular file can be neither created nor written, for any user (root too)
+    (tmp_path / "afile").write_text("")
+    bad = tmp_path / "afile" / "sub"
+    assert mpota("keygen", tmp_path / "k").returncode == 0
+    assert mpota("sim", "firmware", tmp_path / "fw.bin", "--version", "1.0.0").returncode == 0
+    for args in (("keygen", bad / "k"), ("keygen", "--aes", bad / "k.aes"),
+                 ("sim", "firmware", bad / "fw.bin", "--version", "1.0.0"),
+                 ("release", tmp_path / "fw.bin", "--key", tmp_path / "k", "--out", bad / "rel"),
+                 ("config", "--pub", tmp_path / "k.pub", "--server", "http://h:1", "--out", bad / "c.json"),
+                 ("mpy", "--arch", "x64", "--out", bad)):
+        r = mpota(*args)
+        assert r.returncode == 2 and "Traceback" not in r.stderr, (args, r.stderr)
+        assert "mpota: error:" in r.stderr and "afile" in r.stderr, (args, r.stderr)
