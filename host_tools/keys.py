@@ -73,6 +73,9 @@ def load_public(path: Path) -> Ed25519PublicKey:
     try:
         key = serialization.load_pem_public_key(data)
     except (ValueError, TypeError):
+        if b"PRIVATE KEY" not in data:
+            raise MpotaError(f"{path} is not a PEM public key",
+                             hint="pass the .pub file that `mpota keygen` wrote") from None
         key = load_private(path).public_key()
     if not isinstance(key, Ed25519PublicKey):
         raise MpotaError(f"{path} is not an Ed25519 public key")

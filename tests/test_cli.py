@@ -62,6 +62,9 @@ def test_release_and_verify_errors_are_clear(tmp_path):
     assert "OK: 2.0.0" in mpota("verify", tmp_path / "rel", "--pub", tmp_path / "a.pub", check=True).stdout
     r = mpota("verify", tmp_path / "rel", "--pub", tmp_path / "b.pub")
     assert r.returncode == 2 and "no signature by a trusted key" in r.stderr
+    (tmp_path / "junk.pub").write_bytes(b"not a key")
+    r = mpota("verify", tmp_path / "rel", "--pub", tmp_path / "junk.pub")
+    assert r.returncode == 2 and "is not a PEM public key" in r.stderr and "mpota keygen" in r.stderr
     fw = tmp_path / "rel" / "fw.bin"
     fw.write_bytes(fw.read_bytes()[:-1] + b"\x00")
     r = mpota("verify", tmp_path / "rel", "--pub", tmp_path / "a.pub")
