@@ -1,6 +1,6 @@
 """Hypothesis-driven fuzzing of the device's parsers, run in the real micropython binary (.mpy,
-128 KiB heap): DSSE envelopes, manifest bodies and raw HTTP responses. Every input must end
-in a result or a stable error code: no other exception, no MemoryError."""
+128 KiB heap): DSSE envelopes, manifest bodies, raw HTTP responses and ota_config.json. Every
+input must end in a result or a stable error code: no other exception, no MemoryError."""
 from __future__ import annotations
 
 import base64
@@ -19,7 +19,7 @@ HARNESS = r"""
 import sys
 from binascii import unhexlify
 from ota.errors import OtaError
-from ota import envelope, manifest, http
+from ota import envelope, manifest, http, config
 f = open(sys.argv[1])
 keys = [unhexlify(f.readline().strip())]
 while True:
@@ -33,6 +33,11 @@ while True:
             r = "ok"
         elif kind == "manifest":
             manifest.parse(unhexlify(data))
+            r = "ok"
+        elif kind == "config":
+            with open(config.PATH, "wb") as g:
+                g.write(unhexlify(data))
+            config.load()
             r = "ok"
         else:
             resp = http.get(data, 2)
@@ -78,7 +83,7 @@ def run(agent, tmp_path, cases, signer):
     f.write_text(pub + "\n" + "".join(f"{kind} {data}\n" for kind, data in cases))
     env = {"MICROPYPATH": f".frozen:{agent}"}
     r = subprocess.run([tool("micropython"), "-X", "heapsize=128K", str(agent / "h.py"), str(f)],
-                       capture_output=True, text=True, env=env, timeout=120)
+                       capture_output=True, text=True, env=env, timeout=120, cwd=tmp_path)
     lines = r.stdout.splitlines()
     assert r.returncode == 0 and len(lines) == len(cases), r.stdout[-2000:] + r.stderr[-2000:]
     crashes = [(c, line) for c, line in zip(cases, lines) if not (line == "ok" or line.startswith("code:"))]
@@ -124,6 +129,24 @@ def test_envelopes(agent, tmp_path, signer, envs, cuts, raw):
     cases += [["envelope", r.hex()] for r in raw]
     lines = run(agent, tmp_path, cases + [["envelope", good.hex()]], signer)
     assert lines[-1] == "ok"  # and the untouched one verifies
+
+
+VALID_CONFIG = {"server": "http://h:8000/", "pubkeys": ["11" * 32], "board": "esp32", "chip": "esp32",
+                "device_id": "d", "timeout_s": 10}
+config_mutations = st.fixed_dictionaries({}, optional={
+    k: json_values for k in [*VALID_CONFIG, "mirrors", "ca", "aes_keys", "progress_every"]}).map(
+    lambda d: {**VALID_CONFIG, **d})
+
+
+@settings(max_examples=6, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture,
+                                                                 HealthCheck.too_slow, HealthCheck.data_too_large])
+@given(configs=st.lists(config_mutations, min_size=30, max_size=30),
+       raw=st.lists(st.binary(max_size=300), min_size=5, max_size=5))
+def test_configs(agent, tmp_path, signer, configs, raw):
+    (tmp_path / "ca.der").write_bytes(b"0" * 100)  # a readable file for "ca" values that name it
+    cases = [["config", json.dumps(c).encode().hex()] for c in configs] + [["config", r.hex()] for r in raw]
+    lines = run(agent, tmp_path, cases + [["config", json.dumps(VALID_CONFIG).encode().hex()]], signer)
+    assert lines[-1] == "ok"  # and the valid one loads
 
 
 class RawServer:

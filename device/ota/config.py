@@ -37,9 +37,10 @@ def load():
     if not isinstance(raw, dict):
         raise _bad("not a JSON object")
     c = Config()
-    servers = [raw.get("server")] + (raw.get("mirrors") or [])
-    if not isinstance(raw.get("mirrors") or [], list) or len(servers) > 8:
+    mirrors = raw.get("mirrors") or []
+    if not isinstance(mirrors, list) or len(mirrors) > 7:
         raise _bad("mirrors must be a list of at most 7 URLs")
+    servers = [raw.get("server")] + mirrors
     c.manifest_urls = []
     for server in servers:
         if not isinstance(server, str) or not (server.startswith("http://") or server.startswith("https://")):
@@ -47,6 +48,8 @@ def load():
         c.manifest_urls.append(server if server.endswith(".json") else server.rstrip("/") + "/manifest.json")
     c.ca = None
     if raw.get("ca"):
+        if not isinstance(raw["ca"], str):  # open() takes an int as a file descriptor
+            raise _bad("ca must name a file, e.g. \"ca.der\"")
         try:
             with open(raw["ca"], "rb") as f:
                 c.ca = f.read(_MAX_CA + 1)
