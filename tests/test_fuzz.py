@@ -19,7 +19,7 @@ HARNESS = r"""
 import sys
 from binascii import unhexlify
 from ota.errors import OtaError
-from ota import envelope, manifest, http, config
+from ota import envelope, manifest, http, config, state
 f = open(sys.argv[1])
 keys = [unhexlify(f.readline().strip())]
 while True:
@@ -33,6 +33,16 @@ while True:
             r = "ok"
         elif kind == "manifest":
             manifest.parse(unhexlify(data))
+            r = "ok"
+        elif kind == "state":
+            with open(state.PATH, "wb") as g:
+                g.write(unhexlify(data))
+            st = state.load()
+            # what the agent does with it: look up and add a rejection, compare the floor, save
+            state.rejected_reason(st, "d")
+            state.reject(st, "d", "1.0", "x")
+            (st["floor"] > 0, (st.get("progress") or {}).get("done", 0) >= 0, (st["pending"] or {}).get("slot"))
+            state.save(st)
             r = "ok"
         elif kind == "config":
             with open(config.PATH, "wb") as g:
@@ -147,6 +157,24 @@ def test_configs(agent, tmp_path, signer, configs, raw):
     cases = [["config", json.dumps(c).encode().hex()] for c in configs] + [["config", r.hex()] for r in raw]
     lines = run(agent, tmp_path, cases + [["config", json.dumps(VALID_CONFIG).encode().hex()]], signer)
     assert lines[-1] == "ok"  # and the valid one loads
+
+
+scalars = st.none() | st.booleans() | st.integers(-2**40, 2**40) | st.text(max_size=8)
+records = st.dictionaries(st.sampled_from(["digest", "version", "slot", "counter", "sector", "done", "chunk"]),
+                          scalars, max_size=7)
+state_values = st.fixed_dictionaries({}, optional={
+    k: scalars | records | st.lists(scalars | records, max_size=3)
+    for k in ["last_result", "last_error", "detail", "pending", "progress", "retried", "retry_after", "rejected",
+              "floor"]})
+
+
+@settings(max_examples=6, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture,
+                                                                 HealthCheck.too_slow, HealthCheck.data_too_large])
+@given(states=st.lists(state_values, min_size=30, max_size=30),
+       raw=st.lists(st.binary(max_size=200), min_size=5, max_size=5))
+def test_state_files(agent, tmp_path, signer, states, raw):
+    cases = [["state", json.dumps(s).encode().hex()] for s in states] + [["state", r.hex()] for r in raw]
+    run(agent, tmp_path, cases, signer)
 
 
 class RawServer:

@@ -29,10 +29,53 @@ def load():
         except (ValueError, OSError):
             st = None  # corrupt: fall back; losing it costs at most one more rollback
         if isinstance(st, dict):
-            base = _fresh()
-            base.update(st)
-            return base
+            return _sane(st)
     return _fresh()
+
+
+def _is(v, t):
+    return v is None or isinstance(v, t)
+
+
+def _fields_ok(d, strs, ints):
+    # d is a dict whose `strs` are strings and whose `ints` are whole numbers >= 0 (or absent)
+    if not isinstance(d, dict):
+        return False
+    for k in strs:
+        if not isinstance(d.get(k), str):
+            return False
+    for k in ints:
+        v = d.get(k)
+        if v is not None and not (isinstance(v, int) and v >= 0):
+            return False
+    return True
+
+
+def _sane(st):
+    # The file is the agent's own, but it may come from another agent version or a hand edit:
+    # a field of the wrong type goes back to its fresh value, so that it cannot make every
+    # later update() fail the same way.
+    base = _fresh()
+    for k in ("last_result", "last_error", "retried"):
+        if _is(st.get(k), str):
+            base[k] = st.get(k)
+    if isinstance(st.get("detail"), str):
+        base["detail"] = st["detail"]
+    if _is(st.get("retry_after"), int):
+        base["retry_after"] = st.get("retry_after")
+    f = st.get("floor")
+    if isinstance(f, int) and f >= 0:
+        base["floor"] = f
+    p = st.get("pending")
+    if p is not None and _fields_ok(p, ("digest", "version", "slot"), ("counter", "sector")):
+        base["pending"] = p
+    p = st.get("progress")
+    if p is not None and _fields_ok(p, ("digest", "slot"), ("done", "chunk")):
+        base["progress"] = p
+    rej = st.get("rejected")
+    if isinstance(rej, list):
+        base["rejected"] = [r for r in rej if _fields_ok(r, ("digest",), ())][-_REJECTED_MAX:]
+    return base
 
 
 def save(st):
