@@ -31,12 +31,15 @@ class ReleaseHandler(BaseHTTPRequestHandler):
 
     def _resolve(self) -> Path | None:
         rel = unquote(urlsplit(self.path).path).lstrip("/")
-        path = (self.root / rel).resolve()
-        if path != self.root and self.root not in path.parents:
+        try:
+            path = (self.root / rel).resolve()
+            if path != self.root and self.root not in path.parents:
+                return None
+            if path.is_dir():
+                path = path / "index.html"
+            return path if path.is_file() else None
+        except (OSError, ValueError):  # a NUL byte, a name too long for the OS, ...
             return None
-        if path.is_dir():
-            path = path / "index.html"
-        return path if path.is_file() else None
 
     def _plain(self, status, text=""):
         body = text.encode()

@@ -60,7 +60,8 @@ def test_unsatisfiable_range_and_stale_if_range(served):
     assert r.status == 200 and len(body) == 10240
 
 
-@pytest.mark.parametrize("path", ["/../secret", "/%2e%2e/secret", "/nope.bin", "/"])
+@pytest.mark.parametrize("path", ["/../secret", "/%2e%2e/secret", "/nope.bin", "/", "/fw.bin%00", "/%00",
+                                  "/" + "a" * 5000 + ".bin"])
 def test_nothing_outside_the_release(served, path):
     r, _ = req(served, "GET", path)
     assert r.status == 404
