@@ -93,8 +93,14 @@ def from_binary(data: bytes) -> list[Partition]:
     for i in range(0, TABLE_MAX, 32):
         e = data[i:i + 32]
         if e[:2] == ENTRY_MAGIC:
+            if len(e) < 32:
+                raise MpotaError(f"partition table cut short in entry {i // 32}")
             t, st, off, size, label, flags = struct.unpack("<BBII16sI", e[2:])
-            parts.append(Partition(label.rstrip(b"\0").decode(), t, st, off, size, flags))
+            try:
+                name = label.rstrip(b"\0").decode()
+            except UnicodeDecodeError:
+                raise MpotaError(f"partition table entry {i // 32} has a label that is not text") from None
+            parts.append(Partition(name, t, st, off, size, flags))
             md5.update(e)
         elif e[:2] == MD5_MAGIC:
             if e[16:] != md5.digest():

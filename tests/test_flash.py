@@ -445,3 +445,19 @@ def test_an_app_image_is_never_mistaken_for_a_merged_one(tmp_path):
     app[0x7000:0x7002] = b"\xaa\x50"
     kind, bl, out, table = flashing.split_firmware(bytes(app), board_json("esp32"))
     assert (kind, bl, table) == ("app", None, None) and out == bytes(app)
+
+
+def test_a_merged_image_with_a_damaged_partition_table_is_refused(firmware, tmp_path):
+    # a label that is not text, or an entry cut off by the end of the file: an error, not a crash
+    ota_csv = "\n".join(line for line in (BOARDS / "esp32" / "partitions.csv").read_text().splitlines()
+                        if line and not line.startswith("#"))
+    good = stock_merged("esp32", firmware("1.0.0").read_bytes(), 0x1000, ota_csv)
+    label = bytearray(good)
+    label[0x8000 - 0x1000 + 12] = 0xFF  # first entry's label: not UTF-8
+    (tmp_path / "label.bin").write_bytes(label)
+    r = mpota("flash", tmp_path / "label.bin", "--dry-run", "--out", tmp_path / "o")
+    assert r.returncode == 2 and "Traceback" not in r.stderr and "partition table" in r.stderr, r.stderr
+    short = good[:0x8000 - 0x1000 + 40]  # the file ends inside the second entry
+    (tmp_path / "short.bin").write_bytes(short)
+    r = mpota("flash", tmp_path / "short.bin", "--dry-run", "--out", tmp_path / "o2")
+    assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr
