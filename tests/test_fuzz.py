@@ -19,7 +19,7 @@ HARNESS = r"""
 import sys
 from binascii import unhexlify
 from ota.errors import OtaError
-from ota import envelope, manifest, http, config, state
+from ota import envelope, manifest, http, config, state, image
 f = open(sys.argv[1])
 keys = [unhexlify(f.readline().strip())]
 while True:
@@ -33,6 +33,9 @@ while True:
             r = "ok"
         elif kind == "manifest":
             manifest.parse(unhexlify(data))
+            r = "ok"
+        elif kind == "image":
+            image.check_first_block(unhexlify(data), 0, "1.0.0")
             r = "ok"
         elif kind == "state":
             with open(state.PATH, "wb") as g:
@@ -175,6 +178,28 @@ state_values = st.fixed_dictionaries({}, optional={
 def test_state_files(agent, tmp_path, signer, states, raw):
     cases = [["state", json.dumps(s).encode().hex()] for s in states] + [["state", r.hex()] for r in raw]
     run(agent, tmp_path, cases, signer)
+
+
+def first_block(version: bytes, chip: int, secure: int, cut: int) -> bytes:
+    # an app image's first bytes: header (magic, chip id), then esp_app_desc_t at 32
+    b = bytearray(256)
+    b[0] = 0xE9
+    b[12:14] = chip.to_bytes(2, "little")
+    b[32:40] = (0xABCD5432).to_bytes(4, "little") + secure.to_bytes(4, "little")
+    b[48:80] = version[:32].ljust(32, b"\0")
+    return bytes(b[:cut])
+
+
+@settings(max_examples=6, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture,
+                                                                 HealthCheck.too_slow, HealthCheck.data_too_large])
+@given(blocks=st.lists(st.builds(first_block, st.binary(max_size=32) | st.just(b"1.0.0"), st.sampled_from([0, 2, 9]),
+                                 st.integers(0, 2**32 - 1), st.integers(0, 256)), min_size=30, max_size=30),
+       raw=st.lists(st.binary(max_size=120), min_size=5, max_size=5))
+def test_first_blocks(agent, tmp_path, signer, blocks, raw):
+    # what a server (not the signer) can put in front of the agent before the hash is complete
+    cases = [["image", b.hex()] for b in blocks + raw]
+    lines = run(agent, tmp_path, cases + [["image", first_block(b"1.0.0", 0, 0, 256).hex()]], signer)
+    assert lines[-1] == "ok"
 
 
 class RawServer:

@@ -18,7 +18,10 @@ def parse_app_desc(buf):
         return None, 0
     v = bytes(buf[_DESC_AT + 16:_DESC_AT + 48])
     end = v.find(b"\0")
-    return (v if end < 0 else v[:end]).decode(), secure
+    try:
+        return (v if end < 0 else v[:end]).decode(), secure
+    except UnicodeError:  # not text: no version we could ever match
+        return None, 0
 
 
 def check_first_block(buf, chip_id, version):
@@ -31,7 +34,7 @@ def check_first_block(buf, chip_id, version):
         raise OtaError("wrong-chip", "image is for chip id %d, this device is chip id %d" % (got, chip_id))
     v, secure = parse_app_desc(buf)
     if v is None:
-        raise OtaError("bad-image", "image has no esp_app_desc_t")
+        raise OtaError("bad-image", "image has no esp_app_desc_t with a readable version")
     if v != version:
         raise OtaError("version-mismatch", "image says version %s, manifest says %s" % (v, version))
     return secure
