@@ -136,6 +136,16 @@ def test_redirect_loop(setup):
     assert_untouched(d)
 
 
+def test_a_redirect_to_an_unusable_url_is_the_servers_fault(setup):
+    # a transport error (bad-response, tried again later), not bad-url, which blames our config
+    fs, d, name = setup
+    fs.faults = [Fault(path="manifest.json", redirect_to="ftp://elsewhere/manifest.json")]
+    d.run()
+    assert d.status()["last_error"] == "bad-response", d.output
+    assert "redirect" in d.status()["detail"]
+    assert_untouched(d)
+
+
 def test_a_redirect_is_followed(setup):
     fs, d, name = setup
     fs.faults = [Fault(path="manifest.json", redirect_to="/manifest.json", times=1)]

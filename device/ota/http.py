@@ -129,8 +129,10 @@ def split_url(url):
 
 
 def join(base, ref):
-    # A Location or payload URL relative to `base`.
-    if ref.startswith("http://") or ref.startswith("https://"):
+    # A Location or payload URL relative to `base`. A URL with a scheme ("ftp://...") is
+    # absolute: returned as it is, for split_url to refuse.
+    i = ref.find("://")
+    if i > 0 and "/" not in ref[:i]:
         return ref
     tls, host, port, path = split_url(base)
     root = ("https://" if tls else "http://") + host + ":" + str(port)
@@ -199,10 +201,12 @@ def get(url, timeout_s, start=0, ca=None):
     # GET `url` (from byte `start` with a Range request). Returns a Response with status 200
     # or 206; redirects are followed (at most 3); anything else raises a transport OtaError
     # (with .retry_after set from a 503/429 Retry-After header).
-    for _ in range(_REDIRECTS_MAX + 1):
+    for hop in range(_REDIRECTS_MAX + 1):
         try:
             tls, host, port, path = split_url(url)
         except ValueError:
+            if hop:  # the server's Location header, not our configuration
+                raise _err("bad-response", "redirect to a URL we cannot use: %r" % url[:80])
             raise OtaError("bad-url", "cannot use URL %r" % url[:80], DEVICE)
         s = _connect(tls, host, port, timeout_s, ca)
         req = "GET %s HTTP/1.0\r\nHost: %s\r\nUser-Agent: mpota\r\nConnection: close\r\n" % (path, host)
