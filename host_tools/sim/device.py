@@ -66,7 +66,16 @@ def load(name: str, root: Path = DEFAULT_ROOT) -> SimDevice:
     except (OSError, ValueError):
         raise MpotaError(f"no simulated device {name!r} in {root}/",
                          hint=f"create it with: mpota sim create {name} --pub KEY.pub --server URL --firmware FW.bin") from None
-    return SimDevice(name, path, meta.get("board", "unix"), meta.get("heap", "128K"), meta.get("running") or {})
+    dev = SimDevice(name, path, meta.get("board", "unix"), meta.get("heap", "128K"), meta.get("running") or {})
+    try:
+        size = dev.flash.stat().st_size
+    except OSError:
+        size = None
+    if size != FLASH_SIZE:
+        raise MpotaError(f"{dev.flash} is {'missing' if size is None else f'{size} bytes'}, not the "
+                         f"{FLASH_SIZE >> 20} MiB of flash the simulator lays out: the device's files are damaged",
+                         hint=f"make it again: mpota sim create {name} --force ...")
+    return dev
 
 
 def layout_flash(path: Path, table: list[partitions.Partition], firmware: bytes, table_offset=0x8000) -> None:
