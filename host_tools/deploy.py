@@ -189,16 +189,36 @@ def _mpremote_error(port: str, out: str, err: str) -> DeployError:
 
 
 def _marked(out: str, marker: str) -> dict:
+    what = marker.split("-")[1].lower()
     for line in out.splitlines():
         if line.startswith(marker + " "):
-            return json.loads(line[len(marker) + 1:])
-    raise DeployError(f"the board did not answer the {marker.split('-')[1].lower()} request",
+            try:
+                answer = json.loads(line[len(marker) + 1:])
+            except ValueError:
+                answer = None
+            if not isinstance(answer, dict):
+                raise DeployError(f"the board's answer to the {what} request was garbled: {line[:80]!r}",
+                                  hint="try again; if it persists, press RESET (noise on the serial line?)")
+            return answer
+    raise DeployError(f"the board did not answer the {what} request",
                       hint="is this a MicroPython board? try `mpremote connect PORT repl`")
 
 
 def probe(port: str) -> Probe:
     out = run_mpremote(["connect", port, "resume", "exec", PROBE], port)
-    return Probe(**{k: v for k, v in _marked(out, "MPOTA-PROBE").items() if k in Probe.__dataclass_fields__})
+    return parse_probe(_marked(out, "MPOTA-PROBE"))
+
+
+def parse_probe(answer: dict) -> Probe:
+    """The PROBE script's answer as a Probe, checked field by field."""
+    types = {"platform": str, "machine": str, "version": str, "mpy": int, "uid": str, "main": bool, "config": bool}
+    fields = {k: v for k, v in answer.items() if k in types}
+    bad = [k for k, t in types.items() if k in fields and not isinstance(fields[k], t)]
+    missing = [k for k in ("platform", "machine", "version", "mpy") if k not in fields]
+    if bad or missing:
+        raise DeployError(f"the board's answer to the probe is not what mpota's probe prints "
+                          f"({', '.join(bad + missing)})", hint="try again; if it persists, press RESET")
+    return Probe(**fields)
 
 
 # ---- which board ------------------------------------------------------------------------------

@@ -285,3 +285,17 @@ def test_a_ca_for_https_travels_with_the_config(keydir, tmp_path):
     (out.parent / "ca.der").unlink()
     r = mpota("deploy", "--port", "/dev/ttyUSB0", "--config", out, "--board", "esp32", "--dry-run", cwd=tmp_path)
     assert r.returncode == 2 and "cannot read CA certificate" in r.stderr
+
+
+def test_a_garbled_answer_from_the_board_is_a_clear_error():
+    # noise on a serial line: the probe's answer line cut, not JSON, or with fields of the wrong type
+    good = {"platform": "esp32", "machine": "Generic ESP32 module with ESP32", "version": "1.24.1", "mpy": 0x1806}
+    assert deploy.parse_probe(deploy._marked("MPOTA-PROBE " + json.dumps(good), "MPOTA-PROBE")).chip == "esp32"
+    for out in ['MPOTA-PROBE {"platform": "esp32", "mach', "MPOTA-PROBE [1, 2]", "MPOTA-PROBE \x00\xff"]:
+        with pytest.raises(deploy.DeployError) as e:
+            deploy._marked(out, "MPOTA-PROBE")
+        assert "garbled" in str(e.value)
+    for answer in [{**good, "mpy": "6"}, {**good, "platform": None}, {"platform": "esp32"}, {**good, "main": 1}]:
+        with pytest.raises(deploy.DeployError) as e:
+            deploy.parse_probe(answer)
+        assert "probe" in str(e.value) and e.value.hint
