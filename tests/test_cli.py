@@ -115,3 +115,16 @@ def test_outputs_that_cannot_be_written_are_errors_not_tracebacks(tmp_path):
         r = mpota(*args)
         assert r.returncode == 2 and "Traceback" not in r.stderr, (args, r.stderr)
         assert "mpota: error:" in r.stderr and "afile" in r.stderr, (args, r.stderr)
+
+
+def test_a_damaged_simulated_device_says_so(tmp_path):
+    # a flash file cut short (a full disk, a stray truncate) is not a bricked device
+    mpota("keygen", tmp_path / "k", check=True)
+    mpota("sim", "firmware", tmp_path / "fw.bin", "--version", "1.0.0", check=True)
+    mpota("sim", "create", "d", "--pub", tmp_path / "k.pub", "--server", "http://127.0.0.1:9", "--firmware",
+          tmp_path / "fw.bin", "--root", tmp_path / "devs", check=True)
+    flash = tmp_path / "devs" / "d" / "flash.bin"
+    flash.write_bytes(flash.read_bytes()[:100000])
+    for verb in ("run", "status"):
+        r = mpota("sim", verb, "d", "--root", tmp_path / "devs")
+        assert r.returncode == 2 and "damaged" in r.stderr and "--force" in r.stderr and "bricked" not in r.stderr
