@@ -30,7 +30,9 @@ def _size(text: str) -> int:
 
 
 def _heap(text: str) -> str:
-    _size(text)
+    n = _size(text)
+    if not 16 << 10 <= n <= 64 << 20:
+        raise argparse.ArgumentTypeError(f"{text!r}: give 16K to 64M (an ESP32 has about 100K to 150K free)")
     return text.upper().removesuffix("B")
 
 
@@ -304,6 +306,16 @@ def cmd_sim_repl(a):
 
 
 # ---- parser ---------------------------------------------------------------------------------
+def _tcp_port(text: str) -> int:
+    try:
+        n = int(text)
+    except ValueError:
+        n = -1
+    if not 0 <= n <= 65535:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a TCP port (0 to 65535)")
+    return n
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="mpota", description="Secure OTA updates for MicroPython devices.")
     p.add_argument("--version", action="version", version=f"mpota {__version__}")
@@ -348,7 +360,7 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("serve", help="serve a release directory over HTTP (HEAD, Range, ETag)")
     s.add_argument("release", help="directory to serve")
     s.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
-    s.add_argument("--port", type=int, default=8000, help="port (default 8000)")
+    s.add_argument("--port", type=_tcp_port, default=8000, help="port (default 8000; 0 picks a free one)")
     s.add_argument("--quiet", action="store_true", help="no request log")
     s.set_defaults(func=cmd_serve)
 
@@ -470,7 +482,7 @@ def build_parser() -> argparse.ArgumentParser:
                                     "(its fs/, flash and running slot): mpremote connect socket://HOST:PORT.")
     s.add_argument("name")
     s.add_argument("--host", default="127.0.0.1", help="loopback address to listen on (default 127.0.0.1)")
-    s.add_argument("--port", type=int, default=5555, help="TCP port (default 5555; 0 picks a free one)")
+    s.add_argument("--port", type=_tcp_port, default=5555, help="TCP port (default 5555; 0 picks a free one)")
     s.add_argument("--heap", type=_heap, help="MicroPython heap (default: the device's)")
     s.add_argument("--once", action="store_true", help="exit after the first session")
     root_arg(s)

@@ -71,6 +71,12 @@ def test_release_and_verify_errors_are_clear(tmp_path):
     assert r.returncode == 2 and "SHA-256" in r.stderr
     r = mpota("sim", "firmware", tmp_path / "x.bin", "--version", "1.0.0", "--size", "lots")
     assert r.returncode == 2 and "not a size" in r.stderr
+    for port in ("99999", "-1", "http"):
+        r = mpota("serve", tmp_path / "rel", "--port", port)
+        assert r.returncode == 2 and "not a TCP port" in r.stderr and "Traceback" not in r.stderr
+    r = mpota("sim", "create", "d", "--pub", tmp_path / "a.pub", "--server", "http://h", "--firmware",
+              tmp_path / "fw.bin", "--root", tmp_path / "devs", "--heap", "1K")
+    assert r.returncode == 2 and "16K to 64M" in r.stderr
 
 
 def test_sim_commands_point_to_the_next_step(tmp_path):
