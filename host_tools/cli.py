@@ -65,6 +65,9 @@ def cmd_release(a):
     from . import keys, release
     from . import payload
     signers = [keys.load_private(Path(k)) for k in a.key]
+    ids = [keys.keyid(k.public_key()) for k in signers]
+    if len(set(ids)) < len(ids):
+        raise MpotaError("the same key is given twice (--key)", hint="each --key adds one more signer")
     aes_key = payload.load_aes_key(Path(a.encrypt)) if a.encrypt else None
     print(f"release: reading {a.image}")
     rel = release.build(Path(a.image), Path(a.out), signers, version=a.version, chip=a.chip,

@@ -58,6 +58,8 @@ def test_release_and_verify_errors_are_clear(tmp_path):
     r = mpota("release", tmp_path / "fw.bin", "--key", tmp_path / "a", "--out", tmp_path / "rel",
               "--version", "2.0.1")
     assert r.returncode == 2 and "2.0.1" in r.stderr
+    r = mpota("release", tmp_path / "fw.bin", "--key", tmp_path / "a", "--key", tmp_path / "a", "--out", tmp_path / "rel")
+    assert r.returncode == 2 and "twice" in r.stderr
     mpota("release", tmp_path / "fw.bin", "--key", tmp_path / "a", "--out", tmp_path / "rel", check=True)
     assert "OK: 2.0.0" in mpota("verify", tmp_path / "rel", "--pub", tmp_path / "a.pub", check=True).stdout
     r = mpota("verify", tmp_path / "rel", "--pub", tmp_path / "b.pub")
