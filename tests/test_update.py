@@ -296,3 +296,25 @@ def test_a_large_image_streams_within_an_esp32_heap(server, firmware, signer, ma
     st = d.status()
     assert st["version"] == "2.0.0" and st["last_error"] is None, d.output
     assert d.slot_bytes(1, len(big.read_bytes())) == big.read_bytes()
+
+
+def test_confirm_checks_its_arguments_and_api_calls_repeat(firmware, make_device, server):
+    # not only on a new image's first boot, where a mistake would roll back the first field update
+    from host_tools.sim import runner
+    d = make_device(firmware("1.0.0"), server.url)
+    runner.ensure_running(d.dev)
+    env = runner.device_env(d.dev, MPOTA_RUNNING=d.dev.running["slot"], MPOTA_BEHAVIOR="healthy")
+    script = """
+import ota
+for args in ((5,), (lambda: True, '30000'), (lambda: True, 0)):
+    try:
+        ota.confirm(*args)
+        print('accepted', args)
+    except (TypeError, ValueError) as e:
+        print(type(e).__name__)
+ota.confirm(lambda: True, 1000)
+ota.status()
+print(ota.status()['version'])  # every API function can be called again (none is shadowed)
+"""
+    rc, out = runner.run_micropython(d.dev, ["-c", script], env, d.dev.heap)
+    assert rc == 0 and out.split() == ["TypeError", "ValueError", "ValueError", "1.0.0"], out

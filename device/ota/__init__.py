@@ -7,12 +7,14 @@
 #   ota.status()          # running slot, version, OTA state of each slot, last result
 #
 # Importing this module loads nothing else: each call imports only what it needs, so the
-# confirm path on every boot stays small (ota/confirm.py), and the updater, HTTP client and
-# Ed25519 verifier are loaded only when an update is checked.
+# confirm path on every boot stays small (ota/trial.py), and the updater, HTTP client and
+# Ed25519 verifier are loaded only when an update is checked. No submodule is named after a
+# function here: importing ota.x sets the package's attribute x to the module, which would
+# replace the function (a second ota.status() would fail).
 
 
 def confirm(health=None, timeout_ms=30000):
-    from ota.confirm import confirm as _confirm
+    from ota.trial import confirm as _confirm
     return _confirm(health, timeout_ms)
 
 
@@ -35,5 +37,5 @@ def check():
 
 
 def status():
-    from ota.status import status as _status
+    from ota.summary import status as _status
     return _status()

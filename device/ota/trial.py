@@ -40,6 +40,12 @@ def _health(health, timeout_ms):
 
 
 def confirm(health=None, timeout_ms=30000):
+    # Arguments are checked on every boot, not only on the first boot of a new image, so a
+    # mistake shows at the desk instead of rolling back the first update in the field.
+    if health is not None and not callable(health):
+        raise TypeError("ota.confirm(health): health must be a function or None")
+    if not isinstance(timeout_ms, int) or timeout_ms <= 0:
+        raise ValueError("ota.confirm(timeout_ms): a number of milliseconds > 0")
     all_slots = slots.ota_slots()
     run = slots.running()
     label = run.info()[4]
