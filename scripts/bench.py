@@ -229,7 +229,7 @@ print(time.ticks_diff(time.ticks_us(), t), n)
 
         def smallest(main_py=None):
             lo, hi = 32, 256  # KiB
-            while hi - lo > 4:
+            while hi - lo > 1:  # to 1 KiB
                 mid = (lo + hi) // 2
                 ok, _ = _update_once(tmp, url, kp, fw1, f"{mid}K", main_py)
                 lo, hi = (lo, mid) if ok else (mid, hi)

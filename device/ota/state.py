@@ -33,20 +33,15 @@ def load():
     return _fresh()
 
 
-def _is(v, t):
-    return v is None or isinstance(v, t)
-
-
-def _fields_ok(d, strs, ints):
-    # d is a dict whose `strs` are strings and whose `ints` are whole numbers >= 0 (or absent)
+def _rec(d, text):
+    # a dict with the string fields `text`, every other field a whole number >= 0
     if not isinstance(d, dict):
         return False
-    for k in strs:
+    for k in text:
         if not isinstance(d.get(k), str):
             return False
-    for k in ints:
-        v = d.get(k)
-        if v is not None and not (isinstance(v, int) and v >= 0):
+    for k, v in d.items():
+        if k not in text and not (isinstance(v, int) and v >= 0):
             return False
     return True
 
@@ -56,25 +51,17 @@ def _sane(st):
     # a field of the wrong type goes back to its fresh value, so that it cannot make every
     # later update() fail the same way.
     base = _fresh()
-    for k in ("last_result", "last_error", "retried"):
-        if _is(st.get(k), str):
-            base[k] = st.get(k)
-    if isinstance(st.get("detail"), str):
-        base["detail"] = st["detail"]
-    if _is(st.get("retry_after"), int):
-        base["retry_after"] = st.get("retry_after")
-    f = st.get("floor")
-    if isinstance(f, int) and f >= 0:
-        base["floor"] = f
-    p = st.get("pending")
-    if p is not None and _fields_ok(p, ("digest", "version", "slot"), ("counter", "sector")):
-        base["pending"] = p
-    p = st.get("progress")
-    if p is not None and _fields_ok(p, ("digest", "slot"), ("done", "chunk")):
-        base["progress"] = p
+    for k, t in (("last_result", str), ("last_error", str), ("retried", str), ("detail", str),
+                 ("retry_after", int), ("floor", int)):
+        v = st.get(k)
+        if isinstance(v, t) and (t is str or v >= 0):
+            base[k] = v
+    for k, text in (("pending", ("digest", "version", "slot")), ("progress", ("digest", "slot"))):
+        if _rec(st.get(k), text):
+            base[k] = st[k]
     rej = st.get("rejected")
     if isinstance(rej, list):
-        base["rejected"] = [r for r in rej if _fields_ok(r, ("digest",), ())][-_REJECTED_MAX:]
+        base["rejected"] = [r for r in rej if isinstance(r, dict) and isinstance(r.get("digest"), str)][-_REJECTED_MAX:]
     return base
 
 
