@@ -268,6 +268,10 @@ def test_check_reports_without_changing_anything(server, firmware, signer, make_
     assert check()["update"] is False and check()["detail"] == "up to date"
     server.publish(firmware("1.5.0"), signer)
     assert check()["error"] == "downgrade"
+    # too little heap for the signature check: an answer, not an exception in the application
+    env = runner.device_env(d.dev, MPOTA_RUNNING=d.status()["slot"])
+    rc, out = runner.run_micropython(d.dev, ["-c", "import ota, json; print(json.dumps(ota.check()))"], env, "40K")
+    assert rc == 0 and json.loads(out.strip().splitlines()[-1])["error"] == "no-memory", out
 
 
 def test_update_refuses_to_run_before_the_new_image_is_confirmed(server, firmware, signer, make_device):
@@ -318,3 +322,35 @@ print(ota.status()['version'])  # every API function can be called again (none i
 """
     rc, out = runner.run_micropython(d.dev, ["-c", script], env, d.dev.heap)
     assert rc == 0 and out.split() == ["TypeError", "ValueError", "ValueError", "1.0.0"], out
+
+
+def test_the_application_gets_its_heap_back(server, firmware, signer, make_device):
+    # An update check loads ~57 KiB of agent code; each API call forgets what it loaded, so a
+    # main.py that checks every hour does not lose that heap for good. Too little heap to load
+    # the updater is an answer (no-memory), not an exception in the application.
+    from host_tools.sim import runner
+    server.publish(firmware("1.0.0"), signer)
+    d = make_device(firmware("1.0.0"), server.url)
+    runner.ensure_running(d.dev)
+    env = runner.device_env(d.dev, MPOTA_RUNNING=d.dev.running["slot"])
+    script = """
+import gc, ota, sys
+ota.confirm(lambda: True)
+held = []
+for i in range(3):
+    gc.collect(); a = gc.mem_alloc()
+    r = ota.update(); c = ota.check(); s = ota.status()
+    gc.collect(); held.append(gc.mem_alloc() - a)
+print(r['result'], c['detail'], s['version'], held, sorted(k for k in sys.modules if k.startswith('ota')))
+"""
+    rc, out = runner.run_micropython(d.dev, ["-c", script], env, "128K")
+    assert rc == 0, out
+    line = out.strip().splitlines()[-1]
+    assert line.startswith("up-to-date up to date 1.0.0"), line
+    held = json.loads(line[line.index("["):line.index("]") + 1])
+    # the first round keeps only the native SHA-512 code (machine code: never reloaded), then nothing
+    assert held[0] < 12 * 1024 and held[1] < 512 and held[2] < 512, held
+    assert line.endswith("['ota', 'ota._sha512_viper']"), line
+    rc, out = runner.run_micropython(d.dev, ["-c", "import ota\nprint(ota.update()['error'])"], env, "72K")
+    assert rc == 0 and out.strip().splitlines()[-1] == "no-memory", out
+    assert d.status()["last_error"] == "no-memory"

@@ -11,11 +11,48 @@
 # Ed25519 verifier are loaded only when an update is checked. No submodule is named after a
 # function here: importing ota.x sets the package's attribute x to the module, which would
 # replace the function (a second ota.status() would fail).
+#
+# And each call forgets the modules it loaded before it returns: an update check loads about
+# 57 KiB of agent code and data that the application would otherwise lose for good (the next
+# call loads them again, a few ms). ota._sha512_viper stays: it is machine code, which an
+# ESP32 keeps in executable RAM that the garbage collector does not reclaim.
+import sys
+
+_RESIDENT = ("ota._sha512_viper",)
+
+
+def _unload(keep):
+    g = globals()
+    for name in list(sys.modules):
+        if name.startswith("ota.") and name not in keep and name not in _RESIDENT:
+            del sys.modules[name]
+            if type(g.get(name[4:])) is type(sys):  # the attribute the import set on the package
+                del g[name[4:]]
+    import gc
+    gc.collect()
+
+
+def _no_memory(what):
+    # An import or buffer the call needs did not fit: say so (in the state file too, if that
+    # still fits) instead of raising into the application.
+    detail = "out of heap " + what
+    try:
+        from ota import state
+        st = state.load()
+        state.record(st, "failed", "no-memory", detail)
+        state.save(st)
+    except Exception:
+        pass
+    return {"result": "failed", "error": "no-memory", "detail": detail}
 
 
 def confirm(health=None, timeout_ms=30000):
-    from ota.trial import confirm as _confirm
-    return _confirm(health, timeout_ms)
+    keep = set(sys.modules)
+    try:
+        from ota.trial import confirm as _confirm
+        return _confirm(health, timeout_ms)
+    finally:
+        _unload(keep)
 
 
 def update(reboot=True):
@@ -23,19 +60,40 @@ def update(reboot=True):
     # and with it a 2 KiB reserve that is let go just before a compressed payload's inflater
     # allocates its window; the updater's code loads after them (many small allocations fit
     # where 4 KiB would not). See docs/memory.md.
-    import gc
-    gc.collect()
-    buf = bytearray(4096)
-    reserve = bytearray(2048)
-    from ota.updater import update as _update
-    return _update(reboot, buf, reserve)
+    keep = set(sys.modules)
+    try:
+        import gc
+        gc.collect()
+        buf = bytearray(4096)
+        reserve = bytearray(2048)
+        from ota.updater import update as _update
+        return _update(reboot, buf, reserve)
+    except MemoryError:
+        buf = reserve = None
+        _unload(keep)
+        return _no_memory("loading the updater")
+    finally:
+        _unload(keep)
 
 
 def check():
-    from ota.updater import check as _check
-    return _check()
+    keep = set(sys.modules)
+    try:
+        import gc
+        gc.collect()
+        buf = bytearray(4096)  # first, as in update()
+        from ota.updater import check as _check
+        return _check(buf)
+    except MemoryError:
+        return {"update": False, "error": "no-memory", "detail": "out of heap loading the updater"}
+    finally:
+        _unload(keep)
 
 
 def status():
-    from ota.summary import status as _status
-    return _status()
+    keep = set(sys.modules)
+    try:
+        from ota.summary import status as _status
+        return _status()
+    finally:
+        _unload(keep)

@@ -94,14 +94,20 @@ def _offer(cfg, st, mv):
     return o
 
 
-def check():
+def check(buf=None):
     # What update() would do, without downloading the payload or changing any state.
     from ota import config
     st = state.load()
     try:
-        o = _offer(config.load(), st, _block_buffer())
+        o = _offer(config.load(), st, _block_buffer(buf))
     except OtaError as e:
         return {"update": False, "error": e.code, "detail": e.detail}
+    except MemoryError:  # as in update(): a query must not take the application down
+        return {"update": False, "error": "no-memory", "detail": "out of heap during the check"}
+    except Exception as e:
+        import sys
+        sys.print_exception(e)
+        return {"update": False, "error": "internal-error", "detail": repr(e)[:120]}
     why = state.rejected_reason(st, o.digest)
     if why:
         return {"update": False, "version": o.m.version, "running": o.running, "error": "rejected",
