@@ -94,8 +94,11 @@ def cmd_verify(a):
     aes_key = payload.load_aes_key(Path(a.aes)) if a.aes else None
     rel = release.verify(Path(a.release), [keys.load_public(Path(p)) for p in a.pub], aes_key)
     m = rel.manifest
+    sealed = m["payload"].get("encryption") is not None and aes_key is None
     print(f"OK: {m['version']} for {m['board']}/{m['chip']}, counter {m['security_counter']}, "
-          f"payload {m['payload']['url']} {m['payload']['size']} bytes, signature and hashes verified")
+          f"payload {m['payload']['url']} {m['payload']['size']} bytes, signature and "
+          + ("payload hashes verified (encrypted: the image inside is checked with --aes KEY)" if sealed
+             else "hashes verified"))
 
 
 def cmd_serve(a):

@@ -136,3 +136,15 @@ def test_a_damaged_simulated_device_says_so(tmp_path):
     for verb in ("run", "status"):
         r = mpota("sim", verb, "d", "--root", tmp_path / "devs")
         assert r.returncode == 2 and "damaged" in r.stderr and "--force" in r.stderr and "bricked" not in r.stderr
+
+
+def test_verify_of_an_encrypted_release_says_what_it_checked(tmp_path):
+    mpota("keygen", tmp_path / "k", check=True)
+    mpota("keygen", "--aes", tmp_path / "fw.aes", check=True)
+    mpota("sim", "firmware", tmp_path / "fw.bin", "--version", "1.0.0", "--size", "32K", check=True)
+    mpota("release", tmp_path / "fw.bin", "--key", tmp_path / "k", "--out", tmp_path / "rel",
+          "--encrypt", tmp_path / "fw.aes", check=True)
+    out = mpota("verify", tmp_path / "rel", "--pub", tmp_path / "k.pub", check=True).stdout
+    assert "payload hashes verified" in out and "--aes" in out  # the image inside was not checked
+    out = mpota("verify", tmp_path / "rel", "--pub", tmp_path / "k.pub", "--aes", tmp_path / "fw.aes", check=True).stdout
+    assert "signature and hashes verified" in out
