@@ -144,6 +144,21 @@ def test_envelopes(agent, tmp_path, signer, envs, cuts, raw):
     assert lines[-1] == "ok"  # and the untouched one verifies
 
 
+DEEP = [b"[" * 2040 + b"]" * 2040, b'{"a":' * 800 + b"1" + b"}" * 800, b"[" * 4000,
+        b'["' + b"[" * 3000 + b'"]']  # brackets inside a string do not nest
+
+
+def test_deeply_nested_json(agent, tmp_path, signer):
+    # MicroPython's JSON parser runs out of heap on thousands of levels (4 KiB is enough): a
+    # hostile document, not a lack of memory. Every document the agent parses is covered.
+    cases = [[kind, d.hex()] for d in DEEP for kind in ("envelope", "manifest", "config", "state")]
+    lines = run(agent, tmp_path, cases, signer)
+    codes = {kind: lines[i] for i, (kind, _) in enumerate(cases) if i < 4}
+    assert codes == {"envelope": "code:bad-envelope", "manifest": "code:bad-manifest", "config": "code:bad-config",
+                     "state": "ok"}, lines  # a bad state file is replaced by a fresh one
+    assert "code:no-memory" not in lines
+
+
 VALID_CONFIG = {"server": "http://h:8000/", "pubkeys": ["11" * 32], "board": "esp32", "chip": "esp32",
                 "device_id": "d", "timeout_s": 10}
 config_mutations = st.fixed_dictionaries({}, optional={

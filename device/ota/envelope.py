@@ -1,7 +1,7 @@
 # DSSE v1 envelope verification: bytes in, the signed payload bytes out, no I/O.
 # The signature is checked over PAE(payloadType, payload) before the payload is parsed, so a
 # hostile manifest body never reaches the JSON parser unless a trusted key signed it.
-import json
+from ota import jsonfile
 from binascii import a2b_base64, hexlify
 from hashlib import sha256
 from ota.errors import OtaError
@@ -29,7 +29,7 @@ def _b64(s):
 
 def open_envelope(data, pubkeys):
     try:
-        env = json.loads(data)
+        env = jsonfile.loads(data)
         ptype = env["payloadType"]
         body = _b64(env["payload"])
         sigs = env["signatures"]

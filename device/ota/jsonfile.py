@@ -1,6 +1,45 @@
-# Small JSON files on the device filesystem: bounded reads and atomic writes.
+# Small JSON documents: parsed with a bound on nesting; files on the device filesystem read
+# with a bound on size and written atomically.
 import json
 import os
+
+_DEPTH_MAX = 16  # deeper than any document of ours
+
+
+def loads(data):
+    # json.loads, except that a document nested deeper than _DEPTH_MAX (hostile: "[[[[...")
+    # raises ValueError like any other bad JSON; MicroPython's parser keeps a heap object per
+    # level and runs out of heap on it (2000 levels fit in 4 KiB) instead. The depth is
+    # counted only then, so a good document costs nothing more.
+    try:
+        return json.loads(data)
+    except MemoryError:
+        if _too_deep(data if isinstance(data, (bytes, bytearray, memoryview)) else data.encode()):
+            raise ValueError("JSON nested too deep")
+        raise
+
+
+def _too_deep(b):
+    depth = 0
+    in_str = False
+    esc = False
+    for c in b:
+        if in_str:
+            if esc:
+                esc = False
+            elif c == 0x5C:  # backslash
+                esc = True
+            elif c == 0x22:  # quote
+                in_str = False
+        elif c == 0x22:
+            in_str = True
+        elif c == 0x5B or c == 0x7B:  # [ {
+            depth += 1
+            if depth > _DEPTH_MAX:
+                return True
+        elif c == 0x5D or c == 0x7D:  # ] }
+            depth -= 1
+    return False
 
 
 def read(path, limit):
@@ -13,7 +52,7 @@ def read(path, limit):
     if size > limit:
         raise ValueError("file too large")
     with open(path) as f:
-        return json.loads(f.read())
+        return loads(f.read())
 
 
 def write(path, obj):

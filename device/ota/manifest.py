@@ -1,5 +1,5 @@
 # The signed manifest body: parse and check it against this device. Bytes in, no I/O.
-import json
+from ota import jsonfile
 from binascii import unhexlify
 from ota.errors import OtaError
 
@@ -92,7 +92,7 @@ class Manifest:
 
 def parse(body):
     try:
-        m = json.loads(body)
+        m = jsonfile.loads(body)
     except (ValueError, TypeError):
         raise OtaError("bad-manifest", "signed payload is not JSON")
     _need(isinstance(m, dict), "(body)")
