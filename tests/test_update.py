@@ -354,3 +354,33 @@ print(r['result'], c['detail'], s['version'], held, sorted(k for k in sys.module
     rc, out = runner.run_micropython(d.dev, ["-c", "import ota\nprint(ota.update()['error'])"], env, "72K")
     assert rc == 0 and out.strip().splitlines()[-1] == "no-memory", out
     assert d.status()["last_error"] == "no-memory"
+
+
+def test_a_filesystem_that_cannot_be_written_installs_nothing_and_crashes_nothing(server, firmware, signer,
+                                                                                   make_device):
+    # a full or broken filesystem: the state file cannot be replaced (here: a directory sits where
+    # its temporary file goes). Nothing is set to boot that could not be recorded, and main.py
+    # keeps running: no reset loop, no download repeated on every boot.
+    server.publish(firmware("2.0.0"), signer)
+    d = make_device(firmware("1.0.0"), server.url)
+    (d.dev.fs / "ota_state.json.tmp").mkdir()
+    d.run(max_boots=2)
+    assert "state-unwritable" in d.output and "Traceback" not in d.output, d.output
+    assert d.dev.running["version"] == "1.0.0"
+    assert "[boot 1] idle" in d.output and "[boot 2]" not in d.output  # idle after the first boot
+
+
+def test_a_failed_health_check_rolls_back_even_if_nothing_can_be_recorded(server, firmware, signer, make_device):
+    # the filesystem fails between the install and the new image's first boot: the unhealthy
+    # image still resets into the old one (it must not stay up, unconfirmed, because a state
+    # write failed), and the old one runs its application
+    from host_tools.sim import runner
+    server.publish(firmware("2.0.0", "unhealthy"), signer)
+    d = make_device(firmware("1.0.0"), server.url)
+    with pytest.raises(AssertionError):
+        d.run(max_boots=1)  # installs 2.0.0 and resets
+    (d.dev.fs / "ota_state.json.tmp").mkdir()
+    d.run(max_boots=6)  # ends idle (an AssertionError with the boot log otherwise)
+    assert "health check failed" in d.output and "state-unwritable" in d.output, d.output
+    assert runner.ensure_running(d.dev)["version"] == "1.0.0", d.output
+    assert "Traceback" not in d.output

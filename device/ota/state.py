@@ -11,6 +11,7 @@
 #   rejected     releases never to try again (manifest digest, version, reason), newest last
 #   floor        the security counter of the newest confirmed release (anti-rollback)
 from ota import jsonfile
+from ota.errors import OtaError, DEVICE
 
 PATH = "ota_state.json"
 _MAX = 8192
@@ -66,7 +67,12 @@ def _sane(st):
 
 
 def save(st):
-    jsonfile.write(PATH, st)
+    # A filesystem that is full (or broken) must not crash the application: the caller gets
+    # an OtaError, and the updater installs nothing it could not record.
+    try:
+        jsonfile.write(PATH, st)
+    except OSError as e:
+        raise OtaError("state-unwritable", "cannot write %s (%r): is the filesystem full?" % (PATH, e), DEVICE)
 
 
 def record(st, result, error=None, detail=""):
