@@ -148,3 +148,18 @@ def test_verify_of_an_encrypted_release_says_what_it_checked(tmp_path):
     assert "payload hashes verified" in out and "--aes" in out  # the image inside was not checked
     out = mpota("verify", tmp_path / "rel", "--pub", tmp_path / "k.pub", "--aes", tmp_path / "fw.aes", check=True).stdout
     assert "signature and hashes verified" in out
+
+
+def test_a_device_name_cannot_reach_outside_the_root(tmp_path):
+    # `sim create --force` removes the directory the name gives: '..' must not be one
+    mpota("keygen", tmp_path / "k", check=True)
+    mpota("sim", "firmware", tmp_path / "fw.bin", "--version", "1.0.0", check=True)
+    (tmp_path / "root" / "devs").mkdir(parents=True)
+    (tmp_path / "root" / "keep.txt").write_text("x")
+    for name in ("..", "../x", "a/b", "dev 1"):
+        r = mpota("sim", "create", name, "--pub", tmp_path / "k.pub", "--server", "http://h:1", "--firmware",
+                  tmp_path / "fw.bin", "--root", tmp_path / "root" / "devs", "--force")
+        assert r.returncode == 2 and "not a device name" in r.stderr, (name, r.stderr)
+        r = mpota("sim", "status", name, "--root", tmp_path / "root" / "devs")
+        assert r.returncode == 2 and "not a device name" in r.stderr
+    assert (tmp_path / "root" / "keep.txt").exists()

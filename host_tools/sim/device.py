@@ -59,8 +59,19 @@ def board_info(board: str) -> dict:
     return json.loads(path.read_text())
 
 
+def check_name(name: str) -> str:
+    """A device name is one directory under the root: never '..', a path, or empty (create
+    --force removes the directory it names)."""
+    ok = name and len(name) <= 64 and name[0].isalnum() and ".." not in name and all(
+        c.isalnum() or c in "-_." for c in name)
+    if not ok:
+        raise MpotaError(f"{name!r} is not a device name",
+                         hint="letters, digits, '-', '_' and '.', starting with a letter or digit, e.g. dev1")
+    return name
+
+
 def load(name: str, root: Path = DEFAULT_ROOT) -> SimDevice:
-    path = Path(root) / name
+    path = Path(root) / check_name(name)
     try:
         meta = json.loads((path / "device.json").read_text())
     except (OSError, ValueError):
@@ -96,6 +107,7 @@ def create(name: str, pubkeys: list[Path], server: str, firmware: Path, *, root:
            board: str = "unix", heap: str = "128K", source: bool = False, force: bool = False,
            device_id: str | None = None, mirrors: list[str] = (), aes_keys: list[Path] = (),
            ca: Path | None = None) -> SimDevice:
+    check_name(name)
     info = board_info(board)
     ca_der = deviceconfig.load_ca(ca) if ca is not None else None
     config = deviceconfig.make(pubkeys, server, board=info.get("board_id", board), chip=info["chip"],
