@@ -262,6 +262,8 @@ def choose_board(pr: Probe, board: str | None, source: bool = False) -> str:
 
 
 # ---- staging ----------------------------------------------------------------------------------
+STAGE_MARK = ".mpota-stage"  # not copied to the board: copy_args() names what it copies
+
 def example_main(board: str) -> Path:
     own = BOARDS_DIR / board / "main.py"
     return own if own.is_file() else DEVICE_DIR / "examples" / "main.py"
@@ -272,8 +274,15 @@ def stage(stage_dir: Path, board: str, config: dict, *, main: Path | None, wifi:
     info = board_info(board)
     stage_dir = Path(stage_dir)
     if stage_dir.exists():
+        # it is emptied first: only if an earlier deploy made it (--stage may name any directory)
+        ours = (stage_dir / STAGE_MARK).exists() or (  # or staged before the mark existed
+            (stage_dir / "lib" / "ota").is_dir() and (stage_dir / "ota_config.json").is_file())
+        if not stage_dir.is_dir() or (any(stage_dir.iterdir()) and not ours):
+            raise DeployError(f"{stage_dir} exists and is not a staging directory of mpota deploy",
+                              hint="give --stage a new or empty directory (it is emptied on every deploy)")
         shutil.rmtree(stage_dir)
     stage_dir.mkdir(parents=True)
+    (stage_dir / STAGE_MARK).write_text("staged by mpota deploy; emptied by the next one\n")
     agent = devicepkg.install_agent(stage_dir / "lib", arch=None if source else info["mpy_arch"], source=source)
     root = deviceconfig.write(stage_dir / "ota_config.json", config, ca=ca)
     if main is not None:

@@ -299,3 +299,17 @@ def test_a_garbled_answer_from_the_board_is_a_clear_error():
         with pytest.raises(deploy.DeployError) as e:
             deploy.parse_probe(answer)
         assert "probe" in str(e.value) and e.value.hint
+
+
+def test_stage_never_empties_a_directory_it_did_not_make(keydir, tmp_path):
+    mine = tmp_path / "work"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("mine")
+    args = ("deploy", "--port", "/dev/ttyUSB0", "--pub", keydir / "release.pub", "--server", "http://a:8000",
+            "--board", "esp32", "--dry-run")
+    r = mpota(*args, "--stage", mine, cwd=tmp_path)
+    assert r.returncode == 2 and "not a staging directory" in r.stderr and (mine / "notes.txt").exists()
+    r = mpota(*args, "--stage", tmp_path / "st", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    r = mpota(*args, "--stage", tmp_path / "st", cwd=tmp_path)  # its own: emptied and staged again
+    assert r.returncode == 0 and ".mpota-stage" not in r.stdout, r.stderr
