@@ -312,14 +312,21 @@ def cmd_sim_repl(a):
 
 
 # ---- parser ---------------------------------------------------------------------------------
-def _tcp_port(text: str) -> int:
-    try:
-        n = int(text)
-    except ValueError:
-        n = -1
-    if not 0 <= n <= 65535:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a TCP port (0 to 65535)")
-    return n
+def _bounded(what: str, lo: int, hi: int):
+    def parse(text: str) -> int:
+        try:
+            n = int(text)
+        except ValueError:
+            n = lo - 1
+        if not lo <= n <= hi:
+            raise argparse.ArgumentTypeError(f"{text!r}: give {what} from {lo} to {hi}")
+        return n
+    return parse
+
+
+_timeout = _bounded("seconds", 1, 300)
+_baud = _bounded("a baud rate", 9600, 5000000)
+_tcp_port = _bounded("a TCP port", 0, 65535)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -381,7 +388,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--ca", help="CA certificate (PEM or DER) that https servers are checked against")
     s.add_argument("--board", default="esp32", help="board definition in boards/ (default esp32)")
     s.add_argument("--device-id", default="", help="name the device reports")
-    s.add_argument("--timeout", type=int, default=10, choices=range(1, 301), metavar="SECONDS",
+    s.add_argument("--timeout", type=_timeout, default=10, metavar="SECONDS",
                    help="network timeout on the device (default 10)")
     s.add_argument("--out", default="ota_config.json", help="file to write (default ota_config.json)")
     s.set_defaults(func=cmd_config)
@@ -403,7 +410,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("firmware", help="MicroPython .bin (app image or merged image)")
     s.add_argument("--board", default="esp32", help="board definition in boards/ (default esp32; `mpota boards`)")
     s.add_argument("--port", help="serial port, e.g. /dev/ttyUSB0, /dev/ttyACM0, COM3")
-    s.add_argument("--baud", type=int, default=460800, help="baud rate for writing (default 460800)")
+    s.add_argument("--baud", type=_baud, default=460800, help="baud rate for writing (default 460800)")
     s.add_argument("--bootloader", help="bootloader .bin to write (default: the merged image's, else keep the board's)")
     s.add_argument("--erase-all", action="store_true", help="erase the whole flash first (the filesystem too)")
     s.add_argument("--out", help="where to write the files that get flashed (default build/flash/BOARD)")
@@ -426,7 +433,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--config", help="an ota_config.json written by `mpota config` (instead of --pub/--server)")
     s.add_argument("--board", help="board definition (default: found from the board's MCU)")
     s.add_argument("--device-id", help="name the device reports (default: its machine.unique_id() in hex)")
-    s.add_argument("--timeout", type=int, default=10, choices=range(1, 301), metavar="SECONDS",
+    s.add_argument("--timeout", type=_timeout, default=10, metavar="SECONDS",
                    help="network timeout on the device (default 10)")
     s.add_argument("--main", help="copy this file as main.py (default: the example, only if the board has no main.py)")
     s.add_argument("--no-main", action="store_true", help="never touch main.py")

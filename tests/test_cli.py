@@ -75,10 +75,14 @@ def test_release_and_verify_errors_are_clear(tmp_path):
     assert r.returncode == 2 and "not a size" in r.stderr
     for port in ("99999", "-1", "http"):
         r = mpota("serve", tmp_path / "rel", "--port", port)
-        assert r.returncode == 2 and "not a TCP port" in r.stderr and "Traceback" not in r.stderr
+        assert r.returncode == 2 and "give a TCP port from 0 to 65535" in r.stderr and "Traceback" not in r.stderr
     r = mpota("sim", "create", "d", "--pub", tmp_path / "a.pub", "--server", "http://h", "--firmware",
               tmp_path / "fw.bin", "--root", tmp_path / "devs", "--heap", "1K")
     assert r.returncode == 2 and "16K to 64M" in r.stderr
+    r = mpota("flash", tmp_path / "fw.bin", "--dry-run", "--baud", "0")
+    assert r.returncode == 2 and "baud rate from 9600" in r.stderr
+    r = mpota("config", "--pub", tmp_path / "a.pub", "--server", "http://h", "--timeout", "0")
+    assert r.returncode == 2 and "seconds from 1 to 300" in r.stderr
 
 
 def test_sim_commands_point_to_the_next_step(tmp_path):
