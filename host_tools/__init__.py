@@ -1,4 +1,6 @@
 """mpota host tools: keys, signing, releases, update server, simulator, flashing, deploying."""
+from __future__ import annotations
+
 from pathlib import Path
 
 __version__ = "0.1.0"
@@ -15,3 +17,11 @@ class MpotaError(Exception):
     def __init__(self, message, hint=None):
         super().__init__(message)
         self.hint = hint
+
+
+def read_input(path, what: str = "", hint: str | None = None, error: type = MpotaError) -> bytes:
+    """The bytes of a file the user named; a clear `error` (with `hint`) if it cannot be read."""
+    try:
+        return Path(path).read_bytes()
+    except OSError as e:
+        raise error(f"cannot read {what + ' ' if what else ''}{path}: {e.strerror}", hint=hint) from None

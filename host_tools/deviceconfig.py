@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from . import MpotaError, keys, payload
+from . import MpotaError, keys, payload, read_input
 
 CA_FILE = "ca.der"  # the CA certificate on the device, next to ota_config.json
 MAX_CA_BYTES = 4096  # the device reads the whole file into RAM
@@ -15,10 +15,7 @@ def load_ca(path: Path) -> bytes:
     """A CA certificate file (PEM or DER) as DER, the form the device's tls module takes."""
     from cryptography import x509
     from cryptography.hazmat.primitives.serialization import Encoding
-    try:
-        data = Path(path).read_bytes()
-    except OSError as e:
-        raise MpotaError(f"cannot read CA certificate {path}: {e.strerror}") from None
+    data = read_input(path, "CA certificate")
     try:
         if b"-----BEGIN" in data:
             cert = x509.load_pem_x509_certificate(data)

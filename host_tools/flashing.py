@@ -30,7 +30,7 @@ import struct
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from . import MpotaError, espimage, partitions
+from . import MpotaError, espimage, partitions, read_input
 from .sim.device import board_info
 
 APP_NAME = "micropython.bin"
@@ -201,11 +201,7 @@ def plan(board: str, firmware: Path, bootloader: Path | None = None) -> FlashPla
     """Read and check everything that `mpota flash` would write. Raises FlashError with a hint
     for a firmware that does not fit the board."""
     info, table = load_board(board)
-    try:
-        data = Path(firmware).read_bytes()
-    except OSError as e:
-        raise FlashError(f"cannot read firmware {firmware}: {e.strerror}",
-                         hint=_download_hint(info)) from None
+    data = read_input(firmware, "firmware", hint=_download_hint(info), error=FlashError)
     kind, bl, app, embedded = split_firmware(data, info)
     name = Path(firmware).name
     app_chip = _chip_of(app)
@@ -234,10 +230,7 @@ def plan(board: str, firmware: Path, bootloader: Path | None = None) -> FlashPla
                     if info.get("micropython_board") else "")
                  + f", or a board definition with larger slots than boards/{board}/partitions.csv")
     if bootloader is not None:
-        try:
-            bl = Path(bootloader).read_bytes()
-        except OSError as e:
-            raise FlashError(f"cannot read bootloader {bootloader}: {e.strerror}") from None
+        bl = read_input(bootloader, "bootloader", error=FlashError)
         bl = bl[:image_length(bl)]
         bl_source = f"from {Path(bootloader).name}"
     else:

@@ -13,7 +13,7 @@ from pathlib import Path
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
-from . import MpotaError
+from . import MpotaError, read_input
 
 
 def raw_public(pub: Ed25519PublicKey) -> bytes:
@@ -47,11 +47,7 @@ def generate(path: Path, force: bool = False) -> str:
 
 
 def load_private(path: Path) -> Ed25519PrivateKey:
-    try:
-        data = Path(path).read_bytes()
-    except OSError as e:
-        raise MpotaError(f"cannot read private key {path}: {e.strerror}",
-                         hint="make one with: mpota keygen keys/release") from None
+    data = read_input(path, "private key", hint="make one with: mpota keygen keys/release")
     try:
         key = serialization.load_pem_private_key(data, password=None)
     except (ValueError, TypeError):
@@ -66,10 +62,7 @@ def load_private(path: Path) -> Ed25519PrivateKey:
 
 def load_public(path: Path) -> Ed25519PublicKey:
     """A public key from a .pub PEM file (a private key file is accepted and reduced to its public half)."""
-    try:
-        data = Path(path).read_bytes()
-    except OSError as e:
-        raise MpotaError(f"cannot read public key {path}: {e.strerror}") from None
+    data = read_input(path, "public key")
     try:
         key = serialization.load_pem_public_key(data)
     except (ValueError, TypeError):

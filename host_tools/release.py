@@ -21,7 +21,7 @@ from pathlib import Path
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
-from . import MpotaError, dsse, espimage, payload as payloads
+from . import MpotaError, dsse, espimage, payload as payloads, read_input
 
 SCHEMA = 1
 MANIFEST_NAME = "manifest.json"
@@ -68,10 +68,7 @@ def build(image_path: Path, out_dir: Path, keys: list[Ed25519PrivateKey], *, ver
     """Sign `image_path` into `out_dir`: version, chip and security counter come from the image
     (esp_app_desc_t and header) unless given. `compress` and `aes_key` make a chunked payload."""
     image_path = Path(image_path)
-    try:
-        data = image_path.read_bytes()
-    except OSError as e:
-        raise MpotaError(f"cannot read firmware image {image_path}: {e.strerror}") from None
+    data = read_input(image_path, "firmware image")
     info = espimage.parse(data)
     if chip and info.chip and chip != info.chip:
         raise ReleaseError("wrong-chip", f"--chip {chip} but the image header says {info.chip}",
@@ -154,10 +151,7 @@ def verify(release_dir: Path, trusted: list[Ed25519PublicKey], aes_key: bytes | 
     release_dir = Path(release_dir)
     mpath = release_dir / MANIFEST_NAME if release_dir.is_dir() else release_dir
     release_dir = mpath.parent
-    try:
-        envelope = mpath.read_bytes()
-    except OSError as e:
-        raise MpotaError(f"cannot read {mpath}: {e.strerror}", hint="pass a release directory made by `mpota release`") from None
+    envelope = read_input(mpath, hint="pass a release directory made by `mpota release`")
     if len(envelope) > MANIFEST_MAX:
         raise ReleaseError("manifest-too-large", f"manifest is {len(envelope)} bytes; devices accept {MANIFEST_MAX}")
     body = dsse.verify(envelope, trusted)

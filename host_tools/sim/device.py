@@ -12,7 +12,7 @@ import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .. import BOARDS_DIR, MpotaError, deviceconfig, devicepkg, espimage, partitions
+from .. import BOARDS_DIR, MpotaError, deviceconfig, devicepkg, espimage, partitions, read_input
 
 FLASH_SIZE = 4 * 1024 * 1024
 DEFAULT_ROOT = Path("devices")
@@ -112,11 +112,7 @@ def create(name: str, pubkeys: list[Path], server: str, firmware: Path, *, root:
     ca_der = deviceconfig.load_ca(ca) if ca is not None else None
     config = deviceconfig.make(pubkeys, server, board=info.get("board_id", board), chip=info["chip"],
                                device_id=device_id or name, mirrors=mirrors, aes_keys=aes_keys, ca=ca_der)
-    try:
-        fw = Path(firmware).read_bytes()
-    except OSError as e:
-        raise MpotaError(f"cannot read firmware {firmware}: {e.strerror}",
-                         hint="make one with: mpota sim firmware fw-1.0.0.bin --version 1.0.0") from None
+    fw = read_input(firmware, "firmware", hint="make one with: mpota sim firmware fw-1.0.0.bin --version 1.0.0")
     img = espimage.parse(fw)
     if img.chip != info["chip"]:
         raise MpotaError(f"firmware is for {img.chip}, board {board} is {info['chip']}")
