@@ -75,6 +75,16 @@ def save(st):
         raise OtaError("state-unwritable", "cannot write %s (%r): is the filesystem full?" % (PATH, e), DEVICE)
 
 
+def save_or_log(st):
+    # save() where going ahead matters more than the record (a confirmation, a rollback, the
+    # result of an update): the failure is printed and returned, not raised.
+    try:
+        save(st)
+    except OtaError as e:
+        print("ota: %s: %s" % (e.code, e.detail))
+        return e
+
+
 def record(st, result, error=None, detail=""):
     st["last_result"] = result
     st["last_error"] = error

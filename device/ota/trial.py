@@ -9,24 +9,16 @@
 # image then finds the install still pending in its state, records the rollback, and gives
 # the release one more try (the old image cannot tell a power cut from a crash) before
 # rejecting it. If set_boot itself was cut short, nothing was tried: it is simply redone.
+# A state file that cannot be written stops none of this (state.save_or_log): the next boot
+# sees the same and tries to record it again.
 import time
 from ota import state, otadata, slots
-from ota.errors import OtaError
 
 _POLL_MS = 100
 
 
 def _log(msg):
     print("ota: " + msg)
-
-
-def _save(st):
-    # What happened is recorded if the filesystem lets us; a confirmation or a rollback goes
-    # ahead either way (the next boot sees the same and tries to record it again).
-    try:
-        state.save(st)
-    except OtaError as e:
-        _log("%s: %s" % (e.code, e.detail))
 
 
 def _health(health, timeout_ms):
@@ -73,7 +65,7 @@ def confirm(health=None, timeout_ms=30000):
             st["pending"] = None
             state.record(st, "interrupted", "interrupted",
                          "setting %s to boot did not complete; the next update retries" % pend.get("version"))
-            _save(st)
+            state.save_or_log(st)
             _log("setting %s to boot was interrupted; will retry" % pend.get("version"))
             return {"result": "interrupted", "error": "interrupted"}
         if pend and pend.get("slot") != label:
@@ -90,7 +82,7 @@ def confirm(health=None, timeout_ms=30000):
                 st["retried"] = pend.get("digest")
                 detail = "%s did not confirm itself before a reset; it gets one more try" % pend.get("version")
             state.record(st, "rolled-back", "rolled-back", detail)
-            _save(st)
+            state.save_or_log(st)
             _log("rolled back: " + detail)
             return {"result": "rolled-back", "error": "rolled-back"}
         if pend and act is not None and act[1] == "VALID":
@@ -111,7 +103,7 @@ def confirm(health=None, timeout_ms=30000):
     st["pending"] = None
     st["progress"] = None
     state.record(st, "rolled-back", code, "%s failed its health check (%s); rolling back" % (version, detail))
-    _save(st)
+    state.save_or_log(st)
     _log("health check failed (%s: %s); resetting to roll back" % (code, detail))
     import machine
     machine.reset()
@@ -135,4 +127,4 @@ def _confirmed(st, pend):
     if c > st["floor"]:
         st["floor"] = c
     state.record(st, "confirmed", None, "running %s" % pend.get("version"))
-    _save(st)
+    state.save_or_log(st)

@@ -258,10 +258,7 @@ def _install(cfg, st, o, mv, reserve=None):
         st["progress"] = None
         raise OtaError("set-boot-failed", "esp_ota_set_boot_partition: %r" % (e,), DEVICE)
     state.record(st, "installed", None, "%s written to %s; rebooting to confirm" % (m.version, label))
-    try:
-        state.save(st)
-    except OtaError as e:  # set to boot and "pending" recorded: only this note is lost
-        _log("%s: %s" % (e.code, e.detail))
+    state.save_or_log(st)  # set to boot and "pending" recorded: only this note can be lost
     _log("%s verified in flash and set to boot" % m.version)
 
 
@@ -300,12 +297,9 @@ def update(reboot=True, buf=None, reserve=None):
         state.record(st, "failed", "internal-error", repr(e)[:120])
         _log("failed: internal-error %r" % (e,))
     st["retry_after"] = retry_after  # seconds the server asked us to wait, or None
-    try:
-        state.save(st)
-    except OtaError as e:  # the result is returned all the same
-        _log("%s: %s" % (e.code, e.detail))
-        if st["last_error"] is None:
-            state.record(st, st["last_result"], e.code, e.detail)
+    e = state.save_or_log(st)  # the result is returned all the same
+    if e and st["last_error"] is None:
+        state.record(st, st["last_result"], e.code, e.detail)
     out = {"result": st["last_result"], "error": st["last_error"], "detail": st["detail"]}
     if retry_after is not None:
         out["retry_after"] = retry_after
