@@ -56,22 +56,11 @@ def bench_code_size(tmp: Path):
 
 # Runs in MicroPython: the smallest free heap (bytes, 256-byte steps) with which
 # MOD.verify(pub, msg, sig) succeeds; the rest of the heap is taken by filler buffers.
-_VERIFY_HEAP = """
-import gc
+_VERIFY_HEAP = runner.FILL_HEAP + """
 from {mod} import verify
 pub = bytes.fromhex('{pub}'); sig = bytes.fromhex('{sig}'); msg = bytes.fromhex('{msg}')
 def ok(reserve):
-    gc.collect()
-    filler = []
-    size = 1 << 16
-    while size >= 16:
-        n = gc.mem_free() - reserve - 64
-        if n < 16:
-            break
-        try:
-            filler.append(bytearray(min(size, n)))
-        except MemoryError:
-            size >>= 1
+    filler = fill_heap(reserve)
     try:
         return verify(pub, msg, sig) is True
     except MemoryError:

@@ -31,6 +31,7 @@ from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 from hypothesis import given, settings, strategies as st
 
 from conftest import SHARED, tool
+from host_tools.sim import runner
 
 ROOT = Path(__file__).resolve().parents[1]
 DEVICE = ROOT / "device"
@@ -803,7 +804,7 @@ def test_shipped_tables_match_fresh_computation():
 # Runs in MicroPython (.mpy modules, small heap). Leaves `reserve` bytes of
 # heap free (the rest taken by filler buffers), then verifies; over a sweep
 # of reserves prints each outcome for a valid and an invalid signature.
-_LOW_MEMORY = r"""
+_LOW_MEMORY = runner.FILL_HEAP + r"""
 import gc, json, sys
 gc.collect()
 a = gc.mem_alloc()
@@ -817,17 +818,7 @@ sig = unhexlify(sys.argv[3])
 bad = sig[:40] + bytes([sig[40] ^ 1]) + sig[41:]
 
 def attempt(reserve, s):
-    gc.collect()
-    filler = []
-    size = 1 << 16
-    while size >= 16:
-        n = gc.mem_free() - reserve - 64
-        if n < 16:
-            break
-        try:
-            filler.append(bytearray(min(size, n)))
-        except MemoryError:
-            size >>= 1
+    filler = fill_heap(reserve)
     try:
         r = verify(pk, msg, s)
     except MemoryError:

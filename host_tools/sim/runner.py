@@ -173,3 +173,24 @@ def status(dev: SimDevice, heap: str | None = None) -> dict:
     if rc != 0:
         raise SimError(f"ota.status() failed on the device (exit {rc}):\n{out}")
     return json.loads(out.strip().splitlines()[-1])
+
+
+# MicroPython source, for measuring how much free heap some code needs (make bench, tests):
+# fill_heap(reserve) takes all of the free heap but `reserve` bytes, in buffers of up to
+# 64 KiB, and returns them; drop the list and gc.collect() to give the heap back.
+FILL_HEAP = """
+import gc
+def fill_heap(reserve):
+    gc.collect()
+    filler = []
+    size = 1 << 16
+    while size >= 16:
+        n = gc.mem_free() - reserve - 64
+        if n < 16:
+            break
+        try:
+            filler.append(bytearray(min(size, n)))
+        except MemoryError:
+            size >>= 1
+    return filler
+"""
