@@ -7,8 +7,10 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import shutil
 import struct
+import subprocess
 import sys
 from pathlib import Path
 
@@ -30,6 +32,18 @@ def tool(name: str) -> str:
     if not found:
         pytest.fail(f"{name} not found next to {sys.executable} or on PATH")
     return found
+
+
+def run_micropython(script: str, *args, path, tmp_path, heap=None, cwd=None, timeout=300) -> str:
+    """Run the MicroPython source `script` with MICROPYPATH=path (and -X heapsize=heap); asserts
+    that it exits 0 and returns what it printed."""
+    f = tmp_path / "mp_script.py"
+    f.write_text(script)
+    cmd = [tool("micropython"), *(["-X", f"heapsize={heap}"] if heap else []), str(f), *map(str, args)]
+    r = subprocess.run(cmd, capture_output=True, text=True, env=dict(os.environ, MICROPYPATH=str(path)),
+                       cwd=cwd, timeout=timeout)
+    assert r.returncode == 0, r.stderr + r.stdout[-2000:]
+    return r.stdout
 
 
 @pytest.fixture(scope="session")

@@ -19,7 +19,6 @@
 import ast
 import hashlib
 import json
-import os
 import random
 import subprocess
 from pathlib import Path
@@ -30,7 +29,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey,
 from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 from hypothesis import given, settings, strategies as st
 
-from conftest import SHARED, tool
+from conftest import SHARED, run_micropython, tool
 from host_tools.sim import runner
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -233,13 +232,8 @@ print(json.dumps({"results": out, "us": us}))
 def run_batch(cases, tmp_path):
     path = tmp_path / "cases.json"
     path.write_text(json.dumps([c["args"] for c in cases]))
-    script = tmp_path / "runner.py"
-    script.write_text(_RUNNER)
-    env = dict(os.environ, MICROPYPATH=str(DEVICE))
-    r = subprocess.run([tool("micropython"), "-X", "heapsize=16M", str(script), str(path)],
-                       capture_output=True, text=True, env=env, timeout=600)
-    assert r.returncode == 0, r.stderr + r.stdout[-2000:]
-    res = json.loads(r.stdout.splitlines()[-1])
+    out = run_micropython(_RUNNER, path, path=DEVICE, tmp_path=tmp_path, heap="16M", timeout=600)
+    res = json.loads(out.splitlines()[-1])
     assert len(res["results"]) == len(cases)
     return res["results"], res["us"]
 
@@ -562,13 +556,7 @@ def test_wycheproof(tmp_path):
 
 
 def _run_script(tmp_path, text, path):
-    script = tmp_path / "s.py"
-    script.write_text(text)
-    env = dict(os.environ, MICROPYPATH=str(path))
-    r = subprocess.run([tool("micropython"), str(script)], capture_output=True, text=True,
-                       env=env, timeout=120)
-    assert r.returncode == 0, r.stderr + r.stdout
-    return r.stdout
+    return run_micropython(text, path=path, tmp_path=tmp_path, timeout=120)
 
 
 def _mpy_package(tmp_path, arch="x64"):
@@ -839,13 +827,8 @@ def test_memory_error_propagates(tmp_path):
     # agent then reports no-memory); it never answers False for a valid
     # signature, nor True for an invalid one, however little heap is left.
     sk, pk, msg, sig = RFC8032[2]
-    script = tmp_path / "lowmem.py"
-    script.write_text(_LOW_MEMORY)
-    env = dict(os.environ, MICROPYPATH=str(_mpy_package(tmp_path)))
-    r = subprocess.run([tool("micropython"), "-X", "heapsize=96K", str(script), pk, msg, sig],
-                       capture_output=True, text=True, env=env, timeout=300)
-    assert r.returncode == 0, r.stderr + r.stdout
-    res = json.loads(r.stdout)
+    res = json.loads(run_micropython(_LOW_MEMORY, pk, msg, sig, path=_mpy_package(tmp_path), tmp_path=tmp_path,
+                                     heap="96K"))
     good = {v for _, v, _ in res["runs"]}
     bad = {v for _, _, v in res["runs"]}
     assert good == {True, "MemoryError"}, good

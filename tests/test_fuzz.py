@@ -6,13 +6,12 @@ from __future__ import annotations
 import base64
 import json
 import socket
-import subprocess
 import threading
 
 import pytest
 from hypothesis import HealthCheck, given, settings, strategies as st
 
-from conftest import tool
+from conftest import run_micropython
 from host_tools import devicepkg, dsse, keys
 
 HARNESS = r"""
@@ -78,7 +77,6 @@ def agent(tmp_path_factory):
     # emulated esp32 module shares it.
     lib = tmp_path_factory.mktemp("lib")
     devicepkg.install_agent(lib, arch="x64")
-    (lib / "h.py").write_text(HARNESS)
     return lib
 
 
@@ -94,11 +92,10 @@ def run(agent, tmp_path, cases, signer):
     pub = keys.raw_public(signer.public_key()).hex()
     f = tmp_path / "cases.txt"
     f.write_text(pub + "\n" + "".join(f"{kind} {data}\n" for kind, data in cases))
-    env = {"MICROPYPATH": f".frozen:{agent}"}
-    r = subprocess.run([tool("micropython"), "-X", "heapsize=128K", str(agent / "h.py"), str(f)],
-                       capture_output=True, text=True, env=env, timeout=120, cwd=tmp_path)
-    lines = r.stdout.splitlines()
-    assert r.returncode == 0 and len(lines) == len(cases), r.stdout[-2000:] + r.stderr[-2000:]
+    out = run_micropython(HARNESS, f, path=f".frozen:{agent}", tmp_path=tmp_path, heap="128K", cwd=tmp_path,
+                          timeout=120)
+    lines = out.splitlines()
+    assert len(lines) == len(cases), out[-2000:]
     crashes = [(c, line) for c, line in zip(cases, lines) if not (line == "ok" or line.startswith("code:"))]
     assert not crashes, crashes[:3]
     return lines

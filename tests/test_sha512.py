@@ -4,7 +4,6 @@
 import ast
 import hashlib
 import json
-import os
 import random
 import subprocess
 from pathlib import Path
@@ -12,7 +11,7 @@ from pathlib import Path
 import pytest
 from hypothesis import given, settings, strategies as st
 
-from conftest import tool
+from conftest import run_micropython, tool
 
 ROOT = Path(__file__).resolve().parents[1]
 DEVICE = ROOT / "device"
@@ -73,15 +72,10 @@ for c in cases:
 def _run(cases, tmp_path):
     path = tmp_path / "cases.json"
     path.write_text(json.dumps(cases))
-    script = tmp_path / "runner.py"
-    script.write_text(_RUNNER)
-    env = dict(os.environ, MICROPYPATH=str(DEVICE))
-    r = subprocess.run([tool("micropython"), "-X", "heapsize=64M", str(script), str(path)],
-                       capture_output=True, text=True, env=env, timeout=300)
-    assert r.returncode == 0, r.stderr + r.stdout[-2000:]
-    lines = r.stdout.splitlines()
+    out = run_micropython(_RUNNER, path, path=DEVICE, tmp_path=tmp_path, heap="64M")
+    lines = out.splitlines()
     assert "NO-VIPER" not in lines, "viper version did not compile on the unix port"
-    assert len(lines) == len(cases), r.stdout[-2000:]
+    assert len(lines) == len(cases), out[-2000:]
     return [json.loads(x) for x in lines]
 
 
@@ -208,13 +202,8 @@ def test_viper_module_selection(tmp_path, variant):
     # time; whenever it cannot load or gives a wrong answer the plain version
     # is used, and the digest is right either way.
     path = _package_with(tmp_path, variant)
-    script = tmp_path / "sel.py"
-    script.write_text(_SELECT_SCRIPT)
-    env = dict(os.environ, MICROPYPATH=str(path))
-    r = subprocess.run([tool("micropython"), str(script)], capture_output=True, text=True, env=env,
-                       timeout=60)
-    assert r.returncode == 0, r.stderr + r.stdout
-    viper, uses_viper, uses_py, digest = r.stdout.split()
+    viper, uses_viper, uses_py, digest = run_micropython(_SELECT_SCRIPT, path=path, tmp_path=tmp_path,
+                                                         timeout=60).split()
     assert digest == hashlib.sha512(b"abc" * 100).hexdigest()
     if variant == "mpy-x64":
         assert (viper, uses_viper, uses_py) == ("True", "True", "False")
