@@ -87,6 +87,16 @@ def signer(tmp_path_factory):
     return keys.load_private(d / "k")
 
 
+# Each example runs a whole batch of cases in one micropython process, so a few examples do.
+FUZZ = settings(max_examples=6, deadline=None, suppress_health_check=[
+    HealthCheck.function_scoped_fixture, HealthCheck.too_slow, HealthCheck.data_too_large])
+
+
+def json_cases(kind, docs, raw=()):
+    # harness lines for JSON documents and for raw bytes
+    return [[kind, json.dumps(d).encode().hex()] for d in docs] + [[kind, r.hex()] for r in raw]
+
+
 def run(agent, tmp_path, cases, signer):
     # One case per line, read one at a time: the harness holds no more than the agent would.
     pub = keys.raw_public(signer.public_key()).hex()
@@ -113,17 +123,15 @@ body_mutations = (st.fixed_dictionaries({}, optional={k: json_values for k in VA
     lambda b: len(json.dumps(b)) < 3000)  # a signed body reaching parse() fits a 4 KiB manifest
 
 
-@settings(max_examples=6, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture,
-                                                                 HealthCheck.too_slow, HealthCheck.data_too_large])
+@FUZZ
 @given(bodies=st.lists(body_mutations, min_size=30, max_size=30),
        raw=st.lists(st.binary(max_size=300), min_size=10, max_size=10))
 def test_manifest_bodies(agent, tmp_path, signer, bodies, raw):
-    cases = [["manifest", json.dumps(b).encode().hex()] for b in bodies] + [["manifest", r.hex()] for r in raw]
+    cases = json_cases("manifest", bodies, raw)
     run(agent, tmp_path, cases, signer)
 
 
-@settings(max_examples=6, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture,
-                                                                 HealthCheck.too_slow, HealthCheck.data_too_large])
+@FUZZ
 @given(envs=st.lists(st.one_of(
     st.dictionaries(st.sampled_from(["payloadType", "payload", "signatures"]), json_values, max_size=3),
     st.builds(lambda sigs: {"payloadType": dsse.PAYLOAD_TYPE, "payload": base64.b64encode(b"{}").decode(),
@@ -134,10 +142,9 @@ def test_manifest_bodies(agent, tmp_path, signer, bodies, raw):
        raw=st.lists(st.binary(max_size=200), min_size=5, max_size=5))
 def test_envelopes(agent, tmp_path, signer, envs, cuts, raw):
     good = dsse.sign(json.dumps(VALID_BODY).encode(), [signer])
-    cases = [["envelope", json.dumps(e).encode().hex()] for e in envs]
-    cases += [["envelope", good[:c].hex()] for c in cuts]  # truncations of a valid one
-    cases += [["envelope", r.hex()] for r in raw]
-    lines = run(agent, tmp_path, cases + [["envelope", good.hex()]], signer)
+    # the documents, truncations of a valid envelope, raw bytes, then the valid one itself
+    cases = json_cases("envelope", envs, [good[:c] for c in cuts] + raw + [good])
+    lines = run(agent, tmp_path, cases, signer)
     assert lines[-1] == "ok"  # and the untouched one verifies
 
 
@@ -163,14 +170,13 @@ config_mutations = st.fixed_dictionaries({}, optional={
     lambda d: {**VALID_CONFIG, **d})
 
 
-@settings(max_examples=6, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture,
-                                                                 HealthCheck.too_slow, HealthCheck.data_too_large])
+@FUZZ
 @given(configs=st.lists(config_mutations, min_size=30, max_size=30),
        raw=st.lists(st.binary(max_size=300), min_size=5, max_size=5))
 def test_configs(agent, tmp_path, signer, configs, raw):
     (tmp_path / "ca.der").write_bytes(b"0" * 100)  # a readable file for "ca" values that name it
-    cases = [["config", json.dumps(c).encode().hex()] for c in configs] + [["config", r.hex()] for r in raw]
-    lines = run(agent, tmp_path, cases + [["config", json.dumps(VALID_CONFIG).encode().hex()]], signer)
+    cases = json_cases("config", configs, raw)
+    lines = run(agent, tmp_path, cases + json_cases("config", [VALID_CONFIG]), signer)
     assert lines[-1] == "ok"  # and the valid one loads
 
 
@@ -183,12 +189,11 @@ state_values = st.fixed_dictionaries({}, optional={
               "floor"]})
 
 
-@settings(max_examples=6, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture,
-                                                                 HealthCheck.too_slow, HealthCheck.data_too_large])
+@FUZZ
 @given(states=st.lists(state_values, min_size=30, max_size=30),
        raw=st.lists(st.binary(max_size=200), min_size=5, max_size=5))
 def test_state_files(agent, tmp_path, signer, states, raw):
-    cases = [["state", json.dumps(s).encode().hex()] for s in states] + [["state", r.hex()] for r in raw]
+    cases = json_cases("state", states, raw)
     run(agent, tmp_path, cases, signer)
 
 
@@ -202,8 +207,7 @@ def first_block(version: bytes, chip: int, secure: int, cut: int) -> bytes:
     return bytes(b[:cut])
 
 
-@settings(max_examples=6, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture,
-                                                                 HealthCheck.too_slow, HealthCheck.data_too_large])
+@FUZZ
 @given(blocks=st.lists(st.builds(first_block, st.binary(max_size=32) | st.just(b"1.0.0"), st.sampled_from([0, 2, 9]),
                                  st.integers(0, 2**32 - 1), st.integers(0, 256)), min_size=30, max_size=30),
        raw=st.lists(st.binary(max_size=120), min_size=5, max_size=5))
@@ -268,8 +272,7 @@ responses = st.builds(
     st.lists(header_line, max_size=6), st.binary(max_size=600)) | st.binary(max_size=400)
 
 
-@settings(max_examples=5, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture,
-                                                                 HealthCheck.too_slow, HealthCheck.data_too_large])
+@settings(FUZZ, max_examples=5)
 @given(resps=st.lists(responses, min_size=25, max_size=25))
 def test_http_responses(agent, tmp_path, signer, resps):
     # A redirect answered from the same canned list would consume extra connections; each
