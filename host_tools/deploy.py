@@ -28,6 +28,8 @@ import shlex
 import shutil
 import subprocess
 import sys
+import dataclasses
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -211,10 +213,11 @@ def probe(port: str) -> Probe:
 
 def parse_probe(answer: dict) -> Probe:
     """The PROBE script's answer as a Probe, checked field by field."""
-    types = {"platform": str, "machine": str, "version": str, "mpy": int, "uid": str, "main": bool, "config": bool}
-    fields = {k: v for k, v in answer.items() if k in types}
-    bad = [k for k, t in types.items() if k in fields and not isinstance(fields[k], t)]
-    missing = [k for k in ("platform", "machine", "version", "mpy") if k not in fields]
+    declared = {f.name: f for f in dataclasses.fields(Probe)}
+    types = typing.get_type_hints(Probe)
+    fields = {k: v for k, v in answer.items() if k in declared}
+    bad = [k for k, v in fields.items() if not isinstance(v, types[k])]
+    missing = [k for k, f in declared.items() if k not in fields and f.default is dataclasses.MISSING]
     if bad or missing:
         raise DeployError(f"the board's answer to the probe is not what mpota's probe prints "
                           f"({', '.join(bad + missing)})", hint="try again; if it persists, press RESET")

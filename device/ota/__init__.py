@@ -70,7 +70,7 @@ def update(reboot=True):
         return _update(reboot, buf, reserve)
     except MemoryError:
         buf = reserve = None
-        _unload(keep)
+        _unload(keep)  # room for _no_memory() to load ota.state (finally: unloads that too)
         return _no_memory("loading the updater")
     finally:
         _unload(keep)
