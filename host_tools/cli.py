@@ -11,6 +11,8 @@ import time
 from pathlib import Path
 
 from . import MpotaError, __version__
+from .espimage import BEHAVIORS
+from .sim.device import ROLLBACK_MODES
 
 
 def _human(n: int) -> str:
@@ -34,6 +36,15 @@ def _heap(text: str) -> str:
     if not 16 << 10 <= n <= 64 << 20:
         raise argparse.ArgumentTypeError(f"{text!r}: give 16K to 64M (an ESP32 has about 100K to 150K free)")
     return text.upper().removesuffix("B")
+
+
+def _chip_rev(text: str) -> int:
+    """A chip revision as ESP-IDF writes it, v3.1 or 3.1, as major * 100 + minor."""
+    t = text.strip().lower().removeprefix("v")
+    major, _, minor = t.partition(".")
+    if not (major.isdigit() and (minor.isdigit() or not minor)) or int(minor or 0) > 99 or int(major) > 654:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a chip revision like 3.1 (major.minor)")
+    return int(major) * 100 + int(minor or 0)
 
 
 def _counter(text: str) -> int:
@@ -148,7 +159,8 @@ def cmd_mpy(a):
 
 def cmd_sim_firmware(a):
     from . import espimage
-    data = espimage.build_sim_firmware(a.version, a.behavior, a.size, a.chip, a.secure_version)
+    data = espimage.build_sim_firmware(a.version, a.behavior, a.size, a.chip, a.secure_version,
+                                       a.min_chip_rev, a.max_chip_rev)
     Path(a.out).parent.mkdir(parents=True, exist_ok=True)
     Path(a.out).write_bytes(data)
     print(f"firmware: {a.out} {a.version} ({a.behavior}, {a.chip}, secure_version {a.secure_version}), {_human(len(data))}")
@@ -156,24 +168,40 @@ def cmd_sim_firmware(a):
 
 def cmd_sim_create(a):
     from .sim import device
+    hw = {"chip_rev": a.chip_rev, "rollback": a.rollback, "board_confirms": a.board_confirms}
     dev = device.create(a.name, [Path(p) for p in a.pub], a.server, Path(a.firmware), root=Path(a.root),
                         heap=a.heap, source=a.source, force=a.force, mirrors=a.mirror or [],
-                        aes_keys=[Path(k) for k in a.aes_key or []], ca=Path(a.ca) if a.ca else None)
-    print(f"sim: created {dev.path}/ (board {dev.board}, heap {dev.heap})")
+                        aes_keys=[Path(k) for k in a.aes_key or []], ca=Path(a.ca) if a.ca else None,
+                        hardware=hw)
+    quirks = [f"chip v{a.chip_rev // 100}.{a.chip_rev % 100}"]
+    if a.rollback != "on":
+        quirks.append("no app rollback in the bootloader" if a.rollback == "bootloader-off"
+                      else "built without app rollback")
+    if a.board_confirms:
+        quirks.append("the board confirms every image at start-up")
+    print(f"sim: created {dev.path}/ (board {dev.board}, heap {dev.heap}, {', '.join(quirks)})")
     print(f"sim: flash {dev.flash} with {Path(a.firmware).name} in ota_0; agent in {dev.fs}/lib/ota "
           f"({'.py sources' if a.source else '.mpy'})")
     print(f"sim: server {a.server}" + (f" (checked against {a.ca}, provisioned as ca.der)" if a.ca else "")
           + f"; next: mpota sim run {a.name}")
 
 
+SIM_ENDS = {"idle": "idle", "repl": "stopped at the REPL (an uncaught exception, no watchdog armed)",
+            "hung": "hung (no watchdog armed)"}
+
+
 def cmd_sim_run(a):
     from .sim import device, runner
     dev = device.load(a.name, Path(a.root))
     t0 = time.monotonic()
-    boots = runner.run(dev, heap=a.heap, max_boots=a.max_boots)
+    boots = runner.run(dev, heap=a.heap, max_boots=a.max_boots, hang_s=a.hang_after)
     last = boots[-1]
-    print(f"sim: {a.name} idle after {len(boots)} boot(s) in {time.monotonic() - t0:.1f} s, "
+    print(f"sim: {a.name} {SIM_ENDS[last.exit]} after {len(boots)} boot(s) in {time.monotonic() - t0:.1f} s, "
           f"running {last.version} from {last.slot}")
+    if last.exit != "idle":
+        print(f"sim: the next `mpota sim run {a.name}` cycles the power, as a person would have to")
+        return 1
+    return 0
 
 
 STATUS_ORDER = ("version", "slot", "slots", "last_result", "last_error", "detail", "pending",
@@ -454,11 +482,17 @@ def build_parser() -> argparse.ArgumentParser:
     s = ssub.add_parser("firmware", help="build a simulated firmware image (a valid ESP app image)")
     s.add_argument("out", help="image file to write, e.g. fw-1.0.0.bin")
     s.add_argument("--version", required=True, help="version in esp_app_desc_t, e.g. 1.0.0")
-    s.add_argument("--behavior", default="healthy", choices=("healthy", "unhealthy", "crash"),
-                   help="how the firmware behaves when booted (default healthy)")
+    s.add_argument("--behavior", default="healthy", choices=BEHAVIORS,
+                   help="how the firmware behaves when booted: healthy; unhealthy (its health check fails); "
+                        "crash (panics at boot); raise (an exception before ota.confirm()); hang (hangs "
+                        "before ota.confirm()); stuck (its health check never returns). Default healthy")
     s.add_argument("--size", type=_size, default=128 * 1024, help="approximate image size (default 128K)")
     s.add_argument("--chip", default="esp32", help="chip in the image header (default esp32)")
     s.add_argument("--secure-version", type=_counter, default=0, help="esp_app_desc_t secure_version")
+    s.add_argument("--min-chip-rev", type=_chip_rev, default=0, metavar="MAJOR.MINOR",
+                   help="lowest chip revision the image runs on (header min_chip_rev_full; default 0.0)")
+    s.add_argument("--max-chip-rev", type=_chip_rev, default=0xFFFF, metavar="MAJOR.MINOR",
+                   help="highest chip revision the image runs on (header max_chip_rev_full; default: none)")
     s.set_defaults(func=cmd_sim_firmware)
 
     def root_arg(s):
@@ -475,6 +509,14 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--heap", type=_heap, default="128K", help="MicroPython heap (default 128K, ESP32-class)")
     s.add_argument("--source", action="store_true", help="install the agent as .py instead of .mpy")
     s.add_argument("--force", action="store_true", help="replace an existing device")
+    s.add_argument("--chip-rev", type=_chip_rev, default=300, metavar="MAJOR.MINOR",
+                   help="the chip's revision, checked against an image's min/max by set_boot() and the "
+                        "bootloader (default 3.0)")
+    s.add_argument("--rollback", choices=ROLLBACK_MODES, default="on",
+                   help="CONFIG_BOOTLOADER_APP_ROLLBACK_ENABLE: on (bootloader and firmware, as stock "
+                        "MicroPython), off (neither), bootloader-off (an older bootloader without it)")
+    s.add_argument("--board-confirms", action="store_true",
+                   help="the board's start-up code confirms every image (as ARDUINO_NANO_ESP32's board_init.c)")
     root_arg(s)
     s.set_defaults(func=cmd_sim_create)
 
@@ -482,6 +524,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("name")
     s.add_argument("--heap", type=_heap, help="MicroPython heap for this run (default: the device's)")
     s.add_argument("--max-boots", type=int, default=8, help="give up after this many boots (default 8)")
+    s.add_argument("--hang-after", type=_bounded("seconds", 1, 3600), default=120, metavar="SECONDS",
+                   help="a boot still running after this long, with no watchdog to reset it, is reported "
+                        "as hung and the run ends (default 120)")
     root_arg(s)
     s.set_defaults(func=cmd_sim_run)
 
@@ -506,7 +551,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        args.func(args)
+        rc = args.func(args)
     except MpotaError as e:
         print(f"mpota: error: {e}", file=sys.stderr)
         if e.hint:
@@ -519,7 +564,7 @@ def main(argv=None) -> int:
         print("  hint: check the paths and ports given (output directories must be writable)",
               file=sys.stderr)
         return 2
-    return 0
+    return rc or 0
 
 
 if __name__ == "__main__":

@@ -19,7 +19,8 @@ HEADER_LEN = 24            # esp_image_header_t
 SEGMENT_HEADER_LEN = 8     # esp_image_segment_header_t
 APP_DESC_LEN = 256         # esp_app_desc_t
 SIM_MARKER = b"MPOTA-SIM behavior="
-BEHAVIORS = ("healthy", "unhealthy", "crash")
+# how a simulated image behaves when booted (boards/unix/firmware.py)
+BEHAVIORS = ("healthy", "unhealthy", "crash", "raise", "hang", "stuck")
 
 # chip name -> (esp_chip_id_t, DROM address the first segment is mapped at)
 CHIPS = {
@@ -110,12 +111,14 @@ def app_desc(version: str, secure_version: int = 0, project: str = "mpota-sim") 
                        hashlib.sha256(v).digest(), b"")
 
 
-def build(segments: list[tuple[int, bytes]], chip: str, entry: int) -> bytes:
-    """An ESP app image from (load address, data) segments, with checksum and SHA-256."""
+def build(segments: list[tuple[int, bytes]], chip: str, entry: int, min_rev: int = 0,
+          max_rev: int = 0xFFFF) -> bytes:
+    """An ESP app image from (load address, data) segments, with checksum and SHA-256.
+    min_rev/max_rev: min_chip_rev_full / max_chip_rev_full (major * 100 + minor; 0xFFFF: none)."""
     chip_id = CHIPS[chip][0]
     out = bytearray(struct.pack("<BBBBI", IMAGE_MAGIC, len(segments), 2, 0x20, entry))
     # wp_pin, spi_pin_drv[3], chip_id, min_chip_rev, min_rev_full, max_rev_full, reserved, hash
-    out += struct.pack("<B3sHBHH4sB", 0xEE, b"", chip_id, 0, 0, 0xFFFF, b"", 1)
+    out += struct.pack("<B3sHBHH4sB", 0xEE, b"", chip_id, min_rev // 100, min_rev, max_rev, b"", 1)
     csum = 0xEF
     for addr, data in segments:
         if len(data) % 4:
@@ -129,7 +132,8 @@ def build(segments: list[tuple[int, bytes]], chip: str, entry: int) -> bytes:
 
 
 def build_sim_firmware(version: str, behavior: str = "healthy", size: int = 128 * 1024,
-                       chip: str = "esp32", secure_version: int = 0) -> bytes:
+                       chip: str = "esp32", secure_version: int = 0, min_rev: int = 0,
+                       max_rev: int = 0xFFFF) -> bytes:
     """A simulated firmware image of about `size` bytes that esptool accepts.
 
     The first segment (DROM) holds esp_app_desc_t, then the behaviour marker the unix board's
@@ -149,4 +153,4 @@ def build_sim_firmware(version: str, behavior: str = "healthy", size: int = 128 
     words = [rng.randbytes(8) for _ in range(256)]
     filler = b"".join(rng.choices(words, k=filler_len // 8 + 1))[:filler_len]
     iram = _IRAM[chip]
-    return build([(CHIPS[chip][1], head + filler), (iram, b"\x00" * 64)], chip, iram)
+    return build([(CHIPS[chip][1], head + filler), (iram, b"\x00" * 64)], chip, iram, min_rev, max_rev)

@@ -109,10 +109,10 @@ class Device:
         self.dev = dev
         self.log: list[str] = []
 
-    def run(self, max_boots=8, heap=None):
+    def run(self, max_boots=8, heap=None, hang_s=runner.HANG_S, cut=None):
         self.log = []
         try:
-            return runner.run(self.dev, heap=heap, max_boots=max_boots, echo=self.log.append)
+            return runner.run(self.dev, heap=heap, max_boots=max_boots, echo=self.log.append, hang_s=hang_s, cut=cut)
         except runner.SimError as e:
             raise AssertionError(f"{e}\n{self.output}") from None
 
@@ -156,9 +156,13 @@ def fault_server(tmp_path):
 
 @pytest.fixture
 def make_device(tmp_path, keydir):
+    """A simulated device, powered on once: its bootloader has run (and, on flash as esptool
+    leaves it, written the first otadata record, as ESP-IDF's set_actual_ota_seq() does), so
+    that a test comparing flash before and after a run sees only what the run did."""
     def make(firmware_path: Path, server_url: str, name="dev", pub=None, **kw) -> Device:
         dev = device.create(name, [pub or keydir / "release.pub"], server_url, firmware_path,
                             root=tmp_path / "devices", force=True, **kw)
+        runner.ensure_running(dev)
         return Device(dev)
     return make
 

@@ -87,7 +87,7 @@ def test_deploy_then_the_deployed_agent_updates_the_device(bare_device, repl, se
     for p in ref:
         assert (fs / "lib" / "ota" / p.name).read_bytes() == p.read_bytes(), p.name
     cfg = json.loads((fs / "ota_config.json").read_text())
-    assert cfg["server"] == server.url and cfg["chip"] == "esp32" and cfg["device_id"] == "240ac4000001"
+    assert cfg["server"] == server.url and cfg["chip"] == "esp32" and cfg["device_id"] == bare_device.hardware_env()["MPOTA_UID"]
     assert (fs / "main.py").read_bytes() == (ROOT / "boards" / "unix" / "main.py").read_bytes()
 
     # ... and it works: boot, update to 2.0.0, reboot, confirm.

@@ -64,7 +64,15 @@ def test_agent_reads_independently_written_otadata(recs, active, states, firmwar
 
 BOOT_CASES = [
     # (records before, slot booted, records after (seq, state))
-    ((ERASED, ERASED), "ota_0", None),
+    # just flashed (both records empty): ota_0 boots and gets {seq 1, VALID} in sector 0
+    # (set_actual_ota_seq); among unusable records a bad CRC counts as empty
+    ((ERASED, ERASED), "ota_0", [[1, VALID], [UNDEF, UNDEF]]),
+    ((otadata_record(2, ABORTED, crc=0x1234), ERASED), "ota_0", [[1, VALID], [UNDEF, UNDEF]]),
+    # a bad CRC on a record that is not unusable by its state: no active record, every slot is
+    # tried from ota_0, and nothing is written
+    ((otadata_record(2, VALID, crc=0x1234), ERASED), "ota_0", [[2, VALID], [UNDEF, UNDEF]]),
+    # both unusable but not empty (ABORTED with a good CRC): ota_0 boots, nothing is written
+    ((otadata_record(3, ABORTED), ERASED), "ota_0", [[3, ABORTED], [UNDEF, UNDEF]]),
     ((otadata_record(1, VALID), otadata_record(2, NEW)), "ota_1", [[1, VALID], [2, PENDING]]),
     # not confirmed before the reset: PENDING_VERIFY becomes ABORTED, the other slot boots
     ((otadata_record(1, VALID), otadata_record(2, PENDING)), "ota_0", [[1, VALID], [2, ABORTED]]),

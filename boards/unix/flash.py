@@ -9,7 +9,8 @@
 # Fault injection for power-loss sweeps: MPOTA_CUT_AT=N makes the N-th erase/write of this
 # process (1-based) the last one: with MPOTA_CUT_TEAR=1 that operation is torn (half of it
 # happens), otherwise it does not happen at all; then the process ends with POWER_LOSS_EXIT as
-# if the power had failed. MPOTA_OPS_FILE, when set, receives the number of operations done.
+# if the power had failed. MPOTA_OPS_FILE, when set, receives the number of operations done and,
+# after a space, how many of them were erases.
 import hashlib
 import os
 import sys
@@ -36,6 +37,7 @@ class Flash:
         self.f.seek(0, 2)
         self.size = self.f.tell()
         self.ops = 0
+        self.erases = 0
         self.cut_at = _env_int("MPOTA_CUT_AT")
         self.tear = os.getenv("MPOTA_CUT_TEAR") == "1"
         self.ops_file = os.getenv("MPOTA_OPS_FILE")
@@ -50,12 +52,13 @@ class Flash:
         self.f.seek(addr)
         self.f.readinto(buf)
 
-    def _count(self):
+    def _count(self, erase=False):
         # Returns True when this operation is the one the power fails at.
         self.ops += 1
+        self.erases += erase
         if self.ops_file:
             with open(self.ops_file, "w") as f:
-                f.write(str(self.ops))
+                f.write("%d %d" % (self.ops, self.erases))
         return self.cut_at and self.ops >= self.cut_at
 
     def _power_loss(self):
@@ -66,7 +69,7 @@ class Flash:
         if addr % SECTOR or n % SECTOR:
             raise OSError(22)  # erase is sector-aligned only
         self._check(addr, n)
-        cut = self._count()
+        cut = self._count(True)
         if cut and not self.tear:
             self._power_loss()
         if cut:

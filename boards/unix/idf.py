@@ -2,13 +2,32 @@
 #   - the partition table at 0x8000 (esp_partition_info_t, MD5 entry),
 #   - otadata (esp_ota_select_entry_t) and the active-record rules of bootloader_common.c,
 #   - esp_rewrite_ota_data() and esp_ota_current_ota_is_workable() from esp_ota_ops.c,
-#   - esp_image_verify(): header, segments, checksum and appended SHA-256.
+#   - esp_image_verify(): header (chip id and revision: bootloader_common_check_chip_validity),
+#     segments, checksum and appended SHA-256.
+# What the simulated chip and its build are comes from the simulator's environment:
+#   MPOTA_CHIP_REV   efuse_hal_chip_revision(): major * 100 + minor (default 300, an ESP32 v3.0)
+#   MPOTA_ROLLBACK   "on" (CONFIG_BOOTLOADER_APP_ROLLBACK_ENABLE in bootloader and app, as in
+#                    MicroPython's sdkconfig.base), "off" (in neither), "bootloader-off" (an app
+#                    built with it on a bootloader built without it)
 # This module is the emulated *platform*. The agent under test (device/ota) has its own
 # otadata reader; the two are kept apart on purpose so one cannot hide the other's bug.
+import os
 import struct
 import binascii
 import hashlib
 from flash import flash, SECTOR
+
+CHIP_ID = 0  # the unix board emulates an ESP32 (esp_chip_id_t ESP_CHIP_ID_ESP32)
+
+
+def chip_revision():
+    return int(os.getenv("MPOTA_CHIP_REV") or 300)
+
+
+def rollback(where):
+    # Is CONFIG_BOOTLOADER_APP_ROLLBACK_ENABLE set in the "app" or the "bootloader" build?
+    mode = os.getenv("MPOTA_ROLLBACK") or "on"
+    return mode == "on" or (where == "app" and mode == "bootloader-off")
 
 PARTITION_TABLE_OFFSET = 0x8000
 TYPE_APP = 0
@@ -112,12 +131,23 @@ def write_otadata(recs, i, seq=None, fix_crc=True):
     flash().write(part[2] + SECTOR * i, struct.pack("<I20sII", r[0], r[1], r[2], r[3]))
 
 
+def state_of_slot(index, nslots):
+    # esp_ota_get_state_partition(): the state of the first record (sector 0, then 1) with a
+    # good CRC that names the slot, or None (ESP_ERR_NOT_FOUND).
+    for r in read_otadata():
+        if r[0] != 0xFFFFFFFF and r[3] == select_crc(r[0]) and slot_of_seq(r[0], nslots) == index:
+            return r[2]
+    return None
+
+
 def slot_of_seq(seq, nslots):
     return (seq - 1) % nslots
 
 
-def set_boot(slot_index, nslots, state=NEW):
-    # esp_rewrite_ota_data() with CONFIG_BOOTLOADER_APP_ROLLBACK_ENABLE (new state = NEW).
+def set_boot(slot_index, nslots):
+    # esp_rewrite_ota_data(): the new record is NEW with CONFIG_BOOTLOADER_APP_ROLLBACK_ENABLE,
+    # UNDEFINED without it.
+    state = NEW if rollback("app") else UNDEFINED
     recs = read_otadata()
     active = active_otadata(recs)
     base = (slot_index + 1) % nslots
@@ -135,12 +165,13 @@ def set_boot(slot_index, nslots, state=NEW):
 
 
 def mark_running_valid():
-    # esp_ota_current_ota_is_workable(true): ESP_FAIL when no otadata record is active
-    # (firmware flashed with esptool: nothing to confirm).
+    # esp_ota_current_ota_is_workable(true): the *active* record becomes VALID, whichever slot
+    # it names (ESP-IDF does not compare it with the running slot); ESP_FAIL (OSError(1) from
+    # MicroPython's check_esp_err) when no record is active.
     recs = read_otadata()
     active = active_otadata(recs)
     if active == -1:
-        raise OSError(-1)
+        raise OSError(1)
     if recs[active][2] != VALID:
         recs[active][2] = VALID
         write_otadata(recs, active)
@@ -157,7 +188,7 @@ def verify_image(part_offset, part_size):
     f = flash()
     hdr = bytearray(24)
     f.read(part_offset, hdr)
-    if hdr[0] != IMAGE_MAGIC:
+    if hdr[0] != IMAGE_MAGIC or not chip_valid(hdr):
         raise OSError(-0x1503)  # ESP_ERR_IMAGE_INVALID
     nseg = hdr[1]
     hash_appended = hdr[23] == 1
@@ -201,6 +232,17 @@ def verify_image(part_offset, part_size):
             raise OSError(-0x1503)
         pos += 32
     return pos
+
+
+def chip_valid(hdr):
+    # bootloader_common_check_chip_validity(hdr, ESP_IMAGE_APPLICATION): the image's chip id
+    # must be this chip's; its min_chip_rev_full must not be above the chip's revision; its
+    # max_chip_rev_full, when set (not 0 and not 0xFFFF), must not be below it.
+    chip_id, _min_old, min_rev, max_rev = struct.unpack_from("<HBHH", hdr, 12)
+    rev = chip_revision()
+    if chip_id != CHIP_ID or rev < min_rev:
+        return False
+    return max_rev in (0, 0xFFFF) or rev <= max_rev
 
 
 def app_desc(part_offset):

@@ -1,9 +1,26 @@
-# machine for the simulated ESP32: the unix port's `machine` has no reset(). This module,
-# earlier on sys.path, shadows the built-in; reset() ends the micropython process with
-# RESET_EXIT so the simulator runs the bootloader and boots again.
+# machine for the simulated ESP32. The unix port's own `machine` has no reset(), WDT or
+# deepsleep(); this module, earlier on sys.path, shadows it. What ends the micropython process
+# tells the simulator (host_tools/sim/runner.py) what the board does next:
+#   reset()        exit 100: a hard reset; the bootloader runs (esp_restart)
+#   soft_reset()   exit 103: MicroPython restarts, the bootloader does not run
+#   deepsleep(ms)  exit 104: the chip sleeps and wakes through the bootloader's deep-sleep path
+# WDT(timeout=ms) is the task watchdog of ports/esp32/machine_wdt.c: once armed it cannot be
+# stopped (a second WDT() only changes the timeout); feed() must come within the timeout or the
+# simulator resets the board. The simulator watches the file MPOTA_WDT names: its content is the
+# timeout, its modification time the last feed.
+import os
 import sys
 
 RESET_EXIT = 100
+SOFT_RESET_EXIT = 103
+DEEPSLEEP_EXIT = 104
+
+# machine.reset_cause() values of ports/esp32/modmachine.c
+PWRON_RESET = 1
+HARD_RESET = 2
+WDT_RESET = 3
+DEEPSLEEP_RESET = 4
+SOFT_RESET = 5
 
 
 def reset():
@@ -11,12 +28,40 @@ def reset():
 
 
 def soft_reset():
-    sys.exit(RESET_EXIT)
+    sys.exit(SOFT_RESET_EXIT)
 
 
-def unique_id():
-    return b"\x24\x0a\xc4\x00\x00\x01"
+def deepsleep(ms=0):
+    sys.exit(DEEPSLEEP_EXIT)
 
 
 def reset_cause():
-    return 1  # PWRON_RESET
+    return int(os.getenv("MPOTA_RESET_CAUSE") or PWRON_RESET)
+
+
+def unique_id():
+    uid = os.getenv("MPOTA_UID")
+    if uid:
+        from binascii import unhexlify
+        return unhexlify(uid)
+    return b"\x24\x0a\xc4\x00\x00\x01"
+
+
+def freq():
+    return 160000000
+
+
+class WDT:
+    def __init__(self, id=0, timeout=5000):
+        if id != 0:
+            raise ValueError
+        if timeout <= 0:
+            raise ValueError("WDT timeout too short")
+        self._timeout = timeout
+        self.feed()
+
+    def feed(self):
+        path = os.getenv("MPOTA_WDT")
+        if path:
+            with open(path, "w") as f:
+                f.write(str(self._timeout))

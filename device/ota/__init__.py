@@ -1,6 +1,7 @@
 # mpota device agent: the public API.
 #
 #   import ota
+#   ota.guard()           # first line of main.py: a new image's first boot runs under a watchdog
 #   ota.confirm(health)   # early in main.py: a new image stays only if health() passes in time
 #   ota.update()          # check the manifest, download, verify, set_boot, record, reset
 #   ota.check()           # manifest only: what would be installed, and why or why not
@@ -46,11 +47,20 @@ def _no_memory(what):
     return {"result": "failed", "error": "no-memory", "detail": detail}
 
 
-def confirm(health=None, timeout_ms=30000):
+def guard(watchdog_ms=None):
+    keep = set(sys.modules)
+    try:
+        from ota.trial import guard as _guard
+        return _guard(watchdog_ms)
+    finally:
+        _unload(keep)
+
+
+def confirm(health=None, timeout_ms=30000, watchdog_ms=None):
     keep = set(sys.modules)
     try:
         from ota.trial import confirm as _confirm
-        return _confirm(health, timeout_ms)
+        return _confirm(health, timeout_ms, watchdog_ms)
     finally:
         _unload(keep)
 

@@ -5,7 +5,12 @@
 #   progress     the download under way: {"digest", "slot", "done" (bytes) or "chunk"}
 #   pending      the release written and set to boot but not yet confirmed:
 #                {"digest", "version", "slot", "counter", "sector" (otadata sector erased
-#                for set_boot)}
+#                for set_boot), "from" (the slot it was installed from), "boots" (starts of
+#                the new image on a board that does not roll back by itself), "marking" (1:
+#                mark_app_valid_cancel_rollback() is under way)}
+#   rollback     what this board does with an unconfirmed image, learnt at the first update:
+#                "bootloader" (ESP-IDF rolls it back), "no-rollback" or "board-confirms"
+#                (the agent does; see ota/trial.py)
 #   retried      digest of the release that already had its one extra try after a rollback
 #   retry_after  seconds a server asked us to wait (Retry-After), or null
 #   rejected     releases never to try again (manifest digest, version, reason), newest last
@@ -35,11 +40,15 @@ def load():
 
 
 def _rec(d, text):
-    # a dict with the string fields `text`, every other field a whole number >= 0
+    # a dict with the string fields `text` (those after a "?" may be missing), every other
+    # field a whole number >= 0
     if not isinstance(d, dict):
         return False
+    opt = False
     for k in text:
-        if not isinstance(d.get(k), str):
+        if k == "?":
+            opt = True
+        elif not isinstance(d.get(k), str) and not (opt and k not in d):
             return False
     for k, v in d.items():
         if k not in text and not (isinstance(v, int) and v >= 0):
@@ -52,12 +61,12 @@ def _sane(st):
     # a field of the wrong type goes back to its fresh value, so that it cannot make every
     # later update() fail the same way.
     base = _fresh()
-    for k, t in (("last_result", str), ("last_error", str), ("retried", str), ("detail", str),
+    for k, t in (("last_result", str), ("last_error", str), ("retried", str), ("detail", str), ("rollback", str),
                  ("retry_after", int), ("floor", int)):
         v = st.get(k)
         if isinstance(v, t) and (t is str or v >= 0):
             base[k] = v
-    for k, text in (("pending", ("digest", "version", "slot")), ("progress", ("digest", "slot"))):
+    for k, text in (("pending", ("digest", "version", "slot", "?", "from")), ("progress", ("digest", "slot"))):
         if _rec(st.get(k), text):
             base[k] = st[k]
     rej = st.get("rejected")

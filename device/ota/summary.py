@@ -21,4 +21,5 @@ def status():
         "rejected": [r.get("version") for r in st["rejected"]],
         "retry_after": st.get("retry_after"),
         "progress": st.get("progress"),
+        "rollback": st.get("rollback"),
     }

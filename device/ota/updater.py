@@ -68,9 +68,17 @@ def _offer(cfg, st, mv):
     all_slots = slots.ota_slots()
     run = slots.running()
     act = otadata.active(len(all_slots), otadata.records())
-    if act is not None and act[1] == "PENDING_VERIFY" and slots.index_of(run, all_slots) == act[0]:
+    pend = st.get("pending")
+    if (act is not None and act[1] == "PENDING_VERIFY" and slots.index_of(run, all_slots) == act[0]) or \
+            (pend and pend.get("slot") == run.info()[4]):
         # Writing the other slot now would overwrite the image we would roll back to.
         raise OtaError("not-confirmed", "this image is still on trial: call ota.confirm() first", DEVICE)
+    if pend and act is not None and all_slots[act[0]].info()[4] == pend.get("slot"):
+        # Our set_boot() has not been booted yet (a soft reset or a wake from deep sleep skips
+        # the bootloader): writing that slot again, then set_boot() a second time, would write a
+        # second record over the last good one. The install is done; a reset boots it.
+        raise OtaError("reboot-pending", "%s is installed in %s and boots at the next reset"
+                       % (pend.get("version"), pend.get("slot")), DEVICE)
     first_bad = last = None
     for url in cfg.manifest_urls:
         try:
@@ -248,15 +256,18 @@ def _install(cfg, st, o, mv, reserve=None):
     st["progress"] = {"digest": o.digest, "slot": label, "done": m.size,
                       "chunk": len(m.chunks) if m.chunks else 0}
     st["pending"] = {"digest": o.digest, "version": m.version, "slot": label, "counter": m.counter,
-                     "sector": sector}
+                     "sector": sector, "from": slots.running().info()[4]}
     state.save(st)
     try:
         otadata.erase_sector(sector)
         target.set_boot()
     except OSError as e:
+        # ESP-IDF refused the image we verified (esp_image_verify: e.g. a chip revision outside
+        # the image's min/max): it would refuse it every time, so it is not downloaded again.
         st["pending"] = None
         st["progress"] = None
-        raise OtaError("set-boot-failed", "esp_ota_set_boot_partition: %r" % (e,), DEVICE)
+        state.reject(st, o.digest, m.version, "set-boot-failed")
+        raise OtaError("set-boot-failed", "esp_ota_set_boot_partition refused %s: %r" % (m.version, e))
     state.record(st, "installed", None, "%s written to %s; rebooting to confirm" % (m.version, label))
     state.save_or_log(st)  # set to boot and "pending" recorded: only this note can be lost
     _log("%s verified in flash and set to boot" % m.version)
@@ -283,8 +294,13 @@ def update(reboot=True, buf=None, reserve=None):
             result = "installed"
     except OtaError as e:
         retry_after = getattr(e, "retry_after", None)
-        state.record(st, "refused" if e.kind == RELEASE else "failed", e.code, e.detail)
-        _log("%s: %s (%s)" % ("refused" if e.kind == RELEASE else "failed", e.code, e.detail))
+        if e.code == "reboot-pending":
+            state.record(st, "installed", e.code, e.detail)
+            _log(e.detail + ("; resetting" if reboot else ""))
+            result = "installed"
+        else:
+            state.record(st, "refused" if e.kind == RELEASE else "failed", e.code, e.detail)
+            _log("%s: %s (%s)" % ("refused" if e.kind == RELEASE else "failed", e.code, e.detail))
     except MemoryError as e:
         # Never let an update take the application down: report it and carry on.
         import sys

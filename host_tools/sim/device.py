@@ -1,12 +1,14 @@
 """Create and load simulated devices: a directory with the flash image, the filesystem and a
 little metadata.
 
-    devices/<name>/device.json   board, heap, the slot the last boot ran (for `sim status`)
+    devices/<name>/device.json   board, heap, hardware (chip revision, bootloader build), the slot
+                                 the last boot ran (for `sim status`)
     devices/<name>/flash.bin     4 MiB SPI flash laid out from boards/unix/partitions.csv
     devices/<name>/fs/           the device filesystem: main.py, ota_config.json, lib/ota/
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import shutil
 from dataclasses import dataclass, field
@@ -17,6 +19,17 @@ from .. import BOARDS_DIR, MpotaError, deviceconfig, devicepkg, espimage, partit
 FLASH_SIZE = 4 * 1024 * 1024
 DEFAULT_ROOT = Path("devices")
 
+# How the simulated board differs from a stock ESP32 with MicroPython's OTA firmware:
+#   chip_rev        efuse_hal_chip_revision(): major * 100 + minor (300 = v3.0)
+#   rollback        "on": CONFIG_BOOTLOADER_APP_ROLLBACK_ENABLE in bootloader and firmware (stock);
+#                   "off": in neither (set_boot writes UNDEFINED records, nothing is put on trial);
+#                   "bootloader-off": a bootloader built without it under a firmware built with it
+#                   (records stay NEW after the boot)
+#   board_confirms  the board's start-up code marks every image valid before main.py runs (as
+#                   ARDUINO_NANO_ESP32's board_init.c does)
+HARDWARE = {"chip_rev": 300, "rollback": "on", "board_confirms": False}
+ROLLBACK_MODES = ("on", "off", "bootloader-off")
+
 
 @dataclass
 class SimDevice:
@@ -25,6 +38,7 @@ class SimDevice:
     board: str = "unix"
     heap: str = "128K"
     running: dict = field(default_factory=dict)
+    hardware: dict = field(default_factory=lambda: dict(HARDWARE))
 
     @property
     def flash(self) -> Path:
@@ -44,8 +58,16 @@ class SimDevice:
         they must and no compile-time garbage (on a real ESP32 this is C outside the heap)."""
         return self.path / "platform"
 
+    def hardware_env(self) -> dict:
+        """What boards/unix reads about the simulated chip and its build (see HARDWARE)."""
+        hw = dict(HARDWARE, **self.hardware)
+        return {"MPOTA_CHIP_REV": str(hw["chip_rev"]), "MPOTA_ROLLBACK": hw["rollback"],
+                "MPOTA_BOARD_CONFIRMS": "1" if hw["board_confirms"] else "0",
+                "MPOTA_UID": hashlib.sha256(self.name.encode()).hexdigest()[:12]}
+
     def save(self) -> None:
-        meta = {"name": self.name, "board": self.board, "heap": self.heap, "running": self.running}
+        meta = {"name": self.name, "board": self.board, "heap": self.heap, "hardware": self.hardware,
+                "running": self.running}
         tmp = self.path / "device.json.tmp"
         tmp.write_text(json.dumps(meta, indent=1) + "\n")
         tmp.replace(self.path / "device.json")
@@ -77,7 +99,8 @@ def load(name: str, root: Path = DEFAULT_ROOT) -> SimDevice:
     except (OSError, ValueError):
         raise MpotaError(f"no simulated device {name!r} in {root}/",
                          hint=f"create it with: mpota sim create {name} --pub KEY.pub --server URL --firmware FW.bin") from None
-    dev = SimDevice(name, path, meta.get("board", "unix"), meta.get("heap", "128K"), meta.get("running") or {})
+    dev = SimDevice(name, path, meta.get("board", "unix"), meta.get("heap", "128K"), meta.get("running") or {},
+                    dict(HARDWARE, **(meta.get("hardware") or {})))
     try:
         size = dev.flash.stat().st_size
     except OSError:
@@ -106,7 +129,7 @@ def layout_flash(path: Path, table: list[partitions.Partition], firmware: bytes,
 def create(name: str, pubkeys: list[Path], server: str, firmware: Path, *, root: Path = DEFAULT_ROOT,
            board: str = "unix", heap: str = "128K", source: bool = False, force: bool = False,
            device_id: str | None = None, mirrors: list[str] = (), aes_keys: list[Path] = (),
-           ca: Path | None = None) -> SimDevice:
+           ca: Path | None = None, hardware: dict | None = None) -> SimDevice:
     check_name(name)
     info = board_info(board)
     ca_der = deviceconfig.load_ca(ca) if ca is not None else None
@@ -122,14 +145,16 @@ def create(name: str, pubkeys: list[Path], server: str, firmware: Path, *, root:
             raise MpotaError(f"{path} already exists", hint="use --force to replace it")
         shutil.rmtree(path)
     (path / "fs" / "lib").mkdir(parents=True)
-    dev = SimDevice(name, path, board, heap)
+    dev = SimDevice(name, path, board, heap, hardware=dict(HARDWARE, **(hardware or {})))
     layout_flash(dev.flash, partitions.parse_csv(dev.board_dir / "partitions.csv"), fw)
-    shutil.copyfile(dev.board_dir / "main.py", dev.fs / "main.py")
+    for script in ("boot.py", "main.py"):
+        if (dev.board_dir / script).exists():
+            shutil.copyfile(dev.board_dir / script, dev.fs / script)
     deviceconfig.write(dev.fs / "ota_config.json", config, ca=ca_der)
     devicepkg.install_agent(dev.fs / "lib", arch=info.get("mpy_arch"), source=source)
     dev.platform_dir.mkdir()
     for src in sorted(dev.board_dir.glob("*.py")):
-        if src.name != "main.py":
+        if src.name not in ("boot.py", "main.py"):
             devicepkg.compile_file(src, dev.platform_dir / (src.stem + ".mpy"), info.get("mpy_arch"))
     dev.save()
     return dev

@@ -1,24 +1,43 @@
-"""Run a simulated device: bootloader, then firmware, again after every reset, until idle.
+"""Run a simulated device as an ESP32 runs: bootloader, firmware, and what happens next.
 
-Exit codes of the micropython process (boards/unix): 0 idle (main.py returned), 100 reset
-(machine.reset()), 101 power loss (fault injection), 102 panic (firmware crashed at boot);
-anything else is an uncaught exception, which on a real ESP32 also ends in a reboot.
+Exit codes of the micropython process (boards/unix) and what the board does then:
+  0   main.py returned: the board sits at the REPL, idle; the run ends
+  100 machine.reset() (esp_restart): the bootloader runs, the firmware boots again
+  101 power loss (fault injection): the power comes back, the bootloader runs
+  102 panic (a `crash` image): the panic handler resets the chip
+  103 machine.soft_reset(): MicroPython restarts; the bootloader does not run
+  104 machine.deepsleep(): the chip wakes through the bootloader's deep-sleep path
+  105 an uncaught exception in main.py: the board waits at the REPL. Nothing resets it,
+      unless a machine.WDT is armed (nothing feeds it at the REPL): then the watchdog does
+A boot whose machine.WDT is not fed in time is reset by the watchdog (the process is stopped).
+A boot that runs longer than `hang_s` without a watchdog to end it is a hang: a real board
+would stay so until someone cycles the power; the run ends, reporting it (the next run is that
+power cycle).
 """
 from __future__ import annotations
 
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
+import threading
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
 from .. import MpotaError
 from .device import SimDevice
 
-IDLE, RESET, POWER_LOSS, PANIC = 0, 100, 101, 102
-BOOT_TIMEOUT_S = 120
+IDLE, RESET, POWER_LOSS, PANIC, SOFT_RESET, DEEP_SLEEP, REPL = 0, 100, 101, 102, 103, 104, 105
+HANG_S = 120.0
+# machine.reset_cause() (ports/esp32/modmachine.c): SOFT_RESET after a soft reset until the
+# next chip reset; otherwise from esp_reset_reason(): ESP_RST_SW and ESP_RST_PANIC -> HARD_RESET,
+# ESP_RST_TASK_WDT -> WDT_RESET, ESP_RST_DEEPSLEEP -> DEEPSLEEP_RESET, ESP_RST_POWERON -> PWRON_RESET
+PWRON_RESET, HARD_RESET, WDT_RESET, DEEPSLEEP_RESET, SOFT_RESET_CAUSE = 1, 2, 3, 4, 5
+# The ends of a run: the board is idle at the REPL, stuck at the REPL after an exception, or hung.
+ENDS = ("idle", "repl", "hung")
 
 
 class SimError(MpotaError):
@@ -31,8 +50,9 @@ class Boot:
     slot: str
     version: str | None
     behavior: str
-    exit: str          # idle, reset, power-loss, panic, crash, watchdog
+    exit: str          # idle, reset, power-loss, panic, soft-reset, deep-sleep, repl, watchdog, hung
     output: str
+    start: str = "power-on"  # power-on, reset, watchdog, soft-reset, deep-sleep wake
 
 
 def micropython_binary() -> str:
@@ -51,32 +71,73 @@ def device_env(dev: SimDevice, **extra) -> dict:
         # '' (the device filesystem, our cwd), frozen modules (requests), /lib, the platform.
         "MICROPYPATH": ".frozen:%s:%s" % ((dev.fs / "lib").resolve(), dev.platform_dir.resolve()),
     })
-    for k in ("MPOTA_CUT_AT", "MPOTA_CUT_TEAR", "MPOTA_OPS_FILE"):
-        env.pop(k, None)
+    for k in [k for k in env if k.startswith("MPOTA_") and k != "MPOTA_FLASH"]:
+        del env[k]  # nothing of the caller's (a fault switch, another device's state) leaks in
+    env.update(dev.hardware_env())
     env.update({k: str(v) for k, v in extra.items() if v is not None})
     return env
 
 
+def firmware_env(dev: SimDevice, sel: dict, **extra) -> dict:
+    """The environment of the firmware booted from `sel` (what the bootloader chose)."""
+    return device_env(dev, MPOTA_RUNNING=sel.get("slot"), MPOTA_BEHAVIOR=sel.get("behavior"),
+                      MPOTA_VERSION=sel.get("version"), **extra)
+
+
 def run_micropython(dev: SimDevice, args: list[str], env: dict, heap: str | None = None,
-                    echo=None, timeout=BOOT_TIMEOUT_S) -> tuple[int | None, str]:
+                    echo=None, timeout: float = HANG_S, wdt: Path | None = None) -> tuple[int | str, str]:
+    """Run micropython as the device; returns (exit code, output). The exit code is "watchdog"
+    when `wdt` (the file machine.WDT feeds) was armed and not fed in time, "hung" when the
+    process ran for `timeout` seconds otherwise; either way the process is stopped."""
     cmd = [micropython_binary()]
     if heap:
         cmd += ["-X", f"heapsize={heap}"]
     cmd += args
     proc = subprocess.Popen(cmd, cwd=dev.fs, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            text=True, errors="replace")
-    lines = []
-    try:
+                            text=True, errors="replace", start_new_session=True)
+    lines: list[str] = []
+
+    def pump():
         for line in proc.stdout:
             lines.append(line)
             if echo:
                 echo(line.rstrip("\n"))
-        rc = proc.wait(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait()
-        rc = None
+
+    reader = threading.Thread(target=pump, daemon=True)
+    reader.start()
+    deadline = time.monotonic() + timeout
+    rc: int | str | None = None
+    while rc is None:
+        try:
+            rc = proc.wait(timeout=0.05)
+        except subprocess.TimeoutExpired:
+            if wdt is not None and watchdog_expired(wdt):
+                rc = "watchdog"
+            elif time.monotonic() > deadline:
+                rc = "hung"
+            else:
+                continue
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    reader.join(timeout=5)
     return rc, "".join(lines)
+
+
+def watchdog_armed(wdt: Path) -> int | None:
+    """The timeout (ms) of the machine.WDT armed in this boot, or None."""
+    try:
+        return int(wdt.read_text() or 0) or None
+    except (OSError, ValueError):
+        return None
+
+
+def watchdog_expired(wdt: Path) -> bool:
+    try:
+        fed = wdt.stat().st_mtime
+    except OSError:
+        return False
+    timeout = watchdog_armed(wdt)
+    return timeout is not None and time.time() - fed > timeout / 1000
 
 
 class PowerCut:
@@ -86,6 +147,7 @@ class PowerCut:
 
     def __init__(self, at: int | None = None, tear: bool = False, ops_file: Path | None = None):
         self.at, self.tear, self.used, self.fired = at, tear, 0, False
+        self.erases = 0  # of the `used` operations
         self.ops_file = ops_file
 
     def env(self) -> dict:
@@ -97,15 +159,18 @@ class PowerCut:
 
     def account(self, rc) -> None:
         if self.ops_file and self.ops_file.exists():
-            self.used += int(self.ops_file.read_text() or 0)
+            ops, erases = (self.ops_file.read_text() or "0 0").split()
+            self.used += int(ops)
+            self.erases += int(erases)
             self.ops_file.unlink()
         if rc == POWER_LOSS:
             self.fired = True
 
 
-def bootloader(dev: SimDevice, cut: PowerCut | None = None) -> dict:
-    """Run the simulated bootloader; {"power-loss": True} if a PowerCut fired inside it."""
-    env = device_env(dev, **(cut.env() if cut else {}))
+def bootloader(dev: SimDevice, cut: PowerCut | None = None, wake_slot: str | None = None) -> dict:
+    """Run the simulated bootloader; {"power-loss": True} if a PowerCut fired inside it.
+    `wake_slot`: a wake from deep sleep, with that partition in RTC memory."""
+    env = device_env(dev, MPOTA_WAKE_SLOT=wake_slot, **(cut.env() if cut else {}))
     rc, out = run_micropython(dev, ["-m", "bootloader"], env)
     if cut:
         cut.account(rc)
@@ -116,39 +181,76 @@ def bootloader(dev: SimDevice, cut: PowerCut | None = None) -> dict:
     return json.loads(out.strip().splitlines()[-1])
 
 
-def _exit_name(rc):
-    return {IDLE: "idle", RESET: "reset", POWER_LOSS: "power-loss", PANIC: "panic", None: "watchdog"}.get(rc, "crash")
+_EXITS = {IDLE: "idle", RESET: "reset", POWER_LOSS: "power-loss", PANIC: "panic", SOFT_RESET: "soft-reset",
+          DEEP_SLEEP: "deep-sleep", REPL: "repl", "watchdog": "watchdog", "hung": "hung"}
+# how a boot ended -> (how the next one starts, machine.reset_cause() there)
+_NEXT = {"reset": ("reset", HARD_RESET), "panic": ("reset", HARD_RESET),
+         "power-loss": ("power-on", PWRON_RESET), "watchdog": ("watchdog", WDT_RESET),
+         "deep-sleep": ("deep-sleep wake", DEEPSLEEP_RESET)}
 
 
 def run(dev: SimDevice, heap: str | None = None, max_boots: int = 8, echo=print,
-        cut: PowerCut | None = None) -> list[Boot]:
-    """Boot until the device is idle (main.py returned). Raises SimError on a reset loop or
+        cut: PowerCut | None = None, hang_s: float = HANG_S) -> list[Boot]:
+    """Power the device on and let it run until it is idle (main.py returned), stuck at the REPL
+    after an uncaught exception, or hung (no progress for `hang_s` seconds and no watchdog to
+    end it): boots[-1].exit is "idle", "repl" or "hung". Every reset in between runs the
+    bootloader as the board would (see the module's notes). Raises SimError on a reset loop or
     when no slot holds a bootable image. `cut` cuts the power once at a flash operation."""
     heap = heap or dev.heap
-    boots = []
+    boots: list[Boot] = []
+    wdt = (dev.path / "wdt").resolve()  # what machine.WDT feeds; a chip reset disarms it, a soft reset does not
+    start, cause = "power-on", PWRON_RESET
+    sel: dict | None = None
+    rtc_slot = None  # the partition RTC memory keeps for a wake from deep sleep
     for n in range(1, max_boots + 1):
-        sel = bootloader(dev, cut)
-        if sel.get("power-loss"):
-            echo(f"[boot {n}] power lost in the bootloader")
-            boots.append(Boot(n, "", None, "", "power-loss", ""))
-            continue
-        if "error" in sel:
-            raise SimError(f"boot {n}: the device is bricked: {sel['error']}")
-        dev.running = sel
-        dev.save()
-        note = " (fallback: the selected slot did not verify)" if sel.get("fallback") else ""
-        echo(f"[boot {n}] bootloader: {sel['slot']} firmware {sel['version']} ({sel['behavior']}){note}")
-        env = device_env(dev, MPOTA_RUNNING=sel["slot"], MPOTA_BEHAVIOR=sel["behavior"],
-                         MPOTA_VERSION=sel["version"], **(cut.env() if cut else {}))
-        rc, out = run_micropython(dev, ["-m", "firmware"], env, heap,
-                                  echo=lambda line: echo("    | " + line))
+        if start != "soft-reset":
+            wdt.unlink(missing_ok=True)
+            sel = bootloader(dev, cut, wake_slot=rtc_slot if start == "deep-sleep wake" else None)
+            if sel.get("power-loss"):
+                echo(f"[boot {n}] power lost in the bootloader")
+                boots.append(Boot(n, "", None, "", "power-loss", "", start))
+                start, cause, rtc_slot = "power-on", PWRON_RESET, None
+                continue
+            if "error" in sel:
+                raise SimError(f"boot {n}: the device is bricked: {sel['error']}")
+            rtc_slot = sel["slot"]
+            dev.running = sel
+            dev.save()
+            how = {"power-on": "", "reset": "", "watchdog": " after a watchdog reset",
+                   "deep-sleep wake": " (woken from deep sleep: otadata not read, image not verified)"}[start]
+            note = " (fallback: the selected slot did not verify)" if sel.get("fallback") else ""
+            echo(f"[boot {n}] bootloader: {sel['slot']} firmware {sel['version']} ({sel['behavior']}){how}{note}")
+        else:
+            echo(f"[boot {n}] soft reset: MicroPython restarts in {sel['slot']} (the bootloader does not run)")
+        env = firmware_env(dev, sel, MPOTA_WDT=wdt, MPOTA_RESET_CAUSE=cause, **(cut.env() if cut else {}))
+        rc, out = run_micropython(dev, ["-m", "firmware"], env, heap, echo=lambda line: echo("    | " + line),
+                                  timeout=hang_s, wdt=wdt)
         if cut:
             cut.account(rc)
-        boot = Boot(n, sel["slot"], sel["version"], sel["behavior"], _exit_name(rc), out)
-        boots.append(boot)
-        echo(f"[boot {n}] {boot.exit}" + ("" if rc in (IDLE, RESET) else f" (exit {rc})"))
-        if rc == IDLE:
+        if rc not in _EXITS:
+            raise SimError(f"boot {n}: the simulated firmware itself failed (exit {rc}):\n{out[-2000:]}")
+        ended = _EXITS[rc]
+        timeout = watchdog_armed(wdt)
+        if ended == "repl" and timeout:
+            echo(f"[boot {n}] uncaught exception: at the REPL, where nothing feeds the watchdog "
+                 f"({timeout} ms): it resets the board")
+            ended = "watchdog"
+        boots.append(Boot(n, sel["slot"], sel["version"], sel["behavior"], ended, out, start))
+        if ended in ENDS:
+            echo(f"[boot {n}] " + {
+                "idle": "idle",
+                "repl": "uncaught exception: the board waits at the REPL; no watchdog is armed, so "
+                        "nothing resets it (the next run cycles the power)",
+                "hung": f"hung: no progress for {hang_s:.0f} s and no watchdog armed; a board stays so "
+                        "until its power is cycled (the next run does)"}[ended])
             return boots
+        echo(f"[boot {n}] {ended}")
+        if ended == "soft-reset":
+            start, cause = "soft-reset", SOFT_RESET_CAUSE
+        else:
+            start, cause = _NEXT[ended]
+            if ended == "power-loss":
+                rtc_slot = None
     raise SimError(f"device did not become idle in {max_boots} boots (reset loop?)",
                    hint="see the boot log above; --max-boots raises the limit")
 
@@ -167,7 +269,7 @@ def ensure_running(dev: SimDevice) -> dict:
 def status(dev: SimDevice, heap: str | None = None) -> dict:
     """ota.status() of the device, asked of the agent itself in the slot that last booted."""
     ensure_running(dev)
-    env = device_env(dev, MPOTA_RUNNING=dev.running["slot"], MPOTA_BEHAVIOR=dev.running.get("behavior"))
+    env = firmware_env(dev, dev.running)
     rc, out = run_micropython(dev, ["-c", "import ota, json; print(json.dumps(ota.status()))"], env,
                               heap or dev.heap)
     if rc != 0:
