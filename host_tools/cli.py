@@ -1,5 +1,5 @@
 """`mpota`: the command line. Each verb parses and checks its arguments, then calls a plain
-function of host_tools that scripts can import too. One handler turns MpotaError into
+function of the mpota package that scripts can import too. One handler turns MpotaError into
 "mpota: error: ..." plus a hint, exit status 2; anything else is a bug and keeps its traceback.
 """
 from __future__ import annotations

@@ -22,9 +22,9 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from host_tools import devicepkg, dsse, espimage, keys, release  # noqa: E402
-from host_tools.server import serve_in_thread  # noqa: E402
-from host_tools.sim import device, runner  # noqa: E402
+from mpota import devicepkg, dsse, espimage, keys, release  # noqa: E402
+from mpota.server import serve_in_thread  # noqa: E402
+from mpota.sim import device, runner  # noqa: E402
 
 MICROPYTHON = runner.micropython_binary()
 

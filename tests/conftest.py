@@ -16,9 +16,9 @@ from pathlib import Path
 
 import pytest
 
-from host_tools import espimage, keys, release
-from host_tools.server import serve_in_thread
-from host_tools.sim import device, runner
+from mpota import espimage, keys, release
+from mpota.server import serve_in_thread
+from mpota.sim import device, runner
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared"
 
@@ -87,7 +87,7 @@ class Server:
 
     def write_manifest_body(self, body: dict | bytes, key) -> None:
         """Sign an arbitrary manifest body (for hostile-release tests)."""
-        from host_tools import dsse
+        from mpota import dsse
         raw = body if isinstance(body, bytes) else json.dumps(body).encode()
         (self.root / "manifest.json").write_bytes(dsse.sign(raw, [key]))
 

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from host_tools.cli import build_parser
+from mpota.cli import build_parser
 
 ROOT = Path(__file__).resolve().parents[1]
 MPOTA = str(Path(sys.executable).parent / "mpota")

@@ -16,8 +16,8 @@ from pathlib import Path
 
 import pytest
 
-from host_tools import deploy, devicepkg
-from host_tools.sim import device
+from mpota import deploy, devicepkg
+from mpota.sim import device
 
 BIN = Path(sys.executable).parent
 MPOTA = str(BIN / "mpota")
@@ -234,7 +234,7 @@ def test_deploy_with_a_config_file_checks_it_is_for_the_board(keydir, tmp_path):
 
 
 def test_dry_run_provisions_mirrors_and_aes_keys(keydir, tmp_path):
-    from host_tools import payload
+    from mpota import payload
     payload.generate_aes_key(tmp_path / "fw.aes")
     r = mpota("deploy", "--port", "/dev/ttyUSB0", "--pub", keydir / "release.pub", "--server", "http://a:8000",
               "--mirror", "http://b:8000", "--aes-key", tmp_path / "fw.aes", "--board", "esp32", "--dry-run",

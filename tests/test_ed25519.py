@@ -30,7 +30,7 @@ from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 from hypothesis import given, settings, strategies as st
 
 from conftest import SHARED, run_micropython, tool
-from host_tools.sim import runner
+from mpota.sim import runner
 
 ROOT = Path(__file__).resolve().parents[1]
 DEVICE = ROOT / "device"

@@ -25,7 +25,7 @@ from pathlib import Path
 
 import pytest
 
-from host_tools import espimage, flashing
+from mpota import espimage, flashing
 
 ROOT = Path(__file__).resolve().parents[1]
 BOARDS = ROOT / "boards"

@@ -12,7 +12,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings, strategies as st
 
 from conftest import run_micropython
-from host_tools import devicepkg, dsse, keys
+from mpota import devicepkg, dsse, keys
 
 HARNESS = r"""
 import sys

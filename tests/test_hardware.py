@@ -15,7 +15,7 @@ import json
 import pytest
 
 from conftest import otadata_record
-from host_tools.sim import runner
+from mpota.sim import runner
 
 WDT_MS = 1500  # the trial watchdog in these tests (the default is 60 s)
 
@@ -222,7 +222,7 @@ def test_the_first_boot_after_flashing_writes_the_first_record(firmware, make_de
 # ---- 3. what set_boot() checks, and a refusal that is not retried ----------------------------
 
 def test_set_boot_refuses_an_image_for_another_chip_revision_once(server, firmware, signer, make_device, tmp_path):
-    from host_tools import espimage
+    from mpota import espimage
     img = tmp_path / "fw-2.0.0-rev.bin"
     img.write_bytes(espimage.build_sim_firmware("2.0.0", max_rev=299))  # up to v2.99; the chip is v3.0
     server.publish(img, signer)
@@ -241,7 +241,7 @@ def test_set_boot_refuses_an_image_for_another_chip_revision_once(server, firmwa
 
 
 def test_the_simulated_set_boot_checks_chip_id_and_revision(firmware, make_device, tmp_path):
-    from host_tools import espimage
+    from mpota import espimage
     d = make_device(firmware("1.0.0"), "http://127.0.0.1:9/", hardware={"chip_rev": 301})
     cases = {"ok": dict(), "min above": dict(min_rev=302), "max below": dict(max_rev=300),
              "max unset (0)": dict(max_rev=0), "min equal": dict(min_rev=301)}

@@ -10,7 +10,7 @@ import pytest
 from esptool.bin_image import LoadFirmwareImage
 
 from conftest import SHARED
-from host_tools import espimage
+from mpota import espimage
 
 ESPTOOL = str(Path(sys.executable).parent / "esptool")
 

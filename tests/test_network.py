@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 
 from faultserver import Fault
-from host_tools import release
-from host_tools.sim import runner
+from mpota import release
+from mpota.sim import runner
 
 SIZE = 96 * 1024
 
@@ -173,7 +173,7 @@ def test_mirror_failover(setup, tmp_path, firmware, signer):
 
 
 def test_a_mirror_serving_a_forged_release_is_skipped(setup, firmware, keydir):
-    from host_tools import keys
+    from mpota import keys
     fs, d, name = setup
     release.build(firmware("9.9.9", size=SIZE), fs.root / "evil", [keys.load_private(keydir / "foreign")])
     d.config(server=fs.url + "evil/", mirrors=[fs.url])
@@ -184,7 +184,7 @@ def test_a_mirror_serving_a_forged_release_is_skipped(setup, firmware, keydir):
 
 @pytest.mark.parametrize("encrypt", [False, True], ids=["deflate", "deflate+aes"])
 def test_compressed_download_resumes_at_a_chunk_boundary(encrypt, fault_server, firmware, signer, make_device, tmp_path):
-    from host_tools import payload
+    from mpota import payload
     key = None
     if encrypt:
         payload.generate_aes_key(tmp_path / "k.aes")

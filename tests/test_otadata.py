@@ -7,7 +7,7 @@ import json
 import pytest
 
 from conftest import otadata_record
-from host_tools.sim import runner
+from mpota.sim import runner
 
 NEW, PENDING, VALID, INVALID, ABORTED, UNDEF = 0, 1, 2, 3, 4, 0xFFFFFFFF
 ERASED = b"\xff" * 32

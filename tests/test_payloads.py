@@ -5,7 +5,7 @@ import json
 
 import pytest
 
-from host_tools import payload, release
+from mpota import payload, release
 
 
 @pytest.fixture

@@ -20,8 +20,8 @@ from pathlib import Path
 import pytest
 
 from conftest import REPORT
-from host_tools.sim import runner
-from host_tools.sim.device import SimDevice
+from mpota.sim import runner
+from mpota.sim.device import SimDevice
 
 SIZE = 24 * 1024  # 6 flash blocks: every kind of operation, few cases
 WORKERS = max(2, os.cpu_count() or 2)

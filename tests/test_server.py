@@ -5,7 +5,7 @@ import http.client
 
 import pytest
 
-from host_tools.server import serve_in_thread
+from mpota.server import serve_in_thread
 
 
 @pytest.fixture

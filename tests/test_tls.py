@@ -15,7 +15,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
-from host_tools import MpotaError, release
+from mpota import MpotaError, release
 
 
 def make_ca(name):

@@ -9,7 +9,7 @@ from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
-from host_tools import release
+from mpota import release
 
 
 def exits(boots):
@@ -147,7 +147,7 @@ def _wrong_chip(server, firmware, signer, foreign):
 def _wrong_chip_in_image(server, firmware, signer, foreign):
     # A correctly signed manifest for chip esp32 whose image header says ESP32-S3.
     img = firmware("2.0.0", chip="esp32s3").read_bytes()
-    from host_tools.espimage import parse
+    from mpota.espimage import parse
     assert parse(img).chip == "esp32s3"
     rel = server.publish(firmware("2.0.0"), signer)
     (server.root / rel.manifest["payload"]["url"]).write_bytes(img)
@@ -233,7 +233,7 @@ REFUSALS = [
 @pytest.mark.parametrize("case,setup,code", REFUSALS, ids=[r[0] for r in REFUSALS])
 def test_refused_with_its_code_and_old_firmware_keeps_running(case, setup, code, server, firmware,
                                                                signer, keydir, make_device):
-    from host_tools import keys
+    from mpota import keys
     d = make_device(firmware("1.0.0"), server.url)
     otadata_before = d.otadata()
     setup(server, firmware, signer, keys.load_private(keydir / "foreign"))
@@ -252,7 +252,7 @@ def test_refused_with_its_code_and_old_firmware_keeps_running(case, setup, code,
 
 
 def test_check_reports_without_changing_anything(server, firmware, signer, make_device):
-    from host_tools.sim import runner
+    from mpota.sim import runner
     server.publish(firmware("2.0.0"), signer)
     d = make_device(firmware("1.0.0"), server.url)
 
@@ -306,7 +306,7 @@ def test_a_large_image_streams_within_an_esp32_heap(server, firmware, signer, ma
 
 def test_confirm_checks_its_arguments_and_api_calls_repeat(firmware, make_device, server):
     # not only on a new image's first boot, where a mistake would roll back the first field update
-    from host_tools.sim import runner
+    from mpota.sim import runner
     d = make_device(firmware("1.0.0"), server.url)
     runner.ensure_running(d.dev)
     env = runner.device_env(d.dev, MPOTA_RUNNING=d.dev.running["slot"], MPOTA_BEHAVIOR="healthy")
@@ -330,7 +330,7 @@ def test_the_application_gets_its_heap_back(server, firmware, signer, make_devic
     # An update check loads ~57 KiB of agent code; each API call forgets what it loaded, so a
     # main.py that checks every hour does not lose that heap for good. Too little heap to load
     # the updater is an answer (no-memory), not an exception in the application.
-    from host_tools.sim import runner
+    from mpota.sim import runner
     server.publish(firmware("1.0.0"), signer)
     d = make_device(firmware("1.0.0"), server.url)
     runner.ensure_running(d.dev)
@@ -376,7 +376,7 @@ def test_a_failed_health_check_rolls_back_even_if_nothing_can_be_recorded(server
     # the filesystem fails between the install and the new image's first boot: the unhealthy
     # image still resets into the old one (it must not stay up, unconfirmed, because a state
     # write failed), and the old one runs its application
-    from host_tools.sim import runner
+    from mpota.sim import runner
     server.publish(firmware("2.0.0", "unhealthy"), signer)
     d = make_device(firmware("1.0.0"), server.url)
     with pytest.raises(AssertionError):

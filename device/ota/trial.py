@@ -105,7 +105,6 @@ def _start(b, watchdog_ms):
 def _set_back(b):
     # Roll back in software: set the slot we updated from to boot, and reset. The old image then
     # finds the install pending and records the rollback (as after a bootloader rollback).
-    from esp32 import Partition
     src = b.pend.get("from")
     for p in b.slots:
         label = p.info()[4]
