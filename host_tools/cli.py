@@ -205,7 +205,7 @@ def cmd_sim_run(a):
 
 
 STATUS_ORDER = ("version", "slot", "slots", "last_result", "last_error", "detail", "pending",
-                "progress", "rejected", "retry_after", "security_floor", "secure_version")
+                "progress", "rejected", "retry_after", "security_floor", "secure_version", "rollback")
 
 
 def cmd_sim_status(a):
@@ -317,10 +317,33 @@ def cmd_deploy(a):
         ordered.update(status)
         print("deploy: ota.status() on the board:")
         print(json.dumps(ordered, indent=1))
+    warning = deploy.rollback_warning(pr, status)
+    if warning:
+        print(f"deploy: warning: {warning}")
     if a.reset:
         print(f"deploy: the board was told to reset, so that main.py runs; watch it: mpremote connect {a.port} repl")
     else:
         print(f"deploy: next: reset the board so main.py runs (mpremote connect {a.port} reset, or --reset)")
+
+
+def cmd_push(a):
+    from . import push
+    print(f"push: {a.release} to the board on {a.port}: its agent fetches the release from us over the "
+          f"serial link and verifies it as over HTTP", flush=True)
+    done = push.push(Path(a.release), a.port, a.baud, a.timeout, reset=a.reset,
+                     echo=lambda line: print("    | " + line, flush=True))
+    r = done.result
+    rate = done.sent / done.seconds / 1024 if done.seconds else 0
+    print(f"push: {_human(done.sent)} sent in {done.seconds:.1f} s ({rate:.1f} KiB/s); the board's "
+          f"ota.update(): {r.get('result')}" + (f", {r['error']}" if r.get("error") else "")
+          + (f" ({r['detail']})" if r.get("detail") else ""))
+    if r.get("result") != "installed":
+        return 1
+    if a.reset:
+        print("push: the board was told to reset: the new firmware boots, confirms itself or rolls back")
+    else:
+        print(f"push: next: reset the board (mpremote connect {a.port} reset, or --reset) so that the new firmware boots")
+    return 0
 
 
 def cmd_sim_repl(a):
@@ -474,6 +497,18 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--dry-run", action="store_true", help="stage the files and print the mpremote command; "
                                                           "touch no board")
     s.set_defaults(func=cmd_deploy)
+
+    s = sub.add_parser("push", help="install a signed release over a board's serial link (no network needed)",
+                       description="Run the board's agent with this machine as its release source over the "
+                                   "serial link: the same verification, resume and rollback as over HTTP. "
+                                   "Works with boards, QEMU's serial (socket://) and `mpota sim repl`.")
+    s.add_argument("release", help="release directory (mpota release --out DIR)")
+    s.add_argument("--port", required=True, help="serial port: /dev/ttyUSB0, COM3, socket://HOST:PORT")
+    s.add_argument("--baud", type=_baud, default=115200, help="baud rate of the REPL (default 115200)")
+    s.add_argument("--timeout", type=_timeout, default=30, metavar="SECONDS",
+                   help="give up when the board says nothing for this long (default 30)")
+    s.add_argument("--reset", action="store_true", help="reset the board after a successful install")
+    s.set_defaults(func=cmd_push)
 
     sim = sub.add_parser("sim", help="the simulated ESP32 (unix port): firmware, create, run, status, repl",
                          description="Simulated ESP32 devices on the MicroPython unix port.")

@@ -95,6 +95,31 @@ class DeployError(MpotaError):
     pass
 
 
+# sys.implementation._machine of boards whose MICROPY_BOARD_STARTUP calls
+# esp_ota_mark_app_valid_cancel_rollback() (ports/esp32/boards/*/board_init.c)
+BOARDS_THAT_CONFIRM = ("Arduino Nano ESP32",)
+
+ROLLBACK_WARNINGS = {
+    "no-rollback": "the board's bootloader does not roll back an unconfirmed image (built without "
+                   "CONFIG_BOOTLOADER_APP_ROLLBACK_ENABLE): the agent rolls back after a failed health check "
+                   "or a second unconfirmed start, but an image that crashes before main.py cannot be undone",
+    "board-confirms": "the board confirms every image at start-up, before main.py: the agent still runs the "
+                      "health check and rolls back itself, but an image that crashes before main.py cannot be "
+                      "undone",
+}
+
+
+def rollback_warning(probe: "Probe | None", status: dict | None) -> str | None:
+    """What deploy must tell the user about this board's rollback, or None (error codes in
+    docs/error-codes.md: no-rollback, board-confirms)."""
+    code = (status or {}).get("rollback")
+    if code in ROLLBACK_WARNINGS:
+        return f"{code}: {ROLLBACK_WARNINGS[code]}"
+    if probe is not None and probe.confirms_at_boot:
+        return f"board-confirms: {ROLLBACK_WARNINGS['board-confirms']}"
+    return None
+
+
 @dataclass
 class Probe:
     platform: str
@@ -121,6 +146,12 @@ class Probe:
             return None
         m = re.search(r"with (ESP32\w*)\s*$", self.machine)
         return m.group(1).lower() if m else "esp32"
+
+    @property
+    def confirms_at_boot(self) -> bool:
+        """Boards whose start-up code marks every new image valid before main.py runs, so the
+        bootloader never rolls one back (ARDUINO_NANO_ESP32's board_init.c)."""
+        return any(name in self.machine for name in BOARDS_THAT_CONFIRM)
 
     def describe(self) -> str:
         where = self.chip.upper() if self.chip else f"{self.platform} (unix port)"

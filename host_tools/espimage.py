@@ -111,6 +111,32 @@ def app_desc(version: str, secure_version: int = 0, project: str = "mpota-sim") 
                        hashlib.sha256(v).digest(), b"")
 
 
+def set_version(data: bytes, version: str) -> bytes:
+    """The app image `data` with `version` in its esp_app_desc_t, checksum and appended SHA-256
+    made right again: what an ESP-IDF build with PROJECT_VER set gives (stock MicroPython builds
+    leave the version empty, CONFIG_APP_EXCLUDE_PROJECT_VER_VAR=y). For tests on real firmware;
+    an image signed for secure boot would need signing again."""
+    info = parse(data)  # checks it first
+    out = bytearray(data[:info.length])
+    at = HEADER_LEN + SEGMENT_HEADER_LEN + 16  # esp_app_desc_t.version
+    v = version.encode()
+    if len(v) > 31:
+        raise ImageError(f"version {version!r} is longer than esp_app_desc_t allows (31 bytes)")
+    out[at:at + 32] = v.ljust(32, b"\0")
+    pos, csum = HEADER_LEN, 0xEF
+    for _ in range(out[1]):
+        _addr, n = struct.unpack_from("<II", out, pos)
+        pos += SEGMENT_HEADER_LEN
+        for b in out[pos:pos + n]:
+            csum ^= b
+        pos += n
+    pos += 15 - pos % 16
+    out[pos] = csum
+    if out[23] == 1:
+        out[pos + 1:pos + 33] = hashlib.sha256(out[:pos + 1]).digest()
+    return bytes(out)
+
+
 def build(segments: list[tuple[int, bytes]], chip: str, entry: int, min_rev: int = 0,
           max_rev: int = 0xFFFF) -> bytes:
     """An ESP app image from (load address, data) segments, with checksum and SHA-256.

@@ -167,6 +167,38 @@ def make_device(tmp_path, keydir):
     return make
 
 
+class SimRepl:
+    """`mpota sim repl NAME --port 0` in the background: the simulated board with its console on
+    a loopback port; .url is where it listens (for mpremote, mpota deploy, mpota push)."""
+
+    def __init__(self, name, root):
+        import threading
+        self.proc = subprocess.Popen([tool("mpota"), "sim", "repl", name, "--port", "0", "--root", str(root)],
+                                     stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        first = self.proc.stdout.readline()
+        assert "socket://" in first, first + self.proc.stdout.read()
+        self.url = first.split()[first.split().index("on") + 1]
+        self.lines: list[str] = [first]
+        self._reader = threading.Thread(target=lambda: self.lines.extend(self.proc.stdout), daemon=True)
+        self._reader.start()
+
+    @property
+    def log(self) -> str:
+        return "".join(self.lines)
+
+    def stop(self) -> str:
+        import signal
+        if self.proc.returncode is None:
+            self.proc.send_signal(signal.SIGINT)  # the command's own Ctrl-C handling
+            try:
+                self.proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self._reader.join(timeout=5)
+        return self.log
+
+
 def otadata_record(seq: int, state: int, crc: int | None = None) -> bytes:
     """An esp_ota_select_entry_t written independently of the code under test."""
     if crc is None:

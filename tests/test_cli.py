@@ -16,7 +16,7 @@ ROOT = Path(__file__).resolve().parents[1]
 MPOTA = str(Path(sys.executable).parent / "mpota")
 
 COMMANDS = [["keygen"], ["release"], ["verify"], ["serve"], ["boards"], ["config"], ["mpy"],
-            ["flash"], ["deploy"],
+            ["flash"], ["deploy"], ["push"],
             ["sim"], ["sim", "firmware"], ["sim", "create"], ["sim", "run"], ["sim", "status"], ["sim", "repl"]]
 
 

@@ -8,7 +8,6 @@ import json
 import os
 import shlex
 import shutil
-import signal
 import socket
 import subprocess
 import sys
@@ -18,6 +17,7 @@ import pytest
 
 from mpota import deploy, devicepkg
 from mpota.sim import device
+from conftest import SimRepl
 
 BIN = Path(sys.executable).parent
 MPOTA = str(BIN / "mpota")
@@ -27,28 +27,6 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def mpota(*args, cwd=None, timeout=180):
     return subprocess.run([MPOTA, *map(str, args)], capture_output=True, text=True, cwd=cwd, timeout=timeout)
-
-
-class Repl:
-    """`mpota sim repl NAME --port 0` in the background; .url is where it listens."""
-
-    def __init__(self, name, root):
-        self.proc = subprocess.Popen([MPOTA, "sim", "repl", name, "--port", "0", "--root", str(root)],
-                                     stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-        first = self.proc.stdout.readline()
-        assert "socket://" in first, first + self.proc.stdout.read()
-        self.url = first.split()[first.split().index("on") + 1]
-
-    def stop(self) -> str:
-        if self.proc.returncode is not None:
-            return ""
-        self.proc.send_signal(signal.SIGINT)  # the command's own Ctrl-C handling
-        try:
-            out, _ = self.proc.communicate(timeout=10)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            out, _ = self.proc.communicate()
-        return out
 
 
 @pytest.fixture
@@ -63,7 +41,7 @@ def bare_device(tmp_path, keydir, firmware):
 
 @pytest.fixture
 def repl(bare_device):
-    r = Repl("dev", bare_device.path.parent)
+    r = SimRepl("dev", bare_device.path.parent)
     yield r
     r.stop()
 
@@ -313,3 +291,29 @@ def test_stage_never_empties_a_directory_it_did_not_make(keydir, tmp_path):
     assert r.returncode == 0, r.stderr
     r = mpota(*args, "--stage", tmp_path / "st", cwd=tmp_path)  # its own: emptied and staged again
     assert r.returncode == 0 and ".mpota-stage" not in r.stdout, r.stderr
+
+
+def test_deploy_names_a_board_that_cannot_roll_back():
+    nano = probe("esp32", "Arduino Nano ESP32 with ESP32S3", "xtensawin")
+    assert deploy.rollback_warning(nano, {"rollback": None}).startswith("board-confirms: ")
+    generic = probe("esp32", "Generic ESP32 module with ESP32", "xtensawin")
+    assert deploy.rollback_warning(generic, {"rollback": "bootloader"}) is None
+    assert deploy.rollback_warning(generic, {"rollback": "no-rollback"}).startswith("no-rollback: ")
+    assert deploy.rollback_warning(None, None) is None
+
+
+def test_deploy_reports_what_the_agent_learnt_about_rollback(server, firmware, signer, make_device, keydir, tmp_path):
+    # a build without CONFIG_BOOTLOADER_APP_ROLLBACK_ENABLE: the first update tells the agent so,
+    # and the next deploy says it
+    server.publish(firmware("2.0.0"), signer)
+    d = make_device(firmware("1.0.0"), server.url, hardware={"rollback": "off"})
+    d.run()
+    assert d.status()["rollback"] == "no-rollback"
+    repl = SimRepl(d.dev.name, d.dev.path.parent)
+    try:
+        r = mpota("deploy", "--port", repl.url, "--pub", keydir / "release.pub", "--server", server.url,
+                  "--status", "--no-main", cwd=tmp_path)
+    finally:
+        repl.stop()
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "deploy: warning: no-rollback: the board's bootloader does not roll back" in r.stdout

@@ -138,3 +138,15 @@ def test_random_series_of_power_cuts(template, tmp_path):
     REPORT.append(f"power-loss random series: {len(series)} series of 2-4 cuts (seed 20261126), "
                   f"{len(failures)} failed")
     assert not failures, "\n\n".join(failures[:3])
+
+
+def test_power_cut_at_every_operation_of_a_first_boot_and_update(template, tmp_path):
+    # a board just flashed (otadata blank, as esptool leaves it): the bootloader's first record
+    # (set_actual_ota_seq) is cut too
+    dev, images = template()
+    flash = bytearray(dev.flash.read_bytes())
+    flash[0xD000:0xF000] = b"\xff" * 0x2000
+    dev.flash.write_bytes(flash)
+    dev.running = {}
+    dev.save()
+    sweep(dev, images, "2.0.0", tmp_path, "first boot + update + confirm")

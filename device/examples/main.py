@@ -1,11 +1,16 @@
 # main.py for an ESP32 board running the mpota agent (installed by `mpota deploy` when the board
-# has no main.py yet). Two calls matter, and their order:
-#   1. ota.confirm(health) first thing on every boot: a newly installed firmware is kept only if
-#      health() passes in time; otherwise the board resets and the bootloader rolls back.
-#   2. ota.update() whenever it suits the application: check, download, verify, install, reset.
-# Replace the "application" part with yours; keep the two calls.
-import time
+# has no main.py yet). Three calls matter, and their order:
+#   1. ota.guard() first of all: on the first boot of a new firmware it arms the watchdog, so
+#      that an exception (which leaves a board at the REPL) or a hang before confirm() resets
+#      the board and the bootloader rolls back. On every other boot it does nothing.
+#   2. ota.confirm(health) once the application's start-up is done: a new firmware is kept only
+#      if health() passes in time (the board then restarts once, so the watchdog is gone);
+#      otherwise the board resets and the previous firmware comes back.
+#   3. ota.update() whenever it suits the application: check, download, verify, install, reset.
+# Replace the "application" part with yours; keep the three calls.
 import ota
+ota.guard()
+import time
 
 # Wi-Fi: wifi.json ({"ssid": ..., "password": ...}, written by `mpota deploy --wifi SSID`), or
 # bring the network up yourself in boot.py and delete this part.

@@ -65,7 +65,7 @@ def confirm(health=None, timeout_ms=30000, watchdog_ms=None):
         _unload(keep)
 
 
-def update(reboot=True):
+def update(reboot=True, source=None):
     # The update's one 4 KiB block buffer is taken first, while the heap is least fragmented,
     # and with it a 2 KiB reserve that is let go just before a compressed payload's inflater
     # allocates its window; the updater's code loads after them (many small allocations fit
@@ -77,7 +77,7 @@ def update(reboot=True):
         buf = bytearray(4096)
         reserve = bytearray(2048)
         from ota.updater import update as _update
-        return _update(reboot, buf, reserve)
+        return _update(reboot, buf, reserve, source)
     except MemoryError:
         buf = reserve = None
         _unload(keep)  # room for _no_memory() to load ota.state (finally: unloads that too)

@@ -45,7 +45,7 @@ def load():
     for server in servers:
         if not isinstance(server, str) or not (server.startswith("http://") or server.startswith("https://")):
             raise _bad("server and mirrors must be http:// or https:// URLs")
-        c.manifest_urls.append(server if server.endswith(".json") else server.rstrip("/") + "/manifest.json")
+        c.manifest_urls.append(manifest_url(server))
     c.ca = None
     if raw.get("ca"):
         if not isinstance(raw["ca"], str):  # open() takes an int as a file descriptor
@@ -78,6 +78,11 @@ def load():
     c.timeout_s = _int(raw, "timeout_s", 10, 1, 300)
     c.progress_every = _int(raw, "progress_every", 16, 1, 4096)
     return c
+
+
+def manifest_url(release):
+    # A release directory URL -> its manifest.json; a URL of a .json file is the manifest itself.
+    return release if release.endswith(".json") else release.rstrip("/") + "/manifest.json"
 
 
 def _key32(text, what):

@@ -134,6 +134,8 @@ def join(base, ref):
     i = ref.find("://")
     if i > 0 and "/" not in ref[:i]:
         return ref
+    if base.startswith("serial:"):  # a release pushed over the serial link (ota/link.py)
+        return base[:base.rfind("/") + 1] + ref
     tls, host, port, path = split_url(base)
     root = ("https://" if tls else "http://") + host + ":" + str(port)
     if ref.startswith("/"):
@@ -201,6 +203,9 @@ def get(url, timeout_s, start=0, ca=None):
     # GET `url` (from byte `start` with a Range request). Returns a Response with status 200
     # or 206; redirects are followed (at most 3); anything else raises a transport OtaError
     # (with .retry_after set from a 503/429 Retry-After header).
+    if url.startswith("serial:"):
+        from ota import link
+        return link.get(url, timeout_s, start)
     for hop in range(_REDIRECTS_MAX + 1):
         try:
             tls, host, port, path = split_url(url)

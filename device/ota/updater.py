@@ -273,7 +273,9 @@ def _install(cfg, st, o, mv, reserve=None):
     _log("%s verified in flash and set to boot" % m.version)
 
 
-def update(reboot=True, buf=None, reserve=None):
+def update(reboot=True, buf=None, reserve=None, source=None):
+    # source: a release URL used instead of the configured server and mirrors for this call,
+    # or "serial:" for a release the host pushes over the serial link (mpota push).
     from ota import config
     st = state.load()
     result = None
@@ -281,6 +283,10 @@ def update(reboot=True, buf=None, reserve=None):
     try:
         mv = _block_buffer(buf)
         cfg = config.load()
+        if source is not None:
+            if not isinstance(source, str) or not source:
+                raise OtaError("bad-url", "source must be a release URL or \"serial:\"", DEVICE)
+            cfg.manifest_urls = [config.manifest_url(source)]
         o = _offer(cfg, st, mv)
         why = state.rejected_reason(st, o.digest)
         if why:
@@ -312,6 +318,9 @@ def update(reboot=True, buf=None, reserve=None):
         sys.print_exception(e)
         state.record(st, "failed", "internal-error", repr(e)[:120])
         _log("failed: internal-error %r" % (e,))
+    if source and source.startswith("serial:"):
+        import micropython
+        micropython.kbd_intr(3)  # ota/link.py switched Ctrl-C off for the binary transfer
     st["retry_after"] = retry_after  # seconds the server asked us to wait, or None
     e = state.save_or_log(st)  # the result is returned all the same
     if e and st["last_error"] is None:

@@ -1,21 +1,24 @@
-"""The simulated device's REPL on a loopback TCP port, for mpremote (and `mpota deploy`):
+"""The simulated device as a board with its serial console on a loopback TCP port, for mpremote,
+`mpota deploy`, `mpota push` and the target tests:
 
     mpota sim repl dev1 --port 5555
     mpremote connect socket://127.0.0.1:5555 resume fs ls
 
-Each TCP connection gets a fresh `micropython` REPL (the unix port) on a pseudo-terminal, run
-as the device runs its firmware: in the device's fs/ directory, with its flash, its platform
-modules (`esp32`, `machine`) and the slot the bootloader last chose (device_env). Bytes are
-relayed both ways unchanged, so mpremote's raw REPL and raw-paste protocols reach the real
-MicroPython REPL.
+The board runs for as long as the command does, as a board on a USB-UART bridge would: powered
+on, its bootloader chooses a slot, MicroPython runs boot.py and main.py, then its REPL. Resets
+(machine.reset(), a panic, a watchdog that is not fed) run the bootloader again, and boot.py
+and main.py again; machine.soft_reset() and deep sleep behave as in `mpota sim run` (see
+runner.py and docs/simulator.md). The client's connection survives them, as a UART does.
 
-The unix port has no soft reset: Ctrl-D in the raw REPL ends the process (exit 0). The bridge
-turns that into what a board does (prints "soft reboot", starts a new REPL, re-enters the raw
-REPL), so mpremote works with or without `resume`; `mpota deploy` uses `resume`, which skips the
-soft reset and is the same on a board. machine.reset() (exit 100) or a crash ends the session,
-as a board that resets drops its USB serial port; the next connection starts a new REPL. A
-session also ends when the client disconnects (the process is stopped) or after `idle_s`
-without traffic.
+The firmware is `micropython -m firmware` on a pseudo-terminal (boot.py, main.py); when it
+returns, or raises, the board is at its REPL: a plain `micropython` REPL on the same terminal
+and environment takes over (so machine.reset() typed there still resets the board). Bytes are
+relayed both ways unchanged, so mpremote's raw REPL and raw-paste protocols reach the real
+MicroPython REPL. Two things the unix port does differently from a board are bridged: Ctrl-C
+while a script runs reaches the unix port as a byte, not a signal, so it is turned into SIGINT
+(a board's UART interrupt does that); and Ctrl-D at the REPL ends the unix port, so it is turned
+into a soft reset (in the raw REPL: a new REPL, back in raw mode, as mpremote expects).
+Nobody connected: the output goes to the log.
 """
 from __future__ import annotations
 
@@ -27,10 +30,15 @@ import subprocess
 import time
 
 from .device import SimDevice
-from .runner import SimError, device_env, ensure_running, micropython_binary
+from .runner import (DEEPSLEEP_RESET, HARD_RESET, PWRON_RESET, SOFT_RESET_CAUSE, WDT_RESET, SimError,
+                     bootloader, firmware_env, micropython_binary, watchdog_expired)
 
-EXIT_NAMES = {0: "exit (Ctrl-D: the unix port's soft reset ends the process)",
-              100: "machine.reset()", 101: "power loss", 102: "panic"}
+# micropython exit code -> (what happened, how the board starts next, machine.reset_cause() then)
+_EXITS = {0: ("soft reset (Ctrl-D)", "soft-reset", SOFT_RESET_CAUSE),
+          100: ("machine.reset()", "reset", HARD_RESET), 102: ("panic", "reset", HARD_RESET),
+          103: ("soft reset", "soft-reset", SOFT_RESET_CAUSE),
+          104: ("deep sleep", "deep-sleep wake", DEEPSLEEP_RESET)}
+AT_REPL = (0, 105)  # how the firmware process ends when main.py returned or raised
 
 
 def listen(host: str = "127.0.0.1", port: int = 0) -> socket.socket:
@@ -56,137 +64,197 @@ def listen(host: str = "127.0.0.1", port: int = 0) -> socket.socket:
     return srv
 
 
-class _Repl:
-    """One micropython REPL process on a pseudo-terminal."""
+class Board:
+    """The simulated device running as a board does; its console is a pseudo-terminal."""
 
-    def __init__(self, cmd, cwd, env):
+    def __init__(self, dev: SimDevice, heap: str | None = None, log=print):
+        self.dev, self.heap, self.log = dev, heap or dev.heap, log
+        self.wdt = (dev.path / "wdt").resolve()
+        self.proc: subprocess.Popen | None = None
+        self.master = -1
+        self.sel: dict = {}
+        self.rtc_slot: str | None = None
+        self.in_script = False   # boot.py/main.py run (Ctrl-C must interrupt them)
+        self.in_script_process = False
+        self.cause = PWRON_RESET
+        self.raw = False         # has the client entered the raw REPL (\r Ctrl-A) and not left it?
+        self._tail = b""
+        self._tail_in = b""
+        self.out = b""           # what the console printed while nobody was connected
+
+    def start(self, how: str = "power-on", cause: int = PWRON_RESET) -> None:
+        if how != "soft-reset":
+            self.wdt.unlink(missing_ok=True)
+            sel = bootloader(self.dev, wake_slot=self.rtc_slot if how == "deep-sleep wake" else None)
+            if "error" in sel:
+                raise SimError(f"the device is bricked: {sel['error']}")
+            self.sel, self.rtc_slot = sel, sel["slot"]
+            self.dev.running = sel
+            self.dev.save()
+            self.log(f"sim repl: {how}: bootloader: {sel['slot']} firmware {sel['version']}")
+        # boot.py and main.py, except after a soft reset in the raw REPL (mp_task skips main.py)
+        self._spawn(script=not (how == "soft-reset" and self.raw), cause=cause)
+
+    def _spawn(self, script: bool, cause: int) -> None:
+        self.cause = cause
+        cmd = [micropython_binary(), "-X", f"heapsize={self.heap}"] + (["-m", "firmware"] if script else [])
+        env = firmware_env(self.dev, self.sel, MPOTA_WDT=self.wdt, MPOTA_RESET_CAUSE=cause)
         import pty
         import tty
         self.master, slave = pty.openpty()
         tty.setraw(slave)  # no line discipline: Ctrl-C, Ctrl-D and \r reach MicroPython as bytes
-        self.proc = subprocess.Popen(cmd, stdin=slave, stdout=slave, stderr=slave, cwd=cwd, env=env,
+        self.proc = subprocess.Popen(cmd, stdin=slave, stdout=slave, stderr=slave, cwd=self.dev.fs, env=env,
                                      close_fds=True, start_new_session=True)
         os.close(slave)
+        self.in_script = self.in_script_process = script
 
     def read(self) -> bytes:
         try:
-            return os.read(self.master, 4096)
+            data = os.read(self.master, 4096)
         except OSError:  # EIO: the process closed the terminal (it exited)
             return b""
+        seen = (self._tail + data)[-64:]
+        if b">>> " in seen or b"raw REPL" in seen:
+            self.in_script = False
+        self._tail = seen
+        return data
 
-    def read_until(self, ending: bytes, timeout: float = 5.0) -> bytes:
-        out, deadline = b"", time.monotonic() + timeout
-        while not out.endswith(ending) and time.monotonic() < deadline:
-            if _pending(self.master, 0.1):
-                data = self.read()
-                if not data:
-                    break
-                out += data
-        return out
-
-    def stop(self, grace: float = 0) -> int | None:
-        """Ends the process (waiting `grace` seconds for it to exit by itself); returns its exit
-        code, or None if it had to be stopped. Idempotent."""
-        if self.master < 0:
-            return self.proc.returncode
+    def write(self, data: bytes) -> None:
+        seen = self._tail_in + data
+        i, j = seen.rfind(b"\r\x01"), seen.rfind(b"\r\x02")
+        if i != j:
+            self.raw = i > j
+        self._tail_in = seen[-1:]
+        if self.in_script and b"\x03" in data and self.proc and self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGINT)  # a board's UART interrupt: KeyboardInterrupt
         try:
-            self.proc.wait(timeout=grace)
-        except subprocess.TimeoutExpired:
-            os.killpg(self.proc.pid, signal.SIGTERM)
-            try:
-                self.proc.wait(timeout=3)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.proc.pid, signal.SIGKILL)
-                self.proc.wait()
-            self.stopped = True
-        os.close(self.master)
-        self.master = -1
-        return None if getattr(self, "stopped", False) else self.proc.returncode
-
-
-def session(dev: SimDevice, conn: socket.socket, heap: str | None = None, idle_s: float = 600,
-            log=print) -> int | None:
-    """Relay one connection to a new micropython REPL until either side ends it; returns the
-    process's exit code (None when it was stopped because the client left).
-
-    A soft reset (Ctrl-D; the unix port exits 0) is emulated as a board does it: "soft reboot",
-    a new process, and back into the raw REPL if the client had entered it. So mpremote works
-    without `resume` too. machine.reset() (exit 100) and crashes end the session."""
-    sel = ensure_running(dev)
-    env = device_env(dev, MPOTA_RUNNING=sel["slot"], MPOTA_BEHAVIOR=sel.get("behavior"),
-                     MPOTA_VERSION=sel.get("version"))
-    cmd = [micropython_binary(), "-X", f"heapsize={heap or dev.heap}"]
-    repl = _Repl(cmd, dev.fs, env)
-    raw = False      # has the client entered the raw REPL (\r Ctrl-A) and not left it (\r Ctrl-B)?
-    tail = b""
-    rc = None
-    last = time.monotonic()
-    try:
-        while True:
-            ready, _, _ = select.select([conn, repl.master], [], [], 0.5)
-            if not ready:
-                if time.monotonic() - last > idle_s:
-                    log(f"sim repl: no traffic for {idle_s:.0f} s, closing the session")
-                    break
-                if repl.proc.poll() is None or _pending(repl.master):
-                    continue
-            last = time.monotonic()
-            if conn in ready:
-                data = conn.recv(4096)
-                if not data:
-                    break  # the client left
-                seen = tail + data
-                i, j = seen.rfind(b"\r\x01"), seen.rfind(b"\r\x02")
-                if i != j:
-                    raw = i > j
-                tail = seen[-1:]
-                os.write(repl.master, data)
-            if repl.master in ready or repl.proc.poll() is not None:
-                data = repl.read()
-                if data:
-                    conn.sendall(data)
-                    continue
-                rc = repl.stop(grace=3)  # it closed the terminal: it is exiting
-                if rc != 0:
-                    break
-                log("sim repl: soft reset (the unix port exited; starting a new REPL)")
-                repl = _Repl(cmd, dev.fs, env)
-                banner = repl.read_until(b">>> ")
-                if raw:
-                    conn.sendall(b"soft reboot\r\n")
-                    os.write(repl.master, b"\r\x01")
-                else:
-                    conn.sendall(b"MPY: soft reboot\r\n" + banner)
-                rc = None
-    except (BrokenPipeError, ConnectionResetError):
-        pass
-    finally:
-        if rc is None:
-            rc = repl.stop()
-        try:
-            conn.shutdown(socket.SHUT_RDWR)
+            os.write(self.master, data)
         except OSError:
             pass
-        conn.close()
-    return rc
 
+    def check(self, send=None) -> None:
+        """After output stopped or a timeout: a process that ended, or a watchdog that expired,
+        is what the board does next."""
+        if self.proc is None:
+            return
+        rc = self.proc.poll()
+        if rc is None and watchdog_expired(self.wdt):
+            self._stop()
+            self.log("sim repl: the watchdog was not fed: reset")
+            self._next("reset after the watchdog", "watchdog", WDT_RESET, send)
+            return
+        if rc is None:
+            return
+        while True:  # whatever the console still holds
+            data = self.read()
+            if not data:
+                break
+            (send or self._keep)(data)
+        script = self.in_script_process
+        self._stop()
+        if script and rc in AT_REPL:
+            self._spawn(script=False, cause=self.cause)  # main.py returned or raised: the REPL
+            return
+        what, how, cause = _EXITS.get(rc, (f"micropython ended (exit {rc})", "reset", HARD_RESET))
+        self.log(f"sim repl: {what}")
+        self._next(what, how, cause, send)
 
-def _pending(fd, timeout: float = 0) -> bool:
-    r, _, _ = select.select([fd], [], [], timeout)
-    return bool(r)
+    def _keep(self, data: bytes) -> None:
+        self.out = (self.out + data)[-65536:]
+
+    def _next(self, what, how, cause, send) -> None:
+        if how == "soft-reset" and self.raw:
+            self.start(how, cause)
+            deadline = time.monotonic() + 5
+            banner = b""
+            while not banner.endswith(b">>> ") and time.monotonic() < deadline:
+                r, _, _ = select.select([self.master], [], [], 0.1)
+                if r:
+                    banner += self.read()
+            os.write(self.master, b"\r\x01")
+            (send or self._keep)(b"soft reboot\r\n")
+            return
+        if how == "soft-reset":
+            (send or self._keep)(b"MPY: soft reboot\r\n")
+        self.start(how, cause)
+
+    def _stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait()
+        if self.master >= 0:
+            os.close(self.master)
+        self.master = -1
+        self.proc = None
+
+    def stop(self) -> None:
+        self._stop()
 
 
 def serve(dev: SimDevice, srv: socket.socket, heap: str | None = None, once: bool = False,
           idle_s: float = 600, log=print) -> None:
-    """Accept connections one after another (a serial port has one user at a time)."""
-    ensure_running(dev)
-    while True:
-        conn, peer = srv.accept()
-        conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        log(f"sim repl: {peer[0]}:{peer[1]} connected; micropython REPL in {dev.fs}/ "
-            f"(running {dev.running.get('slot', '?')} {dev.running.get('version', '')})")
-        rc = session(dev, conn, heap, idle_s, log)
-        how = "client disconnected" if rc is None else f"micropython ended: {EXIT_NAMES.get(rc, f'exit {rc}')}"
-        log(f"sim repl: session closed ({how})")
-        if once:
+    """Run the board and relay its console to one client at a time (a serial port has one
+    user); with `once`, stop when the first client leaves."""
+    board = Board(dev, heap, log)
+    board.start()
+    conn = None
+    last = time.monotonic()
+
+    def send(data: bytes) -> None:
+        nonlocal conn
+        if conn is None:
+            board._keep(data)
             return
+        try:
+            conn.sendall(data)
+        except OSError:
+            conn.close()
+            conn = None
+
+    try:
+        while True:
+            fds = [srv, board.master] + ([conn] if conn else [])
+            ready, _, _ = select.select([f for f in fds if f is not None and f != -1], [], [], 0.2)
+            if srv in ready:
+                c, peer = srv.accept()
+                if conn is not None:
+                    c.sendall(b"mpota sim repl: the console is in use by another client\r\n")
+                    c.close()
+                else:
+                    conn = c
+                    conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+                    last = time.monotonic()
+                    log(f"sim repl: {peer[0]}:{peer[1]} connected to {dev.name}'s console "
+                        f"(running {dev.running.get('slot', '?')} {dev.running.get('version', '')})")
+                    board.out = b""
+            if conn is not None and conn in ready:
+                data = conn.recv(4096)
+                if not data:
+                    log("sim repl: client disconnected")
+                    conn.close()
+                    conn = None
+                    if once:
+                        return
+                else:
+                    last = time.monotonic()
+                    board.write(data)
+            if board.master in ready:
+                data = board.read()
+                if data:
+                    last = time.monotonic()
+                    send(data)
+            board.check(send if conn else None)
+            if conn is not None and time.monotonic() - last > idle_s:
+                log(f"sim repl: no traffic for {idle_s:.0f} s, closing the session")
+                conn.close()
+                conn = None
+                if once:
+                    return
+    finally:
+        if conn is not None:
+            try:
+                conn.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+            conn.close()
+        board.stop()
