@@ -144,6 +144,8 @@ def cmd_config(a):
     files = deviceconfig.write(Path(a.out), cfg, ca=ca)
     print(f"config: wrote {' and '.join(str(f) for f in files)} (board {cfg['board']}, chip {cfg['chip']}, "
           f"{len(cfg['pubkeys'])} key(s), server {cfg['server']})")
+    if deviceconfig.holds_secrets(cfg):
+        print(f"config: {files[0]} holds AES keys: mode 0600; never commit it or copy it anywhere but the device")
     copy = " + ".join(f"fs cp {f} :{'ota_config.json' if i == 0 else f.name}" for i, f in enumerate(files))
     print(f"config: next: mpota deploy --config {a.out} --port PORT, or by hand: mpremote {copy}")
 
@@ -418,7 +420,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--device-id", default="", help="name the device reports")
     s.add_argument("--timeout", type=_timeout, default=10, metavar="SECONDS",
                    help="network timeout on the device (default 10)")
-    s.add_argument("--out", default="ota_config.json", help="file to write (default ota_config.json)")
+    s.add_argument("--out", default="build/device/ota_config.json",
+                   help="file to write (default build/device/ota_config.json; git ignores build/). With "
+                        "--aes-key it holds device secrets and is written with mode 0600")
     s.set_defaults(func=cmd_config)
 
     s = sub.add_parser("mpy", help="compile the device agent to .mpy with mpy-cross",

@@ -1,0 +1,90 @@
+"""The CLI never hurts the user: no secret leaves its place, nothing is written that a device
+would refuse or that bricks a board, no simulated device is used by two commands at once.
+Every test drives the real `mpota` command."""
+from __future__ import annotations
+
+import json
+import os
+import stat
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+MPOTA = str(Path(sys.executable).parent / "mpota")
+
+
+def mpota(*args, cwd=None, check=False, timeout=300):
+    r = subprocess.run([MPOTA, *map(str, args)], capture_output=True, text=True, cwd=cwd, timeout=timeout)
+    if check:
+        assert r.returncode == 0, r.stdout + r.stderr
+    return r
+
+
+@pytest.fixture(scope="module")
+def kit(tmp_path_factory):
+    """Keys (Ed25519 and AES) and simulated firmware 1.0.0 and 2.0.0, made by the CLI."""
+    d = tmp_path_factory.mktemp("kit")
+    mpota("keygen", d / "keys" / "release", check=True)
+    mpota("keygen", "--aes", d / "keys" / "fw.aes", check=True)
+    for v in ("1.0.0", "2.0.0"):
+        mpota("sim", "firmware", d / f"fw-{v}.bin", "--version", v, "--size", "32K", check=True)
+    return d
+
+
+# ---- a private key where a public key belongs -------------------------------------------------
+
+def test_a_private_key_given_as_the_trusted_key_is_refused_everywhere(kit, tmp_path):
+    priv = kit / "keys" / "release"
+    mpota("release", kit / "fw-2.0.0.bin", "--key", priv, "--out", tmp_path / "rel", check=True)
+    cases = {
+        "verify": ["verify", tmp_path / "rel", "--pub", priv],
+        "sim create": ["sim", "create", "d", "--pub", priv, "--server", "http://127.0.0.1:9",
+                       "--firmware", kit / "fw-1.0.0.bin", "--root", tmp_path / "devs"],
+        "config": ["config", "--pub", priv, "--server", "http://h:1", "--out", tmp_path / "cfg" / "c.json"],
+        "deploy": ["deploy", "--port", "/dev/null", "--dry-run", "--pub", priv, "--server", "http://h:1",
+                   "--stage", tmp_path / "stage"],
+    }
+    for what, args in cases.items():
+        r = mpota(*args, cwd=tmp_path)
+        assert r.returncode == 2, (what, r.stdout, r.stderr)
+        assert "is a private key" in r.stderr and "release.pub" in r.stderr, (what, r.stderr)
+    # nothing was written that could carry the key anywhere
+    assert not (tmp_path / "devs" / "d").exists()
+    assert not (tmp_path / "cfg").exists()
+    assert not (tmp_path / "stage").exists()
+    # the public key works in the same places
+    assert mpota("verify", tmp_path / "rel", "--pub", str(priv) + ".pub").returncode == 0
+
+
+# ---- device files that hold secrets ------------------------------------------------------------
+
+def test_config_with_an_aes_key_is_owner_only_and_lands_where_git_ignores_it(kit, tmp_path):
+    r = mpota("config", "--pub", kit / "keys" / "release.pub", "--server", "http://h:1",
+              "--aes-key", kit / "keys" / "fw.aes", cwd=tmp_path, check=True)
+    out = tmp_path / "build" / "device" / "ota_config.json"
+    assert out.is_file() and not (tmp_path / "ota_config.json").exists()
+    assert stat.S_IMODE(out.stat().st_mode) == 0o600
+    assert "0600" in r.stdout
+    assert json.loads(out.read_text())["aes_keys"]
+    # the default location is one this repository's .gitignore covers
+    ignored = subprocess.run(["git", "check-ignore", "-q", "build/device/ota_config.json"], cwd=ROOT)
+    assert ignored.returncode == 0
+    # an existing world-readable file is replaced by an owner-only one
+    old = tmp_path / "old.json"
+    old.write_text("{}")
+    os.chmod(old, 0o644)
+    mpota("config", "--pub", kit / "keys" / "release.pub", "--server", "http://h:1",
+          "--aes-key", kit / "keys" / "fw.aes", "--out", old, check=True)
+    assert stat.S_IMODE(old.stat().st_mode) == 0o600
+
+
+def test_simulated_and_staged_configs_with_aes_keys_are_owner_only(kit, tmp_path):
+    mpota("sim", "create", "d", "--pub", kit / "keys" / "release.pub", "--server", "http://127.0.0.1:9",
+          "--firmware", kit / "fw-1.0.0.bin", "--aes-key", kit / "keys" / "fw.aes", "--root", tmp_path, check=True)
+    assert stat.S_IMODE((tmp_path / "d" / "fs" / "ota_config.json").stat().st_mode) == 0o600
+    mpota("deploy", "--port", "/dev/null", "--dry-run", "--pub", kit / "keys" / "release.pub", "--server",
+          "http://h:1", "--aes-key", kit / "keys" / "fw.aes", "--stage", tmp_path / "stage", check=True)
+    assert stat.S_IMODE((tmp_path / "stage" / "ota_config.json").stat().st_mode) == 0o600
