@@ -220,10 +220,12 @@ def cmd_sim_status(a):
 
 def cmd_flash(a):
     from . import flashing
-    if not a.port and not a.dry_run:
+    if not a.port and not a.dry_run and not a.merged:
         raise MpotaError("give the board's serial port (--port), or --dry-run to only check and print",
                          hint="e.g. mpota flash --board esp32 --port /dev/ttyUSB0 ESP32_GENERIC-OTA-v1.24.1.bin")
     p = flashing.plan(a.board, Path(a.firmware), Path(a.bootloader) if a.bootloader else None)
+    if a.erase_all:
+        flashing.check_complete(p, "--erase-all")
     kind = "merged image (bootloader + partition table + app)" if p.kind == "merged" else "app image"
     print(f"flash: {a.firmware}: {kind} for {p.app.chip}, version {p.app.version or '(none in esp_app_desc_t)'}")
     for r in p.regions:
@@ -234,6 +236,13 @@ def cmd_flash(a):
     files = flashing.write_files(p, out)
     cmd = flashing.esptool_command(p, files, a.port, a.baud, a.erase_all)
     print(f"flash: wrote {out}/ ({', '.join(f.name for _, f in files)}, {flashing.FLASH_ARGS_NAME})")
+    if a.merged:
+        image = flashing.merged_image(p)
+        Path(a.merged).parent.mkdir(parents=True, exist_ok=True)
+        Path(a.merged).write_bytes(image)
+        print(f"flash: wrote {a.merged} ({_human(len(image))}: bootloader, partition table, otadata, app) "
+              f"for an erased chip, written at 0x0: esptool --chip {p.chip} write-flash 0x0 {a.merged}")
+        return
     if a.dry_run:
         print("flash: dry run, nothing written to a board; the esptool command that writes the same:")
         print(flashing.shell_line(cmd))
@@ -444,7 +453,11 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--port", help="serial port, e.g. /dev/ttyUSB0, /dev/ttyACM0, COM3")
     s.add_argument("--baud", type=_baud, default=460800, help="baud rate for writing (default 460800)")
     s.add_argument("--bootloader", help="bootloader .bin to write (default: the merged image's, else keep the board's)")
-    s.add_argument("--erase-all", action="store_true", help="erase the whole flash first (the filesystem too)")
+    s.add_argument("--erase-all", action="store_true", help="erase the whole flash first (the filesystem too); "
+                                                            "needs a bootloader (merged image or --bootloader)")
+    s.add_argument("--merged", metavar="FILE", help="write one image of everything to FILE, for an erased chip or "
+                                                    "a production programmer (at 0x0); touches no board; needs "
+                                                    "a bootloader")
     s.add_argument("--out", help="where to write the files that get flashed (default build/flash/BOARD)")
     s.add_argument("--dry-run", action="store_true", help="check and write the files, print the esptool command; "
                                                           "touch no board")
