@@ -113,10 +113,20 @@ def cmd_verify(a):
 
 
 def cmd_serve(a):
-    from .server import make_server
-    server = make_server(Path(a.release), a.host, a.port, quiet=a.quiet)
+    from . import server as srv
+    srv.check_release_dir(Path(a.release))
+    server = srv.make_server(Path(a.release), a.host, a.port, quiet=a.quiet)
     host, port = server.server_address[:2]
-    print(f"serve: {Path(a.release).resolve()} on http://{host}:{port}/ (Ctrl-C stops)", flush=True)
+    shown = f"[{host}]" if ":" in host else host
+    print(f"serve: {Path(a.release).resolve()} on http://{shown}:{port}/ (Ctrl-C stops); only the release "
+          "files (signed documents and the payloads they name)", flush=True)
+    if host in ("0.0.0.0", "::"):
+        urls = srv.urls_for(host, port)
+        if urls:
+            print(f"serve: devices use --server {urls[0]}" + (f" (or {', '.join(urls[1:])})" if urls[1:] else ""),
+                  flush=True)
+        else:
+            print("serve: note: this machine has no address other machines can reach (no network?)", flush=True)
     try:
         server.serve_forever()
     except KeyboardInterrupt:
@@ -409,9 +419,15 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--aes", metavar="KEYFILE", help="AES key, to check the image inside an encrypted payload")
     s.set_defaults(func=cmd_verify)
 
-    s = sub.add_parser("serve", help="serve a release directory over HTTP (HEAD, Range, ETag)")
-    s.add_argument("release", help="directory to serve")
-    s.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
+    s = sub.add_parser("serve", help="serve a release directory over HTTP (HEAD, Range, ETag)",
+                       description="Serve the release in DIR: manifest.json, the other signed documents "
+                                   "(DSSE envelopes) and the payload files they name; 404 for anything "
+                                   "else. A directory without manifest.json, or with private keys in it, "
+                                   "is refused.")
+    s.add_argument("release", metavar="DIR", help="release directory to serve (made by `mpota release --out`)")
+    s.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1; 0.0.0.0 or :: "
+                                                       "for boards on the network: the addresses to give "
+                                                       "them are printed)")
     s.add_argument("--port", type=_tcp_port, default=8000, help="port (default 8000; 0 picks a free one)")
     s.add_argument("--quiet", action="store_true", help="no request log")
     s.set_defaults(func=cmd_serve)
