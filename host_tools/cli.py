@@ -115,20 +115,31 @@ def cmd_verify(a):
 def cmd_serve(a):
     from . import server as srv
     srv.check_release_dir(Path(a.release))
-    server = srv.make_server(Path(a.release), a.host, a.port, quiet=a.quiet)
-    host, port = server.server_address[:2]
-    shown = f"[{host}]" if ":" in host else host
-    print(f"serve: {Path(a.release).resolve()} on http://{shown}:{port}/ (Ctrl-C stops); only the release "
-          "files (signed documents and the payloads they name)", flush=True)
-    if host in ("0.0.0.0", "::"):
-        urls = srv.urls_for(host, port)
-        if urls:
-            print(f"serve: devices use --server {urls[0]}" + (f" (or {', '.join(urls[1:])})" if urls[1:] else ""),
-                  flush=True)
-        else:
-            print("serve: note: this machine has no address other machines can reach (no network?)", flush=True)
+
+    def announce(server):
+        host, port = server.server_address[:2]
+        shown = f"[{host}]" if ":" in host else host
+        print(f"serve: {Path(a.release).resolve()} on http://{shown}:{port}/ (Ctrl-C stops); only the release "
+              "files (signed documents and the payloads they name)", flush=True)
+        for f in a.fault or []:
+            print(f"serve: fault: {f.describe()}" + (f", {f.times} time(s)" if f.times < 1 << 30 else ""), flush=True)
+        if host in ("0.0.0.0", "::"):
+            urls = srv.urls_for(host, port)
+            if urls:
+                print(f"serve: devices use --server {urls[0]}" + (f" (or {', '.join(urls[1:])})" if urls[1:] else ""),
+                      flush=True)
+            else:
+                print("serve: note: this machine has no address other machines can reach (no network?)", flush=True)
+
     try:
-        server.serve_forever()
+        if a.fault:
+            from . import faultserver
+            faultserver.serve(Path(a.release), a.fault, a.host, a.port, quiet=a.quiet,
+                              announce=lambda fs: announce(fs.httpd))
+        else:
+            server = srv.make_server(Path(a.release), a.host, a.port, quiet=a.quiet)
+            announce(server)
+            server.serve_forever()
     except KeyboardInterrupt:
         print("serve: stopped")
 
@@ -373,6 +384,19 @@ def _bounded(what: str, lo: int, hi: int):
     return parse
 
 
+def _fault(text: str):
+    from .faultserver import parse_fault
+    try:
+        return parse_fault(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(f"{text!r}: {e}") from None
+
+
+def _fault_switches() -> dict:
+    from .faultserver import SWITCHES
+    return SWITCHES
+
+
 _timeout = _bounded("seconds", 1, 300)
 _baud = _bounded("a baud rate", 9600, 5000000)
 _tcp_port = _bounded("a TCP port", 0, 65535)
@@ -430,6 +454,12 @@ def build_parser() -> argparse.ArgumentParser:
                                                        "them are printed)")
     s.add_argument("--port", type=_tcp_port, default=8000, help="port (default 8000; 0 picks a free one)")
     s.add_argument("--quiet", action="store_true", help="no request log")
+    s.add_argument("--fault", action="append", type=_fault, metavar="FAULT[,path=SUFFIX][,times=N]",
+                   help="misbehave, for QA (repeatable; the first that matches a request applies): "
+                        + "; ".join(f"{k}{'' if p is None else '=N' if k != 'trickle' else '=SECONDS'}: {h}"
+                                    for k, (_a, p, h) in _fault_switches().items())
+                        + ". path=SUFFIX: only requests whose path ends so; times=N: only the first N; "
+                          "retry-after=S: a Retry-After header with status=")
     s.set_defaults(func=cmd_serve)
 
     s = sub.add_parser("boards", help="list the board definitions in boards/")

@@ -1,0 +1,129 @@
+"""QA from the command line: fault switches (power cuts in the simulator, a misbehaving server),
+`sim list` / `sim delete`, machine-readable output (--json) and exit statuses, `mpota inspect`.
+Every test drives the real `mpota` command."""
+from __future__ import annotations
+
+import http.client
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+MPOTA = str(Path(sys.executable).parent / "mpota")
+
+
+def mpota(*args, cwd=None, check=False, timeout=300):
+    r = subprocess.run([MPOTA, *map(str, args)], capture_output=True, text=True, cwd=cwd, timeout=timeout)
+    if check:
+        assert r.returncode == 0, r.stdout + r.stderr
+    return r
+
+
+class Serve:
+    """`mpota serve DIR --port 0 ...` in the background; .port is where it listens."""
+
+    def __init__(self, *args):
+        self.proc = subprocess.Popen([MPOTA, "serve", *map(str, args), "--port", "0"], stdout=subprocess.PIPE,
+                                     stderr=subprocess.PIPE, text=True)
+        first = self.proc.stdout.readline()
+        assert " on http://" in first, first + self.proc.stderr.read()
+        self.url = first.split(" on ")[1].split()[0]
+        self.port = int(self.url.rstrip("/").rsplit(":", 1)[1])
+        self.lines = [first]
+
+    def stop(self) -> str:
+        self.proc.terminate()
+        self.proc.wait(timeout=10)
+        # read through the same buffered files that readline() used (communicate() would not)
+        return "".join(self.lines) + self.proc.stdout.read() + self.proc.stderr.read()
+
+
+def get(port, path, headers=None):
+    c = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+    c.request("GET", path, headers=headers or {})
+    r = c.getresponse()
+    try:
+        body = r.read()
+    except http.client.IncompleteRead as e:
+        body = e.partial
+    c.close()
+    return r.status, body
+
+
+@pytest.fixture(scope="module")
+def kit(tmp_path_factory):
+    """Keys, firmware 1.0.0 and 2.0.0 and a release of 2.0.0, made by the CLI."""
+    d = tmp_path_factory.mktemp("kit")
+    mpota("keygen", d / "keys" / "release", check=True)
+    for v in ("1.0.0", "2.0.0"):
+        mpota("sim", "firmware", d / f"fw-{v}.bin", "--version", v, "--size", "64K", check=True)
+    mpota("release", d / "fw-2.0.0.bin", "--key", d / "keys" / "release", "--out", d / "rel", check=True)
+    return d
+
+
+# ---- the misbehaving server: mpota serve --fault ------------------------------------------------
+
+def test_serve_fault_switches(kit):
+    size = (kit / "rel" / "fw-2.0.0.bin").stat().st_size
+    s = Serve(kit / "rel", "--fault", "drop-after=1000,path=fw-2.0.0.bin,times=1",
+              "--fault", "status=503,path=manifest.json,times=1,retry-after=60")
+    try:
+        status, body = get(s.port, "/fw-2.0.0.bin")
+        assert status == 200 and len(body) == 1000           # dropped after 1000 bytes
+        status, body = get(s.port, "/fw-2.0.0.bin")
+        assert status == 200 and len(body) == size            # only the first time
+        assert get(s.port, "/manifest.json")[0] == 503
+        assert get(s.port, "/manifest.json")[0] == 200
+        assert get(s.port, "/keys/release")[0] == 404          # still only the release
+    finally:
+        out = s.stop()
+    assert "fault: drop-after=1000 on *fw-2.0.0.bin, 1 time(s)" in out
+    assert "GET /fw-2.0.0.bin -> fault drop-after=1000" in out
+
+    s = Serve(kit / "rel", "--fault", "ignore-range", "--quiet")
+    try:
+        status, body = get(s.port, "/fw-2.0.0.bin", {"Range": "bytes=100-"})
+        assert status == 200 and len(body) == size
+    finally:
+        s.stop()
+    s = Serve(kit / "rel", "--fault", "trickle=0.01,path=manifest.json", "--quiet")
+    try:
+        t0 = time.monotonic()
+        status, body = get(s.port, "/manifest.json")
+        assert status == 200 and time.monotonic() - t0 > 0.01 * len(body) * 0.8
+    finally:
+        s.stop()
+
+
+def test_serve_fault_stall_keeps_the_connection_open(kit):
+    import socket
+    s = Serve(kit / "rel", "--fault", "stall-after=10,path=fw-2.0.0.bin", "--quiet")
+    try:
+        c = socket.create_connection(("127.0.0.1", s.port), timeout=2)
+        c.sendall(b"GET /fw-2.0.0.bin HTTP/1.0\r\n\r\n")
+        got = b""
+        with pytest.raises(socket.timeout):
+            while True:
+                data = c.recv(4096)
+                assert data, "the server closed a stalled connection"
+                got += data
+        assert got.endswith(b"\r\n\r\n" + (kit / "rel" / "fw-2.0.0.bin").read_bytes()[:10])
+        c.close()
+    finally:
+        s.stop()
+
+
+@pytest.mark.parametrize("spec,message", [
+    ("drop-after", "drop-after needs a value"),
+    ("drop-after=-1", "must be 0 or more"),
+    ("status=42", "HTTP status from 100 to 599"),
+    ("trickle=99", "at most 10 seconds"),
+    ("explode=1", "is not a fault (one of: drop-after, stall-after, trickle, status, ignore-range)"),
+    ("status=503,when=1", "is not a fault option"),
+    ("ignore-range=1", "ignore-range takes no value"),
+])
+def test_serve_fault_spec_errors(kit, spec, message):
+    r = mpota("serve", kit / "rel", "--fault", spec, "--port", "0")
+    assert r.returncode == 2 and message in r.stderr, r.stderr
