@@ -81,6 +81,10 @@ def cmd_release(a):
         raise MpotaError("the same key is given twice (--key)", hint="each --key adds one more signer")
     aes_key = payload.load_aes_key(Path(a.encrypt)) if a.encrypt else None
     print(f"release: reading {a.image}")
+    if a.force:
+        print("release: --force: not checking the board, the slot size or the version in the release directory")
+    else:
+        release.preflight(Path(a.image), Path(a.out), version=a.version, chip=a.chip, board=a.board)
     rel = release.build(Path(a.image), Path(a.out), signers, version=a.version, chip=a.chip,
                         board=a.board, security_counter=a.security_counter, compress=a.compress,
                         aes_key=aes_key, chunk=a.chunk, wbits=a.wbits)
@@ -433,6 +437,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--chunk", type=_size, default=64 * 1024,
                    help="image bytes per chunk of a compressed/encrypted payload (multiple of 4K, default 64K)")
     s.add_argument("--encrypt", metavar="KEYFILE", help="AES-256 key file (mpota keygen --aes) to encrypt the payload")
+    s.add_argument("--force", action="store_true",
+                   help="sign even what devices would refuse or ignore: a board no definition has, a board "
+                        "of another chip, an image larger than the board's OTA slot, a version not newer "
+                        "than the one OUT holds")
     s.set_defaults(func=cmd_release)
 
     s = sub.add_parser("verify", help="check a release: signature, sizes, hashes, image",

@@ -88,3 +88,52 @@ def test_simulated_and_staged_configs_with_aes_keys_are_owner_only(kit, tmp_path
     mpota("deploy", "--port", "/dev/null", "--dry-run", "--pub", kit / "keys" / "release.pub", "--server",
           "http://h:1", "--aes-key", kit / "keys" / "fw.aes", "--stage", tmp_path / "stage", check=True)
     assert stat.S_IMODE((tmp_path / "stage" / "ota_config.json").stat().st_mode) == 0o600
+
+
+# ---- mpota release refuses what devices would refuse -------------------------------------------
+
+def test_release_refuses_what_devices_would_refuse_unless_forced(kit, tmp_path):
+    key = kit / "keys" / "release"
+    big = tmp_path / "big.bin"
+    mpota("sim", "firmware", big, "--version", "3.0.0", "--size", "1600K", check=True)  # esp32 slots: 1.5 MiB
+    s3 = tmp_path / "s3.bin"
+    mpota("sim", "firmware", s3, "--version", "3.0.0", "--chip", "esp32s3", "--size", "32K", check=True)
+    refusals = [
+        (["release", big, "--key", key, "--out", tmp_path / "r1"], ["OTA slots hold 1572864", "too-large"]),
+        (["release", kit / "fw-2.0.0.bin", "--key", key, "--out", tmp_path / "r2", "--board", "esp32s3"],
+         ["board esp32s3 is an esp32s3; the image is for esp32", "wrong-chip"]),
+        (["release", s3, "--key", key, "--out", tmp_path / "r3", "--board", "esp32"],
+         ["board esp32 is an esp32; the image is for esp32s3"]),
+        (["release", kit / "fw-2.0.0.bin", "--key", key, "--out", tmp_path / "r4", "--board", "esp32-cam"],
+         ["no board definition has board id 'esp32-cam'"]),
+    ]
+    for args, messages in refusals:
+        r = mpota(*args)
+        assert r.returncode == 2, (args, r.stdout, r.stderr)
+        for m in messages:
+            assert m in r.stderr, (m, r.stderr)
+        assert "--force" in r.stderr
+        assert not Path(args[args.index("--out") + 1]).exists()  # nothing signed, nothing written
+    # the rare deliberate case
+    r = mpota("release", kit / "fw-2.0.0.bin", "--key", key, "--out", tmp_path / "r4", "--board", "esp32-cam",
+              "--force", check=True)
+    assert "--force" in r.stdout and (tmp_path / "r4" / "manifest.json").exists()
+
+
+def test_release_refuses_a_version_not_newer_than_the_one_published(kit, tmp_path):
+    key, out = kit / "keys" / "release", tmp_path / "rel"
+    mpota("release", kit / "fw-2.0.0.bin", "--key", key, "--out", out, check=True)
+    before = (out / "manifest.json").read_bytes()
+    r = mpota("release", kit / "fw-1.0.0.bin", "--key", key, "--out", out)
+    assert r.returncode == 2 and "already holds 2.0.0; 1.0.0 is older" in r.stderr and "downgrade" in r.stderr
+    r = mpota("release", kit / "fw-2.0.0.bin", "--key", key, "--out", out)
+    assert r.returncode == 2 and "2.0.0 is the same version" in r.stderr and "--force" in r.stderr
+    assert (out / "manifest.json").read_bytes() == before
+    mpota("release", kit / "fw-1.0.0.bin", "--key", key, "--out", out, "--force", check=True)
+    assert (out / "manifest.json").read_bytes() != before
+
+
+def test_is_newer_is_the_devices_order():
+    from mpota.release import is_newer
+    assert is_newer("2.0.0", "1.9.9") and is_newer("1.10", "1.9") and is_newer("v2", "1.99.99.99")
+    assert not is_newer("2.0", "2.0.0") and not is_newer("2.0.0", "2.0") and not is_newer("1.0.0", "2.0.0")
