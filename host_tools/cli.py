@@ -57,6 +57,11 @@ def _counter(text: str) -> int:
     return n
 
 
+def _print_json(obj) -> None:
+    """--json output: one JSON document on stdout (indented; keys in a stable order)."""
+    print(json.dumps(obj, indent=1))
+
+
 # ---- verbs ----------------------------------------------------------------------------------
 def cmd_keygen(a):
     if a.aes:
@@ -219,9 +224,9 @@ SIM_ENDS = {"idle": "idle", "repl": "stopped at the REPL (an uncaught exception,
 
 def cmd_sim_run(a):
     from .sim import device, runner
-    dev = device.load(a.name, Path(a.root))
-    t0 = time.monotonic()
-    boots = runner.run(dev, heap=a.heap, max_boots=a.max_boots, hang_s=a.hang_after)
+    with device.opened(a.name, Path(a.root), "mpota sim run") as dev:
+        t0 = time.monotonic()
+        boots = runner.run(dev, heap=a.heap, max_boots=a.max_boots, hang_s=a.hang_after)
     last = boots[-1]
     print(f"sim: {a.name} {SIM_ENDS[last.exit]} after {len(boots)} boot(s) in {time.monotonic() - t0:.1f} s, "
           f"running {last.version} from {last.slot}")
@@ -237,10 +242,40 @@ STATUS_ORDER = ("version", "slot", "slots", "last_result", "last_error", "detail
 
 def cmd_sim_status(a):
     from .sim import device, runner
-    st = runner.status(device.load(a.name, Path(a.root)))
+    with device.opened(a.name, Path(a.root), "mpota sim status") as dev:
+        st = runner.status(dev)
     ordered = {k: st[k] for k in STATUS_ORDER if k in st}
     ordered.update(st)
     print(json.dumps(ordered, indent=1))
+
+
+def cmd_sim_list(a):
+    from .sim import device
+    rows = []
+    for dev in device.list_devices(Path(a.root)):
+        try:
+            st = json.loads((dev.fs / "ota_state.json").read_text())
+        except (OSError, ValueError):
+            st = {}
+        rows.append({"name": dev.name, "version": dev.running.get("version"), "slot": dev.running.get("slot"),
+                     "last_result": st.get("last_result") if isinstance(st, dict) else None,
+                     "last_error": st.get("last_error") if isinstance(st, dict) else None,
+                     "path": str(dev.path.resolve())})
+    if a.json:
+        return _print_json(rows)
+    if not rows:
+        print(f"sim: no simulated devices in {Path(a.root).resolve()}/ (--root {a.root})")
+        return
+    print(f"{'NAME':16} {'VERSION':12} {'SLOT':6} LAST RESULT")
+    for r in rows:
+        result = (r["last_result"] or "-") + (f" ({r['last_error']})" if r["last_error"] else "")
+        print(f"{r['name']:16} {r['version'] or '(never run)':12} {r['slot'] or '-':6} {result}")
+
+
+def cmd_sim_delete(a):
+    from .sim import device
+    path = device.delete(a.name, Path(a.root))
+    print(f"sim: deleted {path.resolve()}/")
 
 
 def cmd_flash(a):
@@ -605,6 +640,17 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("name")
     root_arg(s)
     s.set_defaults(func=cmd_sim_status)
+
+    s = ssub.add_parser("list", help="list the simulated devices: name, version, slot, last result")
+    s.add_argument("--json", action="store_true", help="a JSON list of {name, version, slot, last_result, "
+                                                       "last_error, path}")
+    root_arg(s)
+    s.set_defaults(func=cmd_sim_list)
+
+    s = ssub.add_parser("delete", help="delete a simulated device (only a directory `sim create` made)")
+    s.add_argument("name")
+    root_arg(s)
+    s.set_defaults(func=cmd_sim_delete)
 
     s = ssub.add_parser("repl", help="serve the device's REPL on a loopback TCP port (for mpremote, mpota deploy)",
                         description="Each connection gets a micropython REPL running as the device "

@@ -4,6 +4,7 @@ Every test drives the real `mpota` command."""
 from __future__ import annotations
 
 import http.client
+import json
 import subprocess
 import sys
 import time
@@ -127,3 +128,32 @@ def test_serve_fault_stall_keeps_the_connection_open(kit):
 def test_serve_fault_spec_errors(kit, spec, message):
     r = mpota("serve", kit / "rel", "--fault", spec, "--port", "0")
     assert r.returncode == 2 and message in r.stderr, r.stderr
+
+
+# ---- sim list, sim delete -----------------------------------------------------------------------
+
+def test_sim_list_and_delete(kit, tmp_path):
+    root = tmp_path / "devs"
+    assert "no simulated devices in" in mpota("sim", "list", "--root", root, check=True).stdout
+    for name in ("a", "b"):
+        mpota("sim", "create", name, "--pub", kit / "keys" / "release.pub", "--server", "http://127.0.0.1:9",
+              "--firmware", kit / "fw-1.0.0.bin", "--root", root, check=True)
+    mpota("sim", "run", "a", "--root", root)  # the server is not there: the update check fails
+    (root / "notes").mkdir()
+    out = mpota("sim", "list", "--root", root, check=True).stdout.splitlines()
+    assert out[0].split() == ["NAME", "VERSION", "SLOT", "LAST", "RESULT"]
+    assert out[1].split()[:3] == ["a", "1.0.0", "ota_0"] and "network" in out[1]
+    assert out[2].split()[:2] == ["b", "(never"] and len(out) == 3  # notes/ is not a device
+    rows = json.loads(mpota("sim", "list", "--root", root, "--json", check=True).stdout)
+    assert [r["name"] for r in rows] == ["a", "b"]
+    assert rows[0]["version"] == "1.0.0" and rows[0]["slot"] == "ota_0" and rows[0]["last_error"] == "network"
+    assert rows[1]["version"] is None and rows[1]["path"] == str((root / "b").resolve())
+
+    r = mpota("sim", "delete", "notes", "--root", root)
+    assert r.returncode == 2 and "not a simulated device" in r.stderr and (root / "notes").is_dir()
+    r = mpota("sim", "delete", "..", "--root", root)
+    assert r.returncode == 2 and "not a device name" in r.stderr
+    r = mpota("sim", "delete", "ghost", "--root", root)
+    assert r.returncode == 2 and "no simulated device 'ghost'" in r.stderr
+    assert "deleted" in mpota("sim", "delete", "a", "--root", root, check=True).stdout
+    assert sorted(p.name for p in root.iterdir()) == ["b", "notes"]

@@ -137,3 +137,89 @@ def test_is_newer_is_the_devices_order():
     from mpota.release import is_newer
     assert is_newer("2.0.0", "1.9.9") and is_newer("1.10", "1.9") and is_newer("v2", "1.99.99.99")
     assert not is_newer("2.0", "2.0.0") and not is_newer("2.0.0", "2.0") and not is_newer("1.0.0", "2.0.0")
+
+
+# ---- a simulated device is used by one command at a time ---------------------------------------
+
+def _create(kit, root, name="d", *extra, firmware=None):
+    return mpota("sim", "create", name, "--pub", kit / "keys" / "release.pub", "--server", "http://127.0.0.1:9",
+                 "--firmware", firmware or kit / "fw-1.0.0.bin", "--root", root, *extra)
+
+
+def test_a_running_device_is_not_used_by_a_second_command(kit, tmp_path):
+    import time
+    hang = tmp_path / "hang.bin"
+    mpota("sim", "firmware", hang, "--version", "1.0.0", "--behavior", "hang", "--size", "32K", check=True)
+    assert _create(kit, tmp_path, firmware=hang).returncode == 0
+    run = subprocess.Popen([MPOTA, "sim", "run", "d", "--root", tmp_path, "--hang-after", "6"],
+                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        lock = tmp_path / "d" / "lock"
+        deadline = time.monotonic() + 30
+        while not (lock.exists() and lock.read_text()) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        for args in (["sim", "status", "d"], ["sim", "run", "d"], ["sim", "delete", "d"],
+                     ["sim", "repl", "d", "--port", "0", "--once"]):
+            r = mpota(*args, "--root", tmp_path, timeout=60)
+            assert r.returncode == 2, (args, r.stdout, r.stderr)
+            assert f"is in use by PID {run.pid} (mpota sim run)" in r.stderr, (args, r.stderr)
+            assert str((tmp_path / "d").resolve()) in r.stderr and "hint:" in r.stderr
+        r = _create(kit, tmp_path, "d", "--force")
+        assert r.returncode == 2 and f"in use by PID {run.pid}" in r.stderr
+    finally:
+        out, err = run.communicate(timeout=120)
+    assert run.returncode == 1 and "hung" in out, out + err  # the run itself went on undisturbed
+    # once it is done, the device is free again
+    assert mpota("sim", "status", "d", "--root", tmp_path).returncode == 0
+
+
+def test_a_repl_session_holds_the_device_and_sim_run_waits_for_none(kit, tmp_path):
+    import socket
+    assert _create(kit, tmp_path).returncode == 0
+    repl = subprocess.Popen([MPOTA, "sim", "repl", "d", "--port", "0", "--root", tmp_path],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        first = repl.stdout.readline()
+        port = int(first.split("socket://")[1].split()[0].rsplit(":", 1)[1])
+        # no client: the device is free
+        assert mpota("sim", "status", "d", "--root", tmp_path).returncode == 0
+        c = socket.create_connection(("127.0.0.1", port), timeout=10)
+        c.recv(100)  # the REPL's banner: the session holds the device now
+        r = mpota("sim", "status", "d", "--root", tmp_path)
+        assert r.returncode == 2 and f"in use by PID {repl.pid} (an mpota sim repl session" in r.stderr
+        c.close()
+        import time
+        deadline = time.monotonic() + 20
+        while mpota("sim", "status", "d", "--root", tmp_path).returncode != 0:
+            assert time.monotonic() < deadline, "the session did not let the device go"
+            time.sleep(0.3)
+    finally:
+        repl.terminate()
+        repl.communicate(timeout=10)
+
+
+def test_sim_create_that_fails_half_way_leaves_nothing_behind(kit, tmp_path):
+    big = tmp_path / "big.bin"
+    mpota("sim", "firmware", big, "--version", "1.0.0", "--size", "1600K", check=True)  # larger than ota_0
+    r = _create(kit, tmp_path / "devs", firmware=big)
+    assert r.returncode == 2 and "slot ota_0 holds" in r.stderr
+    assert not (tmp_path / "devs").exists() or list((tmp_path / "devs").iterdir()) == []
+    # --force over a working device: the old one stays as it was
+    assert _create(kit, tmp_path / "devs").returncode == 0
+    before = sorted(str(p.relative_to(tmp_path)) for p in (tmp_path / "devs").rglob("*"))
+    r = _create(kit, tmp_path / "devs", "d", "--force", firmware=big)
+    assert r.returncode == 2
+    assert sorted(str(p.relative_to(tmp_path)) for p in (tmp_path / "devs").rglob("*")) == before
+    # and --force replaces only a simulated device
+    (tmp_path / "devs" / "notes").mkdir()
+    (tmp_path / "devs" / "notes" / "todo.txt").write_text("keep")
+    r = _create(kit, tmp_path / "devs", "notes", "--force")
+    assert r.returncode == 2 and "is not a simulated device" in r.stderr
+    assert (tmp_path / "devs" / "notes" / "todo.txt").read_text() == "keep"
+
+
+def test_a_missing_device_is_named_with_its_absolute_path_and_root(tmp_path):
+    r = mpota("sim", "status", "ghost", "--root", "devs", cwd=tmp_path)
+    assert r.returncode == 2
+    assert f"no simulated device 'ghost' in {(tmp_path / 'devs').resolve()}/ (--root devs)" in r.stderr
+    assert "--root DIR" in r.stderr and "mpota sim create ghost" in r.stderr

@@ -26,7 +26,7 @@ import socket
 import subprocess
 import time
 
-from .device import SimDevice
+from .device import DeviceBusy, SimDevice, in_use, load
 from .runner import SimError, device_env, ensure_running, micropython_binary
 
 EXIT_NAMES = {0: "exit (Ctrl-D: the unix port's soft reset ends the process)",
@@ -178,14 +178,28 @@ def _pending(fd, timeout: float = 0) -> bool:
 
 def serve(dev: SimDevice, srv: socket.socket, heap: str | None = None, once: bool = False,
           idle_s: float = 600, log=print) -> None:
-    """Accept connections one after another (a serial port has one user at a time)."""
-    ensure_running(dev)
+    """Accept connections one after another (a serial port has one user at a time). The device
+    is held (device.in_use) during each session, not between them: `mpota sim run` may boot it
+    while no client is connected, and each session starts from what the device is then."""
+    with in_use(dev, "mpota sim repl"):
+        ensure_running(dev)
     while True:
         conn, peer = srv.accept()
         conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        log(f"sim repl: {peer[0]}:{peer[1]} connected; micropython REPL in {dev.fs}/ "
-            f"(running {dev.running.get('slot', '?')} {dev.running.get('version', '')})")
-        rc = session(dev, conn, heap, idle_s, log)
+        try:
+            with in_use(dev, f"an mpota sim repl session from {peer[0]}:{peer[1]}"):
+                dev = load(dev.name, dev.path.parent)
+                log(f"sim repl: {peer[0]}:{peer[1]} connected; micropython REPL in {dev.fs}/ "
+                    f"(running {dev.running.get('slot', '?')} {dev.running.get('version', '')})")
+                rc = session(dev, conn, heap, idle_s, log)
+        except DeviceBusy as e:
+            log(f"sim repl: {peer[0]}:{peer[1]} refused: {e}")
+            try:
+                conn.sendall(f"mpota sim repl: {e}\r\n  hint: {e.hint}\r\n".encode())
+            except OSError:
+                pass
+            conn.close()
+            continue
         how = "client disconnected" if rc is None else f"micropython ended: {EXIT_NAMES.get(rc, f'exit {rc}')}"
         log(f"sim repl: session closed ({how})")
         if once:
