@@ -218,22 +218,27 @@ def cmd_sim_create(a):
           + f"; next: mpota sim run {a.name}")
 
 
-SIM_ENDS = {"idle": "idle", "repl": "stopped at the REPL (an uncaught exception, no watchdog armed)",
-            "hung": "hung (no watchdog armed)"}
-
-
 def cmd_sim_run(a):
-    from .sim import device, runner
+    from .sim import device, runner, summary
+    if a.tear and a.cut_at is None:
+        raise MpotaError("--tear needs --cut-at N", hint="e.g. mpota sim run dev1 --cut-at 40 --tear")
+    echo = (lambda line: print(line, file=sys.stderr, flush=True)) if a.json else print
     with device.opened(a.name, Path(a.root), "mpota sim run") as dev:
+        ops = dev.path / "flash-ops"  # the emulated flash counts its operations here
+        cut = runner.PowerCut(a.cut_at, a.tear, ops_file=ops.resolve())
         t0 = time.monotonic()
-        boots = runner.run(dev, heap=a.heap, max_boots=a.max_boots, hang_s=a.hang_after)
-    last = boots[-1]
-    print(f"sim: {a.name} {SIM_ENDS[last.exit]} after {len(boots)} boot(s) in {time.monotonic() - t0:.1f} s, "
-          f"running {last.version} from {last.slot}")
-    if last.exit != "idle":
-        print(f"sim: the next `mpota sim run {a.name}` cycles the power, as a person would have to")
-        return 1
-    return 0
+        try:
+            boots = runner.run(dev, heap=a.heap, max_boots=a.max_boots, hang_s=a.hang_after, cut=cut, echo=echo)
+        finally:
+            ops.unlink(missing_ok=True)
+        seconds = time.monotonic() - t0
+        status = runner.status(dev) if boots[-1].exit == "idle" else None
+    s = summary.summarize(a.name, boots, seconds, status, cut, a.expect_version)
+    if a.json:
+        _print_json(s)
+    else:
+        print("\n".join(summary.describe(s)))
+    return 0 if s["ok"] else 1
 
 
 STATUS_ORDER = ("version", "slot", "slots", "last_result", "last_error", "detail", "pending",
@@ -633,6 +638,14 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--hang-after", type=_bounded("seconds", 1, 3600), default=120, metavar="SECONDS",
                    help="a boot still running after this long, with no watchdog to reset it, is reported "
                         "as hung and the run ends (default 120)")
+    s.add_argument("--cut-at", type=_bounded("a flash operation number", 1, 10 ** 7), metavar="N",
+                   help="cut the power at the N-th flash operation (erase or write) of the run, counted "
+                        "across the bootloader and the firmware; the power comes back and the run goes on. "
+                        "A run without it prints how many operations it did")
+    s.add_argument("--tear", action="store_true", help="with --cut-at: that operation is torn (half of it happens)")
+    s.add_argument("--expect-version", metavar="V", help="exit 1 unless the device ends running version V")
+    s.add_argument("--json", action="store_true",
+                   help="print the summary as JSON on stdout (the boot log goes to stderr)")
     root_arg(s)
     s.set_defaults(func=cmd_sim_run)
 

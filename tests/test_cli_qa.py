@@ -157,3 +157,66 @@ def test_sim_list_and_delete(kit, tmp_path):
     assert r.returncode == 2 and "no simulated device 'ghost'" in r.stderr
     assert "deleted" in mpota("sim", "delete", "a", "--root", root, check=True).stdout
     assert sorted(p.name for p in root.iterdir()) == ["b", "notes"]
+
+
+# ---- sim run: power cuts, --json, exit statuses --------------------------------------------------
+
+def _device(kit, root, name, server_url):
+    mpota("sim", "create", name, "--pub", kit / "keys" / "release.pub", "--server", server_url,
+          "--firmware", kit / "fw-1.0.0.bin", "--root", root, check=True)
+
+
+def test_sim_run_json_expect_version_and_power_cuts(kit, tmp_path):
+    s = Serve(kit / "rel", "--quiet")
+    try:
+        _device(kit, tmp_path, "a", s.url)
+        r = mpota("sim", "run", "a", "--root", tmp_path, "--json", "--expect-version", "2.0.0")
+        assert r.returncode == 0, r.stdout + r.stderr
+        out = json.loads(r.stdout)  # stdout is the JSON document alone; the boot log is on stderr
+        assert "[boot 1] bootloader" in r.stderr
+        assert out["ok"] is True and out["problems"] == [] and out["end"] == "idle"
+        assert out["version"] == "2.0.0" and out["slot"] == "ota_1" and out["last_result"] in ("confirmed", "up-to-date")
+        assert [b["version"] for b in out["boots"]][:2] == ["1.0.0", "2.0.0"] and out["power_cut"] is None
+        assert out["status"]["version"] == "2.0.0"
+        ops = out["flash_ops"]
+        assert ops > 10
+        r = mpota("sim", "run", "a", "--root", tmp_path, "--expect-version", "9.9.9")
+        assert r.returncode == 1 and "not as expected: expected to end on 9.9.9, runs 2.0.0" in r.stdout
+
+        # the same update with the power cut half-way through (torn): it still ends on 2.0.0
+        _device(kit, tmp_path, "b", s.url)
+        r = mpota("sim", "run", "b", "--root", tmp_path, "--cut-at", ops // 2, "--tear", "--json")
+        assert r.returncode == 0, r.stdout + r.stderr
+        out = json.loads(r.stdout)
+        assert out["power_cut"] == {"at": ops // 2, "tear": True, "fired": True}
+        assert "power-loss" in [b["exit"] for b in out["boots"]] and out["version"] == "2.0.0"
+        _device(kit, tmp_path, "c", s.url)
+        r = mpota("sim", "run", "c", "--root", tmp_path, "--cut-at", 10 ** 6)
+        assert r.returncode == 0 and "power cut at flash operation 1000000: not reached" in r.stdout
+        r = mpota("sim", "run", "c", "--root", tmp_path, "--tear")
+        assert r.returncode == 2 and "--tear needs --cut-at" in r.stderr
+    finally:
+        s.stop()
+
+
+def test_sim_run_exits_1_when_the_update_fails_or_is_refused(kit, tmp_path):
+    s = Serve(kit / "rel", "--quiet", "--fault", "status=503,path=manifest.json")
+    try:
+        _device(kit, tmp_path, "a", s.url)
+        r = mpota("sim", "run", "a", "--root", tmp_path)
+        assert r.returncode == 1, r.stdout + r.stderr
+        assert "not as expected: the last update ended failed (http-503" in r.stdout
+    finally:
+        s.stop()
+    mpota("keygen", tmp_path / "other", check=True)
+    mpota("release", kit / "fw-2.0.0.bin", "--key", tmp_path / "other", "--out", tmp_path / "foreign", check=True)
+    s = Serve(tmp_path / "foreign", "--quiet")
+    try:
+        _device(kit, tmp_path, "b", s.url)
+        r = mpota("sim", "run", "b", "--root", tmp_path, "--json")
+        assert r.returncode == 1
+        out = json.loads(r.stdout)
+        assert out["ok"] is False and out["last_result"] == "refused" and out["last_error"] == "unknown-key"
+        assert out["version"] == "1.0.0"
+    finally:
+        s.stop()
