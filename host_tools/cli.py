@@ -57,6 +57,13 @@ def _counter(text: str) -> int:
     return n
 
 
+def _say(a):
+    """print() for a command's progress: stdout, or stderr when --json keeps stdout for the JSON."""
+    if getattr(a, "json", False):
+        return lambda *x, **k: print(*x, **{**k, "file": sys.stderr})
+    return print
+
+
 def _print_json(obj) -> None:
     """--json output: one JSON document on stdout (indented; keys in a stable order)."""
     print(json.dumps(obj, indent=1))
@@ -112,13 +119,36 @@ def cmd_release(a):
 def cmd_verify(a):
     from . import keys, payload, release
     aes_key = payload.load_aes_key(Path(a.aes)) if a.aes else None
-    rel = release.verify(Path(a.release), [keys.load_public(Path(p)) for p in a.pub], aes_key)
+    trusted = [keys.load_public(Path(p)) for p in a.pub]
+    try:
+        rel = release.verify(Path(a.release), trusted, aes_key)
+    except MpotaError as e:
+        if a.json:  # the same failure, for scripts: stdout gets the JSON, stderr the message
+            _print_json({"ok": False, "error": {"code": getattr(e, "code", None), "message": str(e), "hint": e.hint}})
+        raise
     m = rel.manifest
     sealed = m["payload"].get("encryption") is not None and aes_key is None
+    if a.json:
+        ids = [keys.keyid(k) for k in trusted]
+        env = json.loads((rel.path / release.MANIFEST_NAME).read_bytes())
+        return _print_json({"ok": True, "version": m["version"], "board": m["board"], "chip": m["chip"],
+                            "security_counter": m["security_counter"], "image": m["image"],
+                            "payload": m["payload"], "image_checked": not sealed, "keyids": ids,
+                            "signed_by": [s.get("keyid") for s in env["signatures"] if s.get("keyid") in ids]})
     print(f"OK: {m['version']} for {m['board']}/{m['chip']}, counter {m['security_counter']}, "
           f"payload {m['payload']['url']} {m['payload']['size']} bytes, signature and "
           + ("payload hashes verified (encrypted: the image inside is checked with --aes KEY)" if sealed
              else "hashes verified"))
+
+
+def cmd_inspect(a):
+    from . import inspection, keys, payload
+    trusted = [keys.load_public(Path(p)) for p in a.pub or []]
+    aes_key = payload.load_aes_key(Path(a.aes)) if a.aes else None
+    rep = inspection.inspect(Path(a.file), trusted, aes_key)
+    if a.json:
+        return _print_json(rep)
+    print("\n".join(inspection.describe(rep)))
 
 
 def cmd_serve(a):
@@ -155,12 +185,18 @@ def cmd_serve(a):
 
 def cmd_boards(a):
     from . import BOARDS_DIR, partitions
+    found = []
     for p in sorted(BOARDS_DIR.glob("*/board.json")):
         info = json.loads(p.read_text())
         slots = [q for q in partitions.parse_csv(p.parent / "partitions.csv") if q.is_ota_slot]
+        found.append(dict(info, ota_slots=[{"label": q.label, "offset": q.offset, "size": q.size} for q in slots]))
+        if a.json:
+            continue
         print(f"{info['name']:8} chip {info['chip']:8} mpy {info['mpy_arch']:9} flash {info['flash_size']:4} "
               f"bootloader {info['bootloader_offset']:6} {len(slots)} x {_human(slots[0].size)} OTA slots  "
               f"{info.get('description', '')}")
+    if a.json:
+        _print_json(found)
 
 
 def cmd_config(a):
@@ -324,6 +360,7 @@ def cmd_deploy(a):
     import os
     from . import deploy, deviceconfig
     from .sim.device import board_info
+    say = _say(a)
     if a.config and (a.pub or a.server or a.ca):
         raise MpotaError("give either --config FILE or --pub/--server (and --ca), not both",
                          hint="a config written by `mpota config --ca` names its CA file already")
@@ -336,10 +373,10 @@ def cmd_deploy(a):
         board = a.board or "esp32"
         board_info(board)
     else:
-        print(f"deploy: asking the board on {a.port} what it runs ...", flush=True)
+        say(f"deploy: asking the board on {a.port} what it runs ...", flush=True)
         pr = deploy.probe(a.port)
         board = deploy.choose_board(pr, a.board, a.source)
-        print(f"deploy: {pr.describe()}: board {board}" + (f", unique id {pr.uid}" if pr.uid else ""))
+        say(f"deploy: {pr.describe()}: board {board}" + (f", unique id {pr.uid}" if pr.uid else ""))
     info = board_info(board)
     if a.config:
         cfg, ca = deploy.load_config(Path(a.config))
@@ -366,37 +403,44 @@ def cmd_deploy(a):
     if a.wifi:
         wifi = (a.wifi, os.environ.get("MPOTA_WIFI_PASSWORD", ""))
         if not wifi[1]:
-            print(f"deploy: note: MPOTA_WIFI_PASSWORD is not set: {a.wifi} is joined as an open network")
+            say(f"deploy: note: MPOTA_WIFI_PASSWORD is not set: {a.wifi} is joined as an open network")
     st = deploy.stage(Path(a.stage or f"build/deploy/{board}"), board, cfg, main=main, wifi=wifi,
                       source=a.source, ca=ca)
-    print(f"deploy: staged in {st.dir}/: lib/ota ({len(st.agent)} files, "
-          f"{'.py sources' if a.source else '.mpy for ' + info['mpy_arch']}), ota_config.json "
-          f"(server {cfg['server']}, {len(cfg['pubkeys'])} key(s), device id {cfg.get('device_id') or '-'})"
-          + (f", {cfg['ca']} (CA for https)" if ca else "") + (", wifi.json" if wifi else ""))
-    print(f"deploy: {main_note}")
+    say(f"deploy: staged in {st.dir}/: lib/ota ({len(st.agent)} files, "
+        f"{'.py sources' if a.source else '.mpy for ' + info['mpy_arch']}), ota_config.json "
+        f"(server {cfg['server']}, {len(cfg['pubkeys'])} key(s), device id {cfg.get('device_id') or '-'})"
+        + (f", {cfg['ca']} (CA for https)" if ca else "") + (", wifi.json" if wifi else ""))
+    say(f"deploy: {main_note}")
     args = deploy.copy_args(a.port, st, status=a.status, reset=a.reset)
     if a.dry_run:
-        print("deploy: dry run, nothing sent to a board; the mpremote command that copies it:")
-        print(deploy.shell_line(args))
+        say("deploy: dry run, nothing sent to a board; the mpremote command that copies it:")
+        say(deploy.shell_line(args))
+        if a.json:
+            _print_json({"port": a.port, "board": board, "staged": str(st.dir), "dry_run": True,
+                         "command": ["mpremote", *args]})
         return
     total = len(st.agent) + len(st.root_files)
-    print(f"deploy: copying {total} files ({_human(st.size)}) with mpremote ...", flush=True)
+    say(f"deploy: copying {total} files ({_human(st.size)}) with mpremote ...", flush=True)
     status, out = deploy.copy(a.port, st, status=a.status, reset=a.reset,
-                              echo=lambda line: print("    | " + line, flush=True))
+                              echo=lambda line: say("    | " + line, flush=True))
     same = out.count("Up to date:")
     if wifi:
         (st.dir / "wifi.json").unlink()
-    print(f"deploy: done in {time.monotonic() - t0:.1f} s: {total} files, {total - same} copied, "
-          f"{same} already up to date")
+    say(f"deploy: done in {time.monotonic() - t0:.1f} s: {total} files, {total - same} copied, "
+        f"{same} already up to date")
     if status is not None:
         ordered = {k: status[k] for k in STATUS_ORDER if k in status}
         ordered.update(status)
-        print("deploy: ota.status() on the board:")
-        print(json.dumps(ordered, indent=1))
+        say("deploy: ota.status() on the board:")
+        say(json.dumps(ordered, indent=1))
+    if a.json:
+        _print_json({"port": a.port, "board": board, "staged": str(st.dir), "files": total,
+                     "copied": total - same, "up_to_date": same, "reset": a.reset,
+                     "status": ordered if status is not None else None})
     if a.reset:
-        print(f"deploy: the board was told to reset, so that main.py runs; watch it: mpremote connect {a.port} repl")
+        say(f"deploy: the board was told to reset, so that main.py runs; watch it: mpremote connect {a.port} repl")
     else:
-        print(f"deploy: next: reset the board so main.py runs (mpremote connect {a.port} reset, or --reset)")
+        say(f"deploy: next: reset the board so main.py runs (mpremote connect {a.port} reset, or --reset)")
 
 
 def cmd_sim_repl(a):
@@ -489,7 +533,24 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("release", help="release directory (or its manifest.json)")
     s.add_argument("--pub", action="append", required=True, help="trusted public key (repeatable)")
     s.add_argument("--aes", metavar="KEYFILE", help="AES key, to check the image inside an encrypted payload")
+    s.add_argument("--json", action="store_true", help='the result as JSON: {"ok": true, "version", ...} or '
+                                                       '{"ok": false, "error": {"code", "message", "hint"}}')
     s.set_defaults(func=cmd_verify)
+
+    s = sub.add_parser("inspect", help="show what a firmware image, manifest or release says about itself",
+                       description="Like `esptool image-info` and imgtool's dumpinfo. FILE is an ESP app "
+                                   "image (chip, version, secure_version, project, chip revisions, segments, "
+                                   "sizes, SHA-256, checksum and hash validity), a merged flash image "
+                                   "(bootloader, partition table, app), a manifest.json or a release "
+                                   "directory (version, board, chip, counter, payload, encoding, chunks, sizes, "
+                                   "hashes, key ids; with --pub whether each signature is valid and whether "
+                                   "the release verifies). Exit 0 whenever FILE could be read: problems are "
+                                   "listed, not judged (`mpota verify` is the gate).")
+    s.add_argument("file", metavar="FILE", help="firmware .bin, manifest.json or release directory")
+    s.add_argument("--pub", action="append", help="trusted public key: check signatures (repeatable)")
+    s.add_argument("--aes", metavar="KEYFILE", help="AES key, to check the image inside an encrypted payload")
+    s.add_argument("--json", action="store_true", help="the report as JSON")
+    s.set_defaults(func=cmd_inspect)
 
     s = sub.add_parser("serve", help="serve a release directory over HTTP (HEAD, Range, ETag)",
                        description="Serve the release in DIR: manifest.json, the other signed documents "
@@ -511,6 +572,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.set_defaults(func=cmd_serve)
 
     s = sub.add_parser("boards", help="list the board definitions in boards/")
+    s.add_argument("--json", action="store_true", help="a JSON list: each board.json plus its ota_slots")
     s.set_defaults(func=cmd_boards)
 
     s = sub.add_parser("config", help="write a device's ota_config.json (server, trusted keys, board)")
@@ -581,6 +643,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--source", action="store_true", help="copy .py sources instead of .mpy")
     s.add_argument("--status", action="store_true", help="print the board's ota.status() afterwards")
     s.add_argument("--reset", action="store_true", help="reset the board afterwards so main.py runs")
+    s.add_argument("--json", action="store_true", help="print a JSON summary on stdout (with --status, the "
+                                                       "board's ota.status() in it); progress goes to stderr")
     s.add_argument("--stage", help="where to stage the files (default build/deploy/BOARD)")
     s.add_argument("--dry-run", action="store_true", help="stage the files and print the mpremote command; "
                                                           "touch no board")
@@ -651,6 +715,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = ssub.add_parser("status", help="print the device's ota.status() as JSON")
     s.add_argument("name")
+    s.add_argument("--json", action="store_true", help="accepted for uniformity: the output is always JSON")
     root_arg(s)
     s.set_defaults(func=cmd_sim_status)
 

@@ -160,7 +160,9 @@ def _chip_of(data: bytes, at: int = 0) -> str | None:
 
 def split_firmware(data: bytes, info: dict) -> tuple[str, bytes | None, bytes, list | None]:
     """-> (kind, bootloader or None, app image bytes, the merged image's own partition table)."""
-    if _is_app(data):
+    if espimage.is_esp8266(data):
+        raise FlashError(espimage.ESP8266_REFUSAL, hint=espimage.ESP8266_HINT)
+    if is_app_image(data):
         return "app", None, data[:image_length(data)], None
     bl_off = int(info["bootloader_offset"], 0)
     pt_off = int(info["partition_table_offset"], 0)
@@ -190,7 +192,7 @@ def split_firmware(data: bytes, info: dict) -> tuple[str, bytes | None, bytes, l
                           "firmware .bin from micropython.org, not an .elf, .hex or .uf2")
 
 
-def _is_app(data: bytes) -> bool:
+def is_app_image(data: bytes) -> bool:
     """An app image starts with the image header, then its first segment's header, then
     esp_app_desc_t (magic 0xABCD5432). A merged image starts with the bootloader (or 0xFF)."""
     return (len(data) > 36 and data[0] == espimage.IMAGE_MAGIC

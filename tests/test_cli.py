@@ -15,9 +15,10 @@ from mpota.cli import build_parser
 ROOT = Path(__file__).resolve().parents[1]
 MPOTA = str(Path(sys.executable).parent / "mpota")
 
-COMMANDS = [["keygen"], ["release"], ["verify"], ["serve"], ["boards"], ["config"], ["mpy"],
+COMMANDS = [["keygen"], ["release"], ["verify"], ["inspect"], ["serve"], ["boards"], ["config"], ["mpy"],
             ["flash"], ["deploy"],
-            ["sim"], ["sim", "firmware"], ["sim", "create"], ["sim", "run"], ["sim", "status"], ["sim", "repl"]]
+            ["sim"], ["sim", "firmware"], ["sim", "create"], ["sim", "run"], ["sim", "status"], ["sim", "list"],
+            ["sim", "delete"], ["sim", "repl"]]
 
 
 def mpota(*args, cwd=None, check=False):

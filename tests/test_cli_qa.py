@@ -220,3 +220,99 @@ def test_sim_run_exits_1_when_the_update_fails_or_is_refused(kit, tmp_path):
         assert out["version"] == "1.0.0"
     finally:
         s.stop()
+
+
+# ---- mpota inspect --------------------------------------------------------------------------------
+
+SHARED_FW = Path(__file__).resolve().parents[1].parent / "shared" / "firmware"
+
+
+def test_inspect_an_app_image_agrees_with_esptool(tmp_path):
+    import hashlib
+
+    from esptool.bin_image import LoadFirmwareImage
+    fw = tmp_path / "fw.bin"
+    mpota("sim", "firmware", fw, "--version", "4.5.6", "--secure-version", "3", "--min-chip-rev", "1.0",
+          "--max-chip-rev", "3.99", "--size", "32K", check=True)
+    rep = json.loads(mpota("inspect", fw, "--json", check=True).stdout)
+    assert rep["kind"] == "app" and rep["chip"] == "esp32" and rep["chip_id"] == 0
+    assert rep["app"]["version"] == "4.5.6" and rep["app"]["secure_version"] == 3
+    assert rep["app"]["project"] == "mpota-sim" and rep["min_chip_rev"] == "v1.0" and rep["max_chip_rev"] == "v3.99"
+    assert rep["sha256"] == hashlib.sha256(fw.read_bytes()).hexdigest() and rep["file_size"] == fw.stat().st_size
+    assert rep["hash_valid"] is True and rep["checksum"]["valid"] is True and rep["valid"] is True
+    img = LoadFirmwareImage("esp32", str(fw))  # the independent reader
+    assert [(s["load_address"], s["length"]) for s in rep["segments"]] == [(s.addr, len(s.data)) for s in img.segments]
+    assert rep["entry_point"] == img.entrypoint
+    text = mpota("inspect", fw, check=True).stdout
+    assert "version:           4.5.6" in text and "(valid)" in text and "segments:          2" in text
+    # a damaged image is reported, not refused
+    data = bytearray(fw.read_bytes())
+    data[1000] ^= 0xFF
+    fw.write_bytes(bytes(data))
+    r = mpota("inspect", fw, "--json")
+    assert r.returncode == 0
+    rep = json.loads(r.stdout)
+    assert rep["hash_valid"] is False and rep["checksum"]["valid"] is False and rep["valid"] is False
+    assert "checksum mismatch" in rep["problems"] and "INVALID" in mpota("inspect", fw).stdout
+
+
+def test_inspect_a_release_and_its_signatures(kit, tmp_path):
+    rep = json.loads(mpota("inspect", kit / "rel", "--json", check=True).stdout)
+    assert rep["kind"] == "release" and rep["version"] == "2.0.0" and rep["board"] == "esp32"
+    assert rep["chip"] == "esp32" and rep["security_counter"] == 0
+    assert rep["payload"]["url"] == "fw-2.0.0.bin" and rep["payload"]["encoding"] == "raw"
+    assert rep["payload_file"] == {"present": True, "size": rep["payload"]["size"], "sha256_valid": True}
+    assert [s["valid"] for s in rep["signatures"]] == [None] and rep["verified"] is None
+    rep = json.loads(mpota("inspect", kit / "rel", "--pub", kit / "keys" / "release.pub", "--json", check=True).stdout)
+    assert rep["signatures"][0]["trusted"] is True and rep["signatures"][0]["valid"] is True
+    assert rep["verified"] is True and rep["valid"] is True
+    mpota("keygen", tmp_path / "other", check=True)
+    rep = json.loads(mpota("inspect", kit / "rel" / "manifest.json", "--pub", tmp_path / "other.pub", "--json",
+                           check=True).stdout)
+    assert rep["kind"] == "manifest" and rep["signatures"][0]["trusted"] is False and rep["verified"] is False
+    assert any("no signature by a trusted key" in p for p in rep["problems"])
+    # chunked, compressed and encrypted; then a tampered payload
+    mpota("keygen", "--aes", tmp_path / "fw.aes", check=True)
+    mpota("release", kit / "fw-2.0.0.bin", "--key", kit / "keys" / "release", "--out", tmp_path / "rel",
+          "--compress", "--encrypt", tmp_path / "fw.aes", "--chunk", "16K", check=True)
+    rep = json.loads(mpota("inspect", tmp_path / "rel", "--json", check=True).stdout)
+    pl = rep["payload"]
+    assert pl["encoding"] == "deflate" and pl["chunks"] == 4 and pl["chunk"] == 16384 and pl["wbits"] == 10
+    assert pl["encryption"]["alg"] == "aes-256-cbc" and len(pl["encryption"]["keyid"]) == 16
+    f = tmp_path / "rel" / pl["url"]
+    f.write_bytes(f.read_bytes()[:-1] + b"\0")
+    r = mpota("inspect", tmp_path / "rel", "--pub", kit / "keys" / "release.pub")
+    assert r.returncode == 0 and "sha256 INVALID" in r.stdout and "verified:          no" in r.stdout
+
+
+@pytest.mark.skipif(not (SHARED_FW / "ESP32_GENERIC-OTA-20250415-v1.25.0.bin").exists(),
+                    reason="../shared/firmware/ESP32_GENERIC-OTA-20250415-v1.25.0.bin is absent (a user's own clone)")
+def test_inspect_a_real_merged_micropython_image():
+    rep = json.loads(mpota("inspect", SHARED_FW / "ESP32_GENERIC-OTA-20250415-v1.25.0.bin", "--json", check=True).stdout)
+    assert rep["kind"] == "merged" and rep["bootloader"]["offset"] == 0x1000 and rep["bootloader"]["chip"] == "esp32"
+    assert [p["label"] for p in rep["partitions"]][:5] == ["nvs", "otadata", "phy_init", "ota_0", "ota_1"]
+    app = rep["app"]
+    assert app["chip"] == "esp32" and app["app"]["version"] == "" and app["app"]["idf_version"] == "v5.2.2"
+    assert app["hash_valid"] is True and app["valid"] is True and app["max_chip_rev"] == "v3.99"
+
+
+def test_json_output_of_boards_and_verify(kit, tmp_path):
+    boards = json.loads(mpota("boards", "--json", check=True).stdout)
+    by = {b["name"]: b for b in boards}
+    assert set(by) >= {"esp32", "esp32s3", "esp32c3", "unix"} and by["unix"]["emulates"] == "esp32"
+    assert by["esp32"]["chip"] == "esp32" and by["esp32"]["bootloader_offset"] == "0x1000"
+    assert [s["label"] for s in by["esp32"]["ota_slots"]] == ["ota_0", "ota_1"]
+    assert by["esp32"]["ota_slots"][0]["size"] == 0x180000
+    out = json.loads(mpota("verify", kit / "rel", "--pub", kit / "keys" / "release.pub", "--json", check=True).stdout)
+    assert out["ok"] is True and out["version"] == "2.0.0" and out["image_checked"] is True
+    assert out["payload"]["url"] == "fw-2.0.0.bin" and out["signed_by"] == [out["keyids"][0]]
+    mpota("keygen", tmp_path / "other", check=True)
+    r = mpota("verify", kit / "rel", "--pub", tmp_path / "other.pub", "--json")
+    assert r.returncode == 2 and "no signature by a trusted key" in r.stderr
+    out = json.loads(r.stdout)
+    assert out["ok"] is False and out["error"]["code"] == "unknown-key" and out["error"]["hint"]
+    # sim status is JSON with or without --json
+    mpota("sim", "create", "d", "--pub", kit / "keys" / "release.pub", "--server", "http://127.0.0.1:9",
+          "--firmware", kit / "fw-1.0.0.bin", "--root", tmp_path, check=True)
+    st = json.loads(mpota("sim", "status", "d", "--root", tmp_path, "--json", check=True).stdout)
+    assert st["version"] == "1.0.0" and st["slot"] == "ota_0"

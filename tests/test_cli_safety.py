@@ -223,3 +223,29 @@ def test_a_missing_device_is_named_with_its_absolute_path_and_root(tmp_path):
     assert r.returncode == 2
     assert f"no simulated device 'ghost' in {(tmp_path / 'devs').resolve()}/ (--root devs)" in r.stderr
     assert "--root DIR" in r.stderr and "mpota sim create ghost" in r.stderr
+
+
+# ---- ESP8266 images are told apart and refused with that reason --------------------------------
+
+ESP8266 = sorted((ROOT.parent / "shared" / "firmware").glob("esp8266-*.bin"))
+
+
+@pytest.mark.skipif(not ESP8266, reason="../shared/firmware/esp8266-*.bin are absent (a user's own clone)")
+@pytest.mark.parametrize("image", ESP8266, ids=lambda p: p.name)
+def test_esp8266_images_are_recognised_and_refused(kit, tmp_path, image):
+    from mpota import espimage
+    assert espimage.is_esp8266(image.read_bytes())
+    esptool = subprocess.run([str(Path(sys.executable).parent / "esptool"), "image-info", str(image)],
+                             capture_output=True, text=True)
+    assert "Detected image type: ESP8266" in esptool.stdout  # the independent reader agrees
+    assert not espimage.is_esp8266((kit / "fw-1.0.0.bin").read_bytes())
+    for args in (["release", image, "--key", kit / "keys" / "release", "--out", tmp_path / "rel"],
+                 ["release", image, "--key", kit / "keys" / "release", "--out", tmp_path / "rel", "--force"],
+                 ["sim", "create", "d", "--pub", kit / "keys" / "release.pub", "--server", "http://h:1",
+                  "--firmware", image, "--root", tmp_path / "devs"],
+                 ["flash", image, "--board", "esp32", "--dry-run", "--out", tmp_path / "flash"],
+                 ["inspect", image]):
+        r = mpota(*args)
+        assert r.returncode == 2, (args, r.stdout, r.stderr)
+        assert "this is an ESP8266 image" in r.stderr and "ESP32" in r.stderr and "Traceback" not in r.stderr, r.stderr
+    assert not (tmp_path / "rel").exists() and not (tmp_path / "devs" / "d").exists()

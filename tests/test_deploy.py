@@ -313,3 +313,18 @@ def test_stage_never_empties_a_directory_it_did_not_make(keydir, tmp_path):
     assert r.returncode == 0, r.stderr
     r = mpota(*args, "--stage", tmp_path / "st", cwd=tmp_path)  # its own: emptied and staged again
     assert r.returncode == 0 and ".mpota-stage" not in r.stdout, r.stderr
+
+
+def test_deploy_json_summary(bare_device, repl, keydir, tmp_path):
+    r = mpota("deploy", "--port", repl.url, "--pub", keydir / "release.pub", "--server", "http://10.0.0.1:8000",
+              "--status", "--json", cwd=tmp_path)
+    assert r.returncode == 0, r.stdout + r.stderr
+    out = json.loads(r.stdout)  # stdout is the JSON alone; the progress is on stderr
+    assert "deploy: copying" in r.stderr
+    n = len(devicepkg.agent_sources()) + 2
+    assert out["board"] == "unix" and out["port"] == repl.url and out["files"] == n and out["copied"] == n
+    assert out["status"]["version"] == "1.0.0" and out["status"]["slot"] == "ota_0"
+    r = mpota("deploy", "--port", repl.url, "--pub", keydir / "release.pub", "--server", "http://10.0.0.1:8000",
+              "--dry-run", "--board", "unix", "--json", "--stage", tmp_path / "dry", cwd=tmp_path)
+    out = json.loads(r.stdout)
+    assert out["dry_run"] is True and out["command"][:3] == ["mpremote", "connect", repl.url]
