@@ -5,7 +5,10 @@ function of the mpota package that scripts can import too. One handler turns Mpo
 from __future__ import annotations
 
 import argparse
+import difflib
 import json
+import os
+import re
 import sys
 import time
 from pathlib import Path
@@ -490,8 +493,28 @@ _baud = _bounded("a baud rate", 9600, 5000000)
 _tcp_port = _bounded("a TCP port", 0, 65535)
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse, with a hint after its errors: what to type when no command is given, and the
+    closest command or choice to a mistyped one (difflib), as git and pip do."""
+
+    def error(self, message):
+        self.print_usage(sys.stderr)
+        hint = f"`{self.prog} --help` lists the commands and options"
+        m = re.search(r"invalid choice: '?([^'\s]*)'?", message)
+        if m:
+            choices = [c for a in self._actions if a.choices for c in a.choices if isinstance(c, str)]
+            close = difflib.get_close_matches(m.group(1), choices, n=1, cutoff=0.6)
+            if close:
+                message += f"; did you mean {close[0]!r}?"
+        elif "required: COMMAND" in message:
+            hint = (f"give a command, e.g. `{self.prog} boards` or `mpota sim firmware fw.bin --version 1.0.0`; "
+                    f"`{self.prog} --help` lists them")
+        sys.stderr.write(f"{self.prog}: error: {message}\n  hint: {hint}\n")
+        sys.exit(2)
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="mpota", description="Secure OTA updates for MicroPython devices.")
+    p = _Parser(prog="mpota", description="Secure OTA updates for MicroPython devices.")
     p.add_argument("--version", action="version", version=f"mpota {__version__}")
     sub = p.add_subparsers(dest="verb", metavar="COMMAND", required=True)
 
@@ -743,7 +766,43 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+class _ClosedPipeSafe:
+    """stdout that turns into /dev/null when its reader goes away (`mpota boards | head -1`):
+    the command finishes what it started (a simulated device is never left half-way through a
+    flash write because nobody reads the log) and ends quietly, with its own exit status."""
+
+    def __init__(self, stream):
+        self._stream, self.closed_by_reader = stream, False
+
+    def _gone(self):
+        self.closed_by_reader = True
+        try:
+            os.dup2(os.open(os.devnull, os.O_WRONLY), self._stream.fileno())
+        except (OSError, ValueError):
+            pass
+
+    def write(self, text):
+        if not self.closed_by_reader:
+            try:
+                return self._stream.write(text)
+            except BrokenPipeError:
+                self._gone()
+        return len(text)
+
+    def flush(self):
+        if not self.closed_by_reader:
+            try:
+                self._stream.flush()
+            except BrokenPipeError:
+                self._gone()
+
+    def __getattr__(self, name):
+        return getattr(self._stream, name)
+
+
 def main(argv=None) -> int:
+    if not isinstance(sys.stdout, _ClosedPipeSafe):
+        sys.stdout = _ClosedPipeSafe(sys.stdout)
     args = build_parser().parse_args(argv)
     try:
         rc = args.func(args)

@@ -316,3 +316,34 @@ def test_json_output_of_boards_and_verify(kit, tmp_path):
           "--firmware", kit / "fw-1.0.0.bin", "--root", tmp_path, check=True)
     st = json.loads(mpota("sim", "status", "d", "--root", tmp_path, "--json", check=True).stdout)
     assert st["version"] == "1.0.0" and st["slot"] == "ota_0"
+
+
+# ---- errors: no command, typos, a reader that goes away ----------------------------------------
+
+def test_no_command_and_typos_get_a_hint():
+    r = mpota()
+    assert r.returncode == 2 and "usage: mpota" in r.stderr and "hint:" in r.stderr and "mpota --help" in r.stderr
+    r = mpota("relase", "fw.bin")
+    assert r.returncode == 2 and "did you mean 'release'?" in r.stderr and "hint:" in r.stderr
+    r = mpota("sim", "stauts", "dev1")
+    assert r.returncode == 2 and "did you mean 'status'?" in r.stderr
+    r = mpota("sim", "firmware", "x.bin", "--version", "1.0.0", "--behavior", "helthy")
+    assert r.returncode == 2 and "did you mean 'healthy'?" in r.stderr
+    r = mpota("zzzz")
+    assert r.returncode == 2 and "did you mean" not in r.stderr and "invalid choice" in r.stderr
+
+
+def test_a_reader_that_goes_away_ends_the_output_quietly(kit, tmp_path):
+    import os
+    mpota("sim", "create", "d", "--pub", kit / "keys" / "release.pub", "--server", "http://127.0.0.1:9",
+          "--firmware", kit / "fw-1.0.0.bin", "--root", tmp_path, check=True)
+    for args in (["boards"], ["sim", "status", "d", "--root", tmp_path], ["inspect", kit / "rel", "--json"]):
+        r, w = os.pipe()
+        os.close(r)  # as `| head -1` does once it has its line (here: before the first byte)
+        p = subprocess.run([MPOTA, *map(str, args)], stdout=w, stderr=subprocess.PIPE, text=True)
+        os.close(w)
+        assert p.returncode == 0 and p.stderr == "", (args, p.stderr)
+    # and through a real `head -1`
+    p = subprocess.run(f"'{MPOTA}' boards | head -1; echo \"rc=${{PIPESTATUS[0]}}\"", shell=True,
+                       executable="/bin/bash", capture_output=True, text=True)
+    assert p.stdout.splitlines()[0].startswith("esp32") and "rc=0" in p.stdout and p.stderr == ""
