@@ -322,14 +322,21 @@ def cmd_sim_delete(a):
     print(f"sim: deleted {path.resolve()}/")
 
 
+def _find_port(a, what: str) -> None:
+    """--port not given: the one likely board attached (esptool's and mpremote's way)."""
+    from . import serialports
+    a.port, why = serialports.choose_port()
+    print(f"{what}: port {a.port} ({why}; --port chooses another)", file=sys.stderr if getattr(a, "json", False)
+          else sys.stdout, flush=True)
+
+
 def cmd_flash(a):
     from . import flashing
-    if not a.port and not a.dry_run and not a.merged:
-        raise MpotaError("give the board's serial port (--port), or --dry-run to only check and print",
-                         hint="e.g. mpota flash --board esp32 --port /dev/ttyUSB0 ESP32_GENERIC-OTA-v1.24.1.bin")
     p = flashing.plan(a.board, Path(a.firmware), Path(a.bootloader) if a.bootloader else None)
     if a.erase_all:
         flashing.check_complete(p, "--erase-all")
+    if not a.port and not a.dry_run and not a.merged:
+        _find_port(a, "flash")
     kind = "merged image (bootloader + partition table + app)" if p.kind == "merged" else "app image"
     print(f"flash: {a.firmware}: {kind} for {p.app.chip}, version {p.app.version or '(none in esp_app_desc_t)'}")
     for r in p.regions:
@@ -375,7 +382,10 @@ def cmd_deploy(a):
     if a.dry_run:
         board = a.board or "esp32"
         board_info(board)
+        a.port = a.port or "PORT"
     else:
+        if not a.port:
+            _find_port(a, "deploy")
         say(f"deploy: asking the board on {a.port} what it runs ...", flush=True)
         pr = deploy.probe(a.port)
         board = deploy.choose_board(pr, a.board, a.source)
@@ -629,7 +639,8 @@ def build_parser() -> argparse.ArgumentParser:
                                    "merged image from micropython.org (its partition table is replaced).")
     s.add_argument("firmware", help="MicroPython .bin (app image or merged image)")
     s.add_argument("--board", default="esp32", help="board definition in boards/ (default esp32; `mpota boards`)")
-    s.add_argument("--port", help="serial port, e.g. /dev/ttyUSB0, /dev/ttyACM0, COM3")
+    s.add_argument("--port", help="serial port, e.g. /dev/ttyUSB0, /dev/ttyACM0, COM3 (default: the one ESP32 "
+                                  "board attached, found by its USB bridge)")
     s.add_argument("--baud", type=_baud, default=460800, help="baud rate for writing (default 460800)")
     s.add_argument("--bootloader", help="bootloader .bin to write (default: the merged image's, else keep the board's)")
     s.add_argument("--erase-all", action="store_true", help="erase the whole flash first (the filesystem too); "
@@ -648,7 +659,8 @@ def build_parser() -> argparse.ArgumentParser:
                                    "write ota_config.json, and copy them (and the example main.py, if the "
                                    "board has none) with mpremote. Works with the simulator too: "
                                    "`mpota sim repl NAME --port N`, then --port socket://127.0.0.1:N.")
-    s.add_argument("--port", required=True, help="mpremote port: /dev/ttyUSB0, /dev/ttyACM0, COM3, socket://HOST:PORT")
+    s.add_argument("--port", help="mpremote port: /dev/ttyUSB0, /dev/ttyACM0, COM3, socket://HOST:PORT (default: "
+                                  "the one ESP32 board attached, found by its USB bridge)")
     s.add_argument("--pub", action="append", help="trusted release public key (repeatable)")
     s.add_argument("--server", help="release URL the device polls, e.g. http://192.168.1.10:8000")
     s.add_argument("--mirror", action="append", help="another release URL, tried in order (repeatable)")
@@ -801,8 +813,17 @@ class _ClosedPipeSafe:
 
 
 def main(argv=None) -> int:
-    if not isinstance(sys.stdout, _ClosedPipeSafe):
-        sys.stdout = _ClosedPipeSafe(sys.stdout)
+    stdout = sys.stdout
+    if not isinstance(stdout, _ClosedPipeSafe):
+        sys.stdout = _ClosedPipeSafe(stdout)
+    try:
+        return _main(argv)
+    finally:
+        if not sys.stdout.closed_by_reader:
+            sys.stdout = stdout  # a caller in the same process gets its stdout back
+
+
+def _main(argv) -> int:
     args = build_parser().parse_args(argv)
     try:
         rc = args.func(args)
