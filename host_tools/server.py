@@ -3,8 +3,8 @@
 Any static server works for mpota (the device also copes with servers that ignore Range);
 this one is small, strict about paths, and logs one line per request.
 
-It serves only what a release is (release_files): manifest.json and the other signed documents
-in the directory (DSSE envelopes: any *.json of the form {"payloadType", "payload",
+It serves only what a release is (release_files): manifest.json (as it is) and the other signed
+documents in the directory (DSSE envelopes: any *.json of the form {"payloadType", "payload",
 "signatures"}), and the payload files their bodies name (payload.url, relative to the
 document). Everything else is 404, whatever lies in the directory; a file that looks like a
 private key is never served. `mpota serve` also refuses to start on a directory that is not a
@@ -48,8 +48,9 @@ def envelope_body(data: bytes) -> bytes | None:
 
 
 def release_files(root: Path) -> set[Path]:
-    """The files under `root` that make up releases: every DSSE envelope (*.json) and the
-    payload file each one's body names (payload.url relative to the envelope, inside root)."""
+    """The files under `root` that make up releases: every manifest.json (whatever it holds: the
+    device is the one to judge it), every other DSSE envelope (*.json) and the payload file each
+    one's body names (payload.url relative to the envelope, inside root)."""
     root = Path(root).resolve()
     found = set()
     for doc in root.rglob("*.json"):
@@ -57,6 +58,8 @@ def release_files(root: Path) -> set[Path]:
             body = envelope_body(doc.read_bytes()) if doc.is_file() else None
         except OSError:
             body = None
+        if doc.name == MANIFEST_NAME and doc.is_file():
+            found.add(doc.resolve())
         if body is None:
             continue
         found.add(doc.resolve())

@@ -88,6 +88,8 @@ def test_only_the_release_is_served(tmp_path, signer, keydir):
     (root / "fw-1.0.0.bin").write_bytes(b"old" * 100)       # an older payload no document names
     signed(root / "rollout.json", {"wave": 1}, signer, "application/vnd.mpota.rollout+json")
     signed(root / "mirror" / "manifest.json", {"payload": {"url": "../fw-2.0.0.bin"}}, signer)
+    (root / "broken").mkdir()
+    (root / "broken" / "manifest.json").write_bytes(b"garbage")  # a manifest is served as it is: devices judge it
     (root / "notes.txt").write_text("internal")
     (root / "config.json").write_text(json.dumps({"not": "an envelope"}))
     (root / "release").write_bytes((keydir / "release").read_bytes())   # a private key, added later
@@ -95,7 +97,8 @@ def test_only_the_release_is_served(tmp_path, signer, keydir):
     httpd, _url = serve_in_thread(root)
     port = httpd.server_address[1]
     try:
-        for path in ("/manifest.json", "/fw-2.0.0.bin", "/rollout.json", "/mirror/manifest.json"):
+        for path in ("/manifest.json", "/fw-2.0.0.bin", "/rollout.json", "/mirror/manifest.json",
+                     "/broken/manifest.json"):
             assert req(port, "GET", path)[0].status == 200, path
         for path in ("/fw-1.0.0.bin", "/notes.txt", "/config.json", "/release", "/payload.json", "/mirror/",
                      "/mirror", "/"):
