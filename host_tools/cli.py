@@ -325,7 +325,8 @@ def cmd_sim_delete(a):
 def _find_port(a, what: str) -> None:
     """--port not given: the one likely board attached (esptool's and mpremote's way)."""
     from . import serialports
-    a.port, why = serialports.choose_port()
+    a.port, why = serialports.choose_port(also=f"; --dry-run {'checks' if what == 'flash' else 'stages'} "
+                                               "everything without a board")
     print(f"{what}: port {a.port} ({why}; --port chooses another)", file=sys.stderr if getattr(a, "json", False)
           else sys.stdout, flush=True)
 

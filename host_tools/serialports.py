@@ -38,9 +38,10 @@ def list_ports() -> list:
     return sorted(lp.comports(), key=lambda p: p.device)
 
 
-def choose_port(ports=None, option: str = "--port") -> tuple[str, str]:
+def choose_port(ports=None, option: str = "--port", also: str = "") -> tuple[str, str]:
     """(port, why) for the one likely board among `ports` (default: what pyserial finds);
-    MpotaError listing what was found when there is none or more than one."""
+    MpotaError listing what was found when there is none or more than one (`also`: more of the
+    hint, e.g. what works without a board)."""
     ports = list_ports() if ports is None else list(ports)
     likely = likely_boards(ports)
     if len(likely) == 1:
@@ -50,6 +51,6 @@ def choose_port(ports=None, option: str = "--port") -> tuple[str, str]:
         raise MpotaError(f"no ESP32 board found on a serial port (serial ports: {others})",
                          hint=f"plug the board in (a data cable, not a charging-only one) and try again, or give "
                               f"{option} (e.g. {option} /dev/ttyUSB0, /dev/ttyACM0, COM3); on Linux you may need "
-                              "the dialout group")
+                              "the dialout group" + also)
     raise MpotaError(f"{len(likely)} likely boards are attached: " + ", ".join(describe(p) for p in likely),
-                     hint=f"choose one with {option}")
+                     hint=f"choose one with {option}" + also)

@@ -76,4 +76,5 @@ def test_flash_and_deploy_use_the_found_port(ports, monkeypatch, firmware, keydi
     assert "2 likely boards are attached" in err and "choose one with --port" in err
     ports.clear()
     assert cli.main(["flash", str(firmware("1.0.0")), "--board", "esp32", "--out", str(tmp_path / "o")]) == 2
-    assert "no ESP32 board found" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "no ESP32 board found" in err and "--port" in err and "--dry-run checks everything without a board" in err
