@@ -518,8 +518,8 @@ class _Parser(argparse.ArgumentParser):
             if close:
                 message += f"; did you mean {close[0]!r}?"
         elif "required: COMMAND" in message:
-            hint = (f"give a command, e.g. `{self.prog} boards` or `mpota sim firmware fw.bin --version 1.0.0`; "
-                    f"`{self.prog} --help` lists them")
+            example = "`mpota sim list`" if self.prog == "mpota sim" else "`mpota boards` or `mpota sim list`"
+            hint = f"give a command, e.g. {example}; `{self.prog} --help` lists them"
         sys.stderr.write(f"{self.prog}: error: {message}\n  hint: {hint}\n")
         sys.exit(2)
 
