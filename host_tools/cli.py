@@ -5,7 +5,10 @@ function of the mpota package that scripts can import too. One handler turns Mpo
 from __future__ import annotations
 
 import argparse
+import difflib
 import json
+import os
+import re
 import sys
 import time
 from pathlib import Path
@@ -57,6 +60,18 @@ def _counter(text: str) -> int:
     return n
 
 
+def _say(a):
+    """print() for a command's progress: stdout, or stderr when --json keeps stdout for the JSON."""
+    if getattr(a, "json", False):
+        return lambda *x, **k: print(*x, **{**k, "file": sys.stderr})
+    return print
+
+
+def _print_json(obj) -> None:
+    """--json output: one JSON document on stdout (indented; keys in a stable order)."""
+    print(json.dumps(obj, indent=1))
+
+
 # ---- verbs ----------------------------------------------------------------------------------
 def cmd_keygen(a):
     if a.aes:
@@ -81,6 +96,10 @@ def cmd_release(a):
         raise MpotaError("the same key is given twice (--key)", hint="each --key adds one more signer")
     aes_key = payload.load_aes_key(Path(a.encrypt)) if a.encrypt else None
     print(f"release: reading {a.image}")
+    if a.force:
+        print("release: --force: not checking the board, the slot size or the version in the release directory")
+    else:
+        release.preflight(Path(a.image), Path(a.out), version=a.version, chip=a.chip, board=a.board)
     rel = release.build(Path(a.image), Path(a.out), signers, version=a.version, chip=a.chip,
                         board=a.board, security_counter=a.security_counter, compress=a.compress,
                         aes_key=aes_key, chunk=a.chunk, wbits=a.wbits)
@@ -103,34 +122,84 @@ def cmd_release(a):
 def cmd_verify(a):
     from . import keys, payload, release
     aes_key = payload.load_aes_key(Path(a.aes)) if a.aes else None
-    rel = release.verify(Path(a.release), [keys.load_public(Path(p)) for p in a.pub], aes_key)
+    trusted = [keys.load_public(Path(p)) for p in a.pub]
+    try:
+        rel = release.verify(Path(a.release), trusted, aes_key)
+    except MpotaError as e:
+        if a.json:  # the same failure, for scripts: stdout gets the JSON, stderr the message
+            _print_json({"ok": False, "error": {"code": getattr(e, "code", None), "message": str(e), "hint": e.hint}})
+        raise
     m = rel.manifest
     sealed = m["payload"].get("encryption") is not None and aes_key is None
+    if a.json:
+        ids = [keys.keyid(k) for k in trusted]
+        env = json.loads((rel.path / release.MANIFEST_NAME).read_bytes())
+        return _print_json({"ok": True, "version": m["version"], "board": m["board"], "chip": m["chip"],
+                            "security_counter": m["security_counter"], "image": m["image"],
+                            "payload": m["payload"], "image_checked": not sealed, "keyids": ids,
+                            "signed_by": [s.get("keyid") for s in env["signatures"] if s.get("keyid") in ids]})
     print(f"OK: {m['version']} for {m['board']}/{m['chip']}, counter {m['security_counter']}, "
           f"payload {m['payload']['url']} {m['payload']['size']} bytes, signature and "
           + ("payload hashes verified (encrypted: the image inside is checked with --aes KEY)" if sealed
              else "hashes verified"))
 
 
+def cmd_inspect(a):
+    from . import inspection, keys, payload
+    trusted = [keys.load_public(Path(p)) for p in a.pub or []]
+    aes_key = payload.load_aes_key(Path(a.aes)) if a.aes else None
+    rep = inspection.inspect(Path(a.file), trusted, aes_key)
+    if a.json:
+        return _print_json(rep)
+    print("\n".join(inspection.describe(rep)))
+
+
 def cmd_serve(a):
-    from .server import make_server
-    server = make_server(Path(a.release), a.host, a.port, quiet=a.quiet)
-    host, port = server.server_address[:2]
-    print(f"serve: {Path(a.release).resolve()} on http://{host}:{port}/ (Ctrl-C stops)", flush=True)
+    from . import server as srv
+    srv.check_release_dir(Path(a.release))
+
+    def announce(server):
+        host, port = server.server_address[:2]
+        shown = f"[{host}]" if ":" in host else host
+        print(f"serve: {Path(a.release).resolve()} on http://{shown}:{port}/ (Ctrl-C stops); only the release "
+              "files (signed documents and the payloads they name)", flush=True)
+        for f in a.fault or []:
+            print(f"serve: fault: {f.describe()}" + (f", {f.times} time(s)" if f.times < 1 << 30 else ""), flush=True)
+        if host in ("0.0.0.0", "::"):
+            urls = srv.urls_for(host, port)
+            if urls:
+                print(f"serve: devices use --server {urls[0]}" + (f" (or {', '.join(urls[1:])})" if urls[1:] else ""),
+                      flush=True)
+            else:
+                print("serve: note: this machine has no address other machines can reach (no network?)", flush=True)
+
     try:
-        server.serve_forever()
+        if a.fault:
+            from . import faultserver
+            faultserver.serve(Path(a.release), a.fault, a.host, a.port, quiet=a.quiet,
+                              announce=lambda fs: announce(fs.httpd))
+        else:
+            server = srv.make_server(Path(a.release), a.host, a.port, quiet=a.quiet)
+            announce(server)
+            server.serve_forever()
     except KeyboardInterrupt:
         print("serve: stopped")
 
 
 def cmd_boards(a):
     from . import BOARDS_DIR, partitions
+    found = []
     for p in sorted(BOARDS_DIR.glob("*/board.json")):
         info = json.loads(p.read_text())
         slots = [q for q in partitions.parse_csv(p.parent / "partitions.csv") if q.is_ota_slot]
+        found.append(dict(info, ota_slots=[{"label": q.label, "offset": q.offset, "size": q.size} for q in slots]))
+        if a.json:
+            continue
         print(f"{info['name']:8} chip {info['chip']:8} mpy {info['mpy_arch']:9} flash {info['flash_size']:4} "
               f"bootloader {info['bootloader_offset']:6} {len(slots)} x {_human(slots[0].size)} OTA slots  "
               f"{info.get('description', '')}")
+    if a.json:
+        _print_json(found)
 
 
 def cmd_config(a):
@@ -144,6 +213,8 @@ def cmd_config(a):
     files = deviceconfig.write(Path(a.out), cfg, ca=ca)
     print(f"config: wrote {' and '.join(str(f) for f in files)} (board {cfg['board']}, chip {cfg['chip']}, "
           f"{len(cfg['pubkeys'])} key(s), server {cfg['server']})")
+    if deviceconfig.holds_secrets(cfg):
+        print(f"config: {files[0]} holds AES keys: mode 0600; never commit it or copy it anywhere but the device")
     copy = " + ".join(f"fs cp {f} :{'ota_config.json' if i == 0 else f.name}" for i, f in enumerate(files))
     print(f"config: next: mpota deploy --config {a.out} --port PORT, or by hand: mpremote {copy}")
 
@@ -186,22 +257,27 @@ def cmd_sim_create(a):
           + f"; next: mpota sim run {a.name}")
 
 
-SIM_ENDS = {"idle": "idle", "repl": "stopped at the REPL (an uncaught exception, no watchdog armed)",
-            "hung": "hung (no watchdog armed)"}
-
-
 def cmd_sim_run(a):
-    from .sim import device, runner
-    dev = device.load(a.name, Path(a.root))
-    t0 = time.monotonic()
-    boots = runner.run(dev, heap=a.heap, max_boots=a.max_boots, hang_s=a.hang_after)
-    last = boots[-1]
-    print(f"sim: {a.name} {SIM_ENDS[last.exit]} after {len(boots)} boot(s) in {time.monotonic() - t0:.1f} s, "
-          f"running {last.version} from {last.slot}")
-    if last.exit != "idle":
-        print(f"sim: the next `mpota sim run {a.name}` cycles the power, as a person would have to")
-        return 1
-    return 0
+    from .sim import device, runner, summary
+    if a.tear and a.cut_at is None:
+        raise MpotaError("--tear needs --cut-at N", hint="e.g. mpota sim run dev1 --cut-at 40 --tear")
+    echo = (lambda line: print(line, file=sys.stderr, flush=True)) if a.json else print
+    with device.opened(a.name, Path(a.root), "mpota sim run") as dev:
+        ops = dev.path / "flash-ops"  # the emulated flash counts its operations here
+        cut = runner.PowerCut(a.cut_at, a.tear, ops_file=ops.resolve())
+        t0 = time.monotonic()
+        try:
+            boots = runner.run(dev, heap=a.heap, max_boots=a.max_boots, hang_s=a.hang_after, cut=cut, echo=echo)
+        finally:
+            ops.unlink(missing_ok=True)
+        seconds = time.monotonic() - t0
+        status = runner.status(dev) if boots[-1].exit == "idle" else None
+    s = summary.summarize(a.name, boots, seconds, status, cut, a.expect_version)
+    if a.json:
+        _print_json(s)
+    else:
+        print("\n".join(summary.describe(s)))
+    return 0 if s["ok"] else 1
 
 
 STATUS_ORDER = ("version", "slot", "slots", "last_result", "last_error", "detail", "pending",
@@ -210,18 +286,58 @@ STATUS_ORDER = ("version", "slot", "slots", "last_result", "last_error", "detail
 
 def cmd_sim_status(a):
     from .sim import device, runner
-    st = runner.status(device.load(a.name, Path(a.root)))
+    with device.opened(a.name, Path(a.root), "mpota sim status") as dev:
+        st = runner.status(dev)
     ordered = {k: st[k] for k in STATUS_ORDER if k in st}
     ordered.update(st)
     print(json.dumps(ordered, indent=1))
 
 
+def cmd_sim_list(a):
+    from .sim import device
+    rows = []
+    for dev in device.list_devices(Path(a.root)):
+        try:
+            st = json.loads((dev.fs / "ota_state.json").read_text())
+        except (OSError, ValueError):
+            st = {}
+        rows.append({"name": dev.name, "version": dev.running.get("version"), "slot": dev.running.get("slot"),
+                     "last_result": st.get("last_result") if isinstance(st, dict) else None,
+                     "last_error": st.get("last_error") if isinstance(st, dict) else None,
+                     "path": str(dev.path.resolve())})
+    if a.json:
+        return _print_json(rows)
+    if not rows:
+        print(f"sim: no simulated devices in {Path(a.root).resolve()}/ (--root {a.root})")
+        return
+    print(f"{'NAME':16} {'VERSION':12} {'SLOT':6} LAST RESULT")
+    for r in rows:
+        result = (r["last_result"] or "-") + (f" ({r['last_error']})" if r["last_error"] else "")
+        print(f"{r['name']:16} {r['version'] or '(never run)':12} {r['slot'] or '-':6} {result}")
+
+
+def cmd_sim_delete(a):
+    from .sim import device
+    path = device.delete(a.name, Path(a.root))
+    print(f"sim: deleted {path.resolve()}/")
+
+
+def _find_port(a, what: str) -> None:
+    """--port not given: the one likely board attached (esptool's and mpremote's way)."""
+    from . import serialports
+    a.port, why = serialports.choose_port(also=f"; --dry-run {'checks' if what == 'flash' else 'stages'} "
+                                               "everything without a board")
+    print(f"{what}: port {a.port} ({why}; --port chooses another)", file=sys.stderr if getattr(a, "json", False)
+          else sys.stdout, flush=True)
+
+
 def cmd_flash(a):
     from . import flashing
-    if not a.port and not a.dry_run:
-        raise MpotaError("give the board's serial port (--port), or --dry-run to only check and print",
-                         hint="e.g. mpota flash --board esp32 --port /dev/ttyUSB0 ESP32_GENERIC-OTA-v1.24.1.bin")
     p = flashing.plan(a.board, Path(a.firmware), Path(a.bootloader) if a.bootloader else None)
+    if a.erase_all:
+        flashing.check_complete(p, "--erase-all")
+    if not a.port and not a.dry_run and not a.merged:
+        _find_port(a, "flash")
     kind = "merged image (bootloader + partition table + app)" if p.kind == "merged" else "app image"
     print(f"flash: {a.firmware}: {kind} for {p.app.chip}, version {p.app.version or '(none in esp_app_desc_t)'}")
     for r in p.regions:
@@ -232,6 +348,13 @@ def cmd_flash(a):
     files = flashing.write_files(p, out)
     cmd = flashing.esptool_command(p, files, a.port, a.baud, a.erase_all)
     print(f"flash: wrote {out}/ ({', '.join(f.name for _, f in files)}, {flashing.FLASH_ARGS_NAME})")
+    if a.merged:
+        image = flashing.merged_image(p)
+        Path(a.merged).parent.mkdir(parents=True, exist_ok=True)
+        Path(a.merged).write_bytes(image)
+        print(f"flash: wrote {a.merged} ({_human(len(image))}: bootloader, partition table, otadata, app) "
+              f"for an erased chip, written at 0x0: esptool --chip {p.chip} write-flash 0x0 {a.merged}")
+        return
     if a.dry_run:
         print("flash: dry run, nothing written to a board; the esptool command that writes the same:")
         print(flashing.shell_line(cmd))
@@ -248,6 +371,7 @@ def cmd_deploy(a):
     import os
     from . import deploy, deviceconfig
     from .sim.device import board_info
+    say = _say(a)
     if a.config and (a.pub or a.server or a.ca):
         raise MpotaError("give either --config FILE or --pub/--server (and --ca), not both",
                          hint="a config written by `mpota config --ca` names its CA file already")
@@ -259,11 +383,14 @@ def cmd_deploy(a):
     if a.dry_run:
         board = a.board or "esp32"
         board_info(board)
+        a.port = a.port or "PORT"
     else:
-        print(f"deploy: asking the board on {a.port} what it runs ...", flush=True)
+        if not a.port:
+            _find_port(a, "deploy")
+        say(f"deploy: asking the board on {a.port} what it runs ...", flush=True)
         pr = deploy.probe(a.port)
         board = deploy.choose_board(pr, a.board, a.source)
-        print(f"deploy: {pr.describe()}: board {board}" + (f", unique id {pr.uid}" if pr.uid else ""))
+        say(f"deploy: {pr.describe()}: board {board}" + (f", unique id {pr.uid}" if pr.uid else ""))
     info = board_info(board)
     if a.config:
         cfg, ca = deploy.load_config(Path(a.config))
@@ -290,40 +417,47 @@ def cmd_deploy(a):
     if a.wifi:
         wifi = (a.wifi, os.environ.get("MPOTA_WIFI_PASSWORD", ""))
         if not wifi[1]:
-            print(f"deploy: note: MPOTA_WIFI_PASSWORD is not set: {a.wifi} is joined as an open network")
+            say(f"deploy: note: MPOTA_WIFI_PASSWORD is not set: {a.wifi} is joined as an open network")
     st = deploy.stage(Path(a.stage or f"build/deploy/{board}"), board, cfg, main=main, wifi=wifi,
                       source=a.source, ca=ca)
-    print(f"deploy: staged in {st.dir}/: lib/ota ({len(st.agent)} files, "
-          f"{'.py sources' if a.source else '.mpy for ' + info['mpy_arch']}), ota_config.json "
-          f"(server {cfg['server']}, {len(cfg['pubkeys'])} key(s), device id {cfg.get('device_id') or '-'})"
-          + (f", {cfg['ca']} (CA for https)" if ca else "") + (", wifi.json" if wifi else ""))
-    print(f"deploy: {main_note}")
+    say(f"deploy: staged in {st.dir}/: lib/ota ({len(st.agent)} files, "
+        f"{'.py sources' if a.source else '.mpy for ' + info['mpy_arch']}), ota_config.json "
+        f"(server {cfg['server']}, {len(cfg['pubkeys'])} key(s), device id {cfg.get('device_id') or '-'})"
+        + (f", {cfg['ca']} (CA for https)" if ca else "") + (", wifi.json" if wifi else ""))
+    say(f"deploy: {main_note}")
     args = deploy.copy_args(a.port, st, status=a.status, reset=a.reset)
     if a.dry_run:
-        print("deploy: dry run, nothing sent to a board; the mpremote command that copies it:")
-        print(deploy.shell_line(args))
+        say("deploy: dry run, nothing sent to a board; the mpremote command that copies it:")
+        say(deploy.shell_line(args))
+        if a.json:
+            _print_json({"port": a.port, "board": board, "staged": str(st.dir), "dry_run": True,
+                         "command": ["mpremote", *args]})
         return
     total = len(st.agent) + len(st.root_files)
-    print(f"deploy: copying {total} files ({_human(st.size)}) with mpremote ...", flush=True)
+    say(f"deploy: copying {total} files ({_human(st.size)}) with mpremote ...", flush=True)
     status, out = deploy.copy(a.port, st, status=a.status, reset=a.reset,
-                              echo=lambda line: print("    | " + line, flush=True))
+                              echo=lambda line: say("    | " + line, flush=True))
     same = out.count("Up to date:")
     if wifi:
         (st.dir / "wifi.json").unlink()
-    print(f"deploy: done in {time.monotonic() - t0:.1f} s: {total} files, {total - same} copied, "
-          f"{same} already up to date")
+    say(f"deploy: done in {time.monotonic() - t0:.1f} s: {total} files, {total - same} copied, "
+        f"{same} already up to date")
     if status is not None:
         ordered = {k: status[k] for k in STATUS_ORDER if k in status}
         ordered.update(status)
-        print("deploy: ota.status() on the board:")
-        print(json.dumps(ordered, indent=1))
+        say("deploy: ota.status() on the board:")
+        say(json.dumps(ordered, indent=1))
     warning = deploy.rollback_warning(pr, status)
     if warning:
-        print(f"deploy: warning: {warning}")
+        say(f"deploy: warning: {warning}")
+    if a.json:
+        _print_json({"port": a.port, "board": board, "staged": str(st.dir), "files": total,
+                     "copied": total - same, "up_to_date": same, "reset": a.reset,
+                     "status": ordered if status is not None else None, "warning": warning})
     if a.reset:
-        print(f"deploy: the board was told to reset, so that main.py runs; watch it: mpremote connect {a.port} repl")
+        say(f"deploy: the board was told to reset, so that main.py runs; watch it: mpremote connect {a.port} repl")
     else:
-        print(f"deploy: next: reset the board so main.py runs (mpremote connect {a.port} reset, or --reset)")
+        say(f"deploy: next: reset the board so main.py runs (mpremote connect {a.port} reset, or --reset)")
 
 
 def cmd_push(a):
@@ -375,13 +509,46 @@ def _bounded(what: str, lo: int, hi: int):
     return parse
 
 
+def _fault(text: str):
+    from .faultserver import parse_fault
+    try:
+        return parse_fault(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(f"{text!r}: {e}") from None
+
+
+def _fault_switches() -> dict:
+    from .faultserver import SWITCHES
+    return SWITCHES
+
+
 _timeout = _bounded("seconds", 1, 300)
 _baud = _bounded("a baud rate", 9600, 5000000)
 _tcp_port = _bounded("a TCP port", 0, 65535)
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse, with a hint after its errors: what to type when no command is given, and the
+    closest command or choice to a mistyped one (difflib), as git and pip do."""
+
+    def error(self, message):
+        self.print_usage(sys.stderr)
+        hint = f"`{self.prog} --help` lists the commands and options"
+        m = re.search(r"invalid choice: '?([^'\s]*)'?", message)
+        if m:
+            choices = [c for a in self._actions if a.choices for c in a.choices if isinstance(c, str)]
+            close = difflib.get_close_matches(m.group(1), choices, n=1, cutoff=0.6)
+            if close:
+                message += f"; did you mean {close[0]!r}?"
+        elif "required: COMMAND" in message:
+            example = "`mpota sim list`" if self.prog == "mpota sim" else "`mpota boards` or `mpota sim list`"
+            hint = f"give a command, e.g. {example}; `{self.prog} --help` lists them"
+        sys.stderr.write(f"{self.prog}: error: {message}\n  hint: {hint}\n")
+        sys.exit(2)
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="mpota", description="Secure OTA updates for MicroPython devices.")
+    p = _Parser(prog="mpota", description="Secure OTA updates for MicroPython devices.")
     p.add_argument("--version", action="version", version=f"mpota {__version__}")
     sub = p.add_subparsers(dest="verb", metavar="COMMAND", required=True)
 
@@ -411,6 +578,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--chunk", type=_size, default=64 * 1024,
                    help="image bytes per chunk of a compressed/encrypted payload (multiple of 4K, default 64K)")
     s.add_argument("--encrypt", metavar="KEYFILE", help="AES-256 key file (mpota keygen --aes) to encrypt the payload")
+    s.add_argument("--force", action="store_true",
+                   help="sign even what devices would refuse or ignore: a board no definition has, a board "
+                        "of another chip, an image larger than the board's OTA slot, a version not newer "
+                        "than the one OUT holds")
     s.set_defaults(func=cmd_release)
 
     s = sub.add_parser("verify", help="check a release: signature, sizes, hashes, image",
@@ -419,16 +590,46 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("release", help="release directory (or its manifest.json)")
     s.add_argument("--pub", action="append", required=True, help="trusted public key (repeatable)")
     s.add_argument("--aes", metavar="KEYFILE", help="AES key, to check the image inside an encrypted payload")
+    s.add_argument("--json", action="store_true", help='the result as JSON: {"ok": true, "version", ...} or '
+                                                       '{"ok": false, "error": {"code", "message", "hint"}}')
     s.set_defaults(func=cmd_verify)
 
-    s = sub.add_parser("serve", help="serve a release directory over HTTP (HEAD, Range, ETag)")
-    s.add_argument("release", help="directory to serve")
-    s.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
+    s = sub.add_parser("inspect", help="show what a firmware image, manifest or release says about itself",
+                       description="Like `esptool image-info` and imgtool's dumpinfo. FILE is an ESP app "
+                                   "image (chip, version, secure_version, project, chip revisions, segments, "
+                                   "sizes, SHA-256, checksum and hash validity), a merged flash image "
+                                   "(bootloader, partition table, app), a manifest.json or a release "
+                                   "directory (version, board, chip, counter, payload, encoding, chunks, sizes, "
+                                   "hashes, key ids; with --pub whether each signature is valid and whether "
+                                   "the release verifies). Exit 0 whenever FILE could be read: problems are "
+                                   "listed, not judged (`mpota verify` is the gate).")
+    s.add_argument("file", metavar="FILE", help="firmware .bin, manifest.json or release directory")
+    s.add_argument("--pub", action="append", help="trusted public key: check signatures (repeatable)")
+    s.add_argument("--aes", metavar="KEYFILE", help="AES key, to check the image inside an encrypted payload")
+    s.add_argument("--json", action="store_true", help="the report as JSON")
+    s.set_defaults(func=cmd_inspect)
+
+    s = sub.add_parser("serve", help="serve a release directory over HTTP (HEAD, Range, ETag)",
+                       description="Serve the release in DIR: manifest.json, the other signed documents "
+                                   "(DSSE envelopes) and the payload files they name; 404 for anything "
+                                   "else. A directory without manifest.json, or with private keys in it, "
+                                   "is refused.")
+    s.add_argument("release", metavar="DIR", help="release directory to serve (made by `mpota release --out`)")
+    s.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1; 0.0.0.0 or :: "
+                                                       "for boards on the network: the addresses to give "
+                                                       "them are printed)")
     s.add_argument("--port", type=_tcp_port, default=8000, help="port (default 8000; 0 picks a free one)")
     s.add_argument("--quiet", action="store_true", help="no request log")
+    s.add_argument("--fault", action="append", type=_fault, metavar="FAULT[,path=SUFFIX][,times=N]",
+                   help="misbehave, for QA (repeatable; the first that matches a request applies): "
+                        + "; ".join(f"{k}{'' if p is None else '=N' if k != 'trickle' else '=SECONDS'}: {h}"
+                                    for k, (_a, p, h) in _fault_switches().items())
+                        + ". path=SUFFIX: only requests whose path ends so; times=N: only the first N; "
+                          "retry-after=S: a Retry-After header with status=")
     s.set_defaults(func=cmd_serve)
 
     s = sub.add_parser("boards", help="list the board definitions in boards/")
+    s.add_argument("--json", action="store_true", help="a JSON list: each board.json plus its ota_slots")
     s.set_defaults(func=cmd_boards)
 
     s = sub.add_parser("config", help="write a device's ota_config.json (server, trusted keys, board)")
@@ -441,7 +642,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--device-id", default="", help="name the device reports")
     s.add_argument("--timeout", type=_timeout, default=10, metavar="SECONDS",
                    help="network timeout on the device (default 10)")
-    s.add_argument("--out", default="ota_config.json", help="file to write (default ota_config.json)")
+    s.add_argument("--out", default="build/device/ota_config.json",
+                   help="file to write (default build/device/ota_config.json; git ignores build/). With "
+                        "--aes-key it holds device secrets and is written with mode 0600")
     s.set_defaults(func=cmd_config)
 
     s = sub.add_parser("mpy", help="compile the device agent to .mpy with mpy-cross",
@@ -460,10 +663,15 @@ def build_parser() -> argparse.ArgumentParser:
                                    "merged image from micropython.org (its partition table is replaced).")
     s.add_argument("firmware", help="MicroPython .bin (app image or merged image)")
     s.add_argument("--board", default="esp32", help="board definition in boards/ (default esp32; `mpota boards`)")
-    s.add_argument("--port", help="serial port, e.g. /dev/ttyUSB0, /dev/ttyACM0, COM3")
+    s.add_argument("--port", help="serial port, e.g. /dev/ttyUSB0, /dev/ttyACM0, COM3 (default: the one ESP32 "
+                                  "board attached, found by its USB bridge)")
     s.add_argument("--baud", type=_baud, default=460800, help="baud rate for writing (default 460800)")
     s.add_argument("--bootloader", help="bootloader .bin to write (default: the merged image's, else keep the board's)")
-    s.add_argument("--erase-all", action="store_true", help="erase the whole flash first (the filesystem too)")
+    s.add_argument("--erase-all", action="store_true", help="erase the whole flash first (the filesystem too); "
+                                                            "needs a bootloader (merged image or --bootloader)")
+    s.add_argument("--merged", metavar="FILE", help="write one image of everything to FILE, for an erased chip or "
+                                                    "a production programmer (at 0x0); touches no board; needs "
+                                                    "a bootloader")
     s.add_argument("--out", help="where to write the files that get flashed (default build/flash/BOARD)")
     s.add_argument("--dry-run", action="store_true", help="check and write the files, print the esptool command; "
                                                           "touch no board")
@@ -475,7 +683,8 @@ def build_parser() -> argparse.ArgumentParser:
                                    "write ota_config.json, and copy them (and the example main.py, if the "
                                    "board has none) with mpremote. Works with the simulator too: "
                                    "`mpota sim repl NAME --port N`, then --port socket://127.0.0.1:N.")
-    s.add_argument("--port", required=True, help="mpremote port: /dev/ttyUSB0, /dev/ttyACM0, COM3, socket://HOST:PORT")
+    s.add_argument("--port", help="mpremote port: /dev/ttyUSB0, /dev/ttyACM0, COM3, socket://HOST:PORT (default: "
+                                  "the one ESP32 board attached, found by its USB bridge)")
     s.add_argument("--pub", action="append", help="trusted release public key (repeatable)")
     s.add_argument("--server", help="release URL the device polls, e.g. http://192.168.1.10:8000")
     s.add_argument("--mirror", action="append", help="another release URL, tried in order (repeatable)")
@@ -493,6 +702,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--source", action="store_true", help="copy .py sources instead of .mpy")
     s.add_argument("--status", action="store_true", help="print the board's ota.status() afterwards")
     s.add_argument("--reset", action="store_true", help="reset the board afterwards so main.py runs")
+    s.add_argument("--json", action="store_true", help="print a JSON summary on stdout (with --status, the "
+                                                       "board's ota.status() in it); progress goes to stderr")
     s.add_argument("--stage", help="where to stage the files (default build/deploy/BOARD)")
     s.add_argument("--dry-run", action="store_true", help="stage the files and print the mpremote command; "
                                                           "touch no board")
@@ -562,13 +773,33 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--hang-after", type=_bounded("seconds", 1, 3600), default=120, metavar="SECONDS",
                    help="a boot still running after this long, with no watchdog to reset it, is reported "
                         "as hung and the run ends (default 120)")
+    s.add_argument("--cut-at", type=_bounded("a flash operation number", 1, 10 ** 7), metavar="N",
+                   help="cut the power at the N-th flash operation (erase or write) of the run, counted "
+                        "across the bootloader and the firmware; the power comes back and the run goes on. "
+                        "A run without it prints how many operations it did")
+    s.add_argument("--tear", action="store_true", help="with --cut-at: that operation is torn (half of it happens)")
+    s.add_argument("--expect-version", metavar="V", help="exit 1 unless the device ends running version V")
+    s.add_argument("--json", action="store_true",
+                   help="print the summary as JSON on stdout (the boot log goes to stderr)")
     root_arg(s)
     s.set_defaults(func=cmd_sim_run)
 
     s = ssub.add_parser("status", help="print the device's ota.status() as JSON")
     s.add_argument("name")
+    s.add_argument("--json", action="store_true", help="accepted for uniformity: the output is always JSON")
     root_arg(s)
     s.set_defaults(func=cmd_sim_status)
+
+    s = ssub.add_parser("list", help="list the simulated devices: name, version, slot, last result")
+    s.add_argument("--json", action="store_true", help="a JSON list of {name, version, slot, last_result, "
+                                                       "last_error, path}")
+    root_arg(s)
+    s.set_defaults(func=cmd_sim_list)
+
+    s = ssub.add_parser("delete", help="delete a simulated device (only a directory `sim create` made)")
+    s.add_argument("name")
+    root_arg(s)
+    s.set_defaults(func=cmd_sim_delete)
 
     s = ssub.add_parser("repl", help="serve the device's REPL on a loopback TCP port (for mpremote, mpota deploy)",
                         description="Each connection gets a micropython REPL running as the device "
@@ -583,7 +814,52 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+class _ClosedPipeSafe:
+    """stdout that turns into /dev/null when its reader goes away (`mpota boards | head -1`):
+    the command finishes what it started (a simulated device is never left half-way through a
+    flash write because nobody reads the log) and ends quietly, with its own exit status."""
+
+    def __init__(self, stream):
+        self._stream, self.closed_by_reader = stream, False
+
+    def _gone(self):
+        self.closed_by_reader = True
+        try:
+            os.dup2(os.open(os.devnull, os.O_WRONLY), self._stream.fileno())
+        except (OSError, ValueError):
+            pass
+
+    def write(self, text):
+        if not self.closed_by_reader:
+            try:
+                return self._stream.write(text)
+            except BrokenPipeError:
+                self._gone()
+        return len(text)
+
+    def flush(self):
+        if not self.closed_by_reader:
+            try:
+                self._stream.flush()
+            except BrokenPipeError:
+                self._gone()
+
+    def __getattr__(self, name):
+        return getattr(self._stream, name)
+
+
 def main(argv=None) -> int:
+    stdout = sys.stdout
+    if not isinstance(stdout, _ClosedPipeSafe):
+        sys.stdout = _ClosedPipeSafe(stdout)
+    try:
+        return _main(argv)
+    finally:
+        if not sys.stdout.closed_by_reader:
+            sys.stdout = stdout  # a caller in the same process gets its stdout back
+
+
+def _main(argv) -> int:
     args = build_parser().parse_args(argv)
     try:
         rc = args.func(args)

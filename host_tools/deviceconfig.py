@@ -1,8 +1,12 @@
 """The device's provisioning file, ota_config.json (read by device/ota/config.py), and the CA
-certificate file it names for https servers."""
+certificate file it names for https servers.
+
+`mpota config` writes them to build/device/ by default (git ignores build/): a config with AES
+keys (--aes-key) is a device secret, written with mode 0600."""
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 from . import MpotaError, keys, payload, read_input
@@ -59,17 +63,35 @@ def make(pubkeys: list[Path], server: str, *, board: str, chip: str, device_id: 
     return cfg
 
 
-def write(path: Path, config: dict, ca: bytes | None = None) -> list[Path]:
-    """Write ota_config.json, and the CA certificate it names next to it; returns the files."""
+def holds_secrets(config: dict) -> bool:
+    """AES payload keys are device secrets: a config holding them is written owner-only."""
+    return bool(config.get("aes_keys"))
+
+
+def write_file(path: Path, data: bytes, secret: bool = False) -> None:
+    """Write a device file by write-then-rename; `secret`: mode 0600 from the first byte on
+    (an existing file of wider mode is replaced, not rewritten in place)."""
     path = Path(path)
-    files = [(path, (json.dumps(config, indent=1) + "\n").encode())]
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.unlink(missing_ok=True)
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600 if secret else 0o666)
+    with os.fdopen(fd, "wb") as f:
+        f.write(data)
+    tmp.replace(path)
+
+
+def write(path: Path, config: dict, ca: bytes | None = None) -> list[Path]:
+    """Write ota_config.json (mode 0600 when it holds AES keys), and the CA certificate it names
+    next to it; returns the files."""
+    path = Path(path)
+    files = [(path, (json.dumps(config, indent=1) + "\n").encode(), holds_secrets(config))]
     if ca is not None:
-        files.append((path.parent / config["ca"], ca))
+        files.append((path.parent / config["ca"], ca, False))
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        for p, data in files:
-            p.write_bytes(data)
+        for p, data, secret in files:
+            write_file(p, data, secret)
     except OSError as e:
         raise MpotaError(f"cannot write {e.filename or path}: {e.strerror}",
                          hint="check --out (a file in a directory you can write)") from None
-    return [p for p, _ in files]
+    return [p for p, _, _ in files]

@@ -58,8 +58,34 @@ def _cstr(b: bytes) -> str:
     return b.split(b"\0", 1)[0].decode("utf-8", "replace")
 
 
+ESP8266_V2_MAGIC = 0xEA  # the ESP8266's "version 2" image (irom0 mapped); V1 images start 0xE9 too
+
+
+def is_esp8266(data: bytes) -> bool:
+    """An ESP8266 image? Its header is 8 bytes, with no extended header after it: esptool tells
+    the two apart the same way (image-info: the byte where ESP32-class images keep their
+    hash-appended flag, 23, is 0 or 1 and the chip id at 12 is a known one, else it is ESP8266)."""
+    if len(data) < HEADER_LEN or data[0] not in (IMAGE_MAGIC, ESP8266_V2_MAGIC):
+        return False
+    if data[0] == ESP8266_V2_MAGIC:
+        return True
+    try:
+        from esptool.targets import ROM_LIST
+        known = {r.IMAGE_CHIP_ID for r in ROM_LIST if r.IMAGE_CHIP_ID is not None}
+    except ImportError:
+        known = set(CHIP_BY_ID)
+    return data[23] not in (0, 1) or struct.unpack_from("<H", data, 12)[0] not in known
+
+
+ESP8266_REFUSAL = ("this is an ESP8266 image (8-byte header, no extended header, no esp_app_desc_t): "
+                   "mpota updates ESP32-family chips (esp32, esp32s3, esp32c3, ...)")
+ESP8266_HINT = "use a MicroPython firmware for an ESP32 board (`mpota boards` lists them)"
+
+
 def parse(data: bytes) -> ImageInfo:
     """Check an image as esp_image_verify() does and return what it says about itself."""
+    if is_esp8266(data):
+        raise ImageError(ESP8266_REFUSAL, hint=ESP8266_HINT)
     if len(data) < HEADER_LEN + SEGMENT_HEADER_LEN + APP_DESC_LEN:
         raise ImageError(f"image is {len(data)} bytes: too short for an ESP app image")
     magic, nseg = data[0], data[1]
@@ -100,6 +126,75 @@ def parse(data: bytes) -> ImageInfo:
     return ImageInfo(chip=CHIP_BY_ID.get(chip_id), chip_id=chip_id, version=_cstr(desc[16:48]),
                      secure_version=secure_version, project_name=_cstr(desc[48:80]),
                      length=pos, behavior=behavior)
+
+
+def _rev(full: int) -> str:
+    return "none" if full == 0xFFFF else f"v{full // 100}.{full % 100}"
+
+
+def describe(data: bytes) -> dict:
+    """Everything an ESP app image says about itself, read leniently (as `esptool image-info`
+    does): header, extended header, segments, checksum and appended SHA-256 (each with whether
+    it is valid) and esp_app_desc_t. "problems" lists what parse() would refuse; "valid" is
+    True when there is nothing. ImageError for what is not an ESP32-family app image at all."""
+    if is_esp8266(data):
+        raise ImageError(ESP8266_REFUSAL, hint=ESP8266_HINT)
+    if len(data) < HEADER_LEN or data[0] != IMAGE_MAGIC:
+        raise ImageError(f"not an ESP app image (first byte 0x{data[0]:02x}, expected 0xe9)" if data
+                         else "the file is empty", hint="give an application .bin, a release directory or a manifest.json")
+    nseg, entry = data[1], struct.unpack_from("<I", data, 4)[0]
+    chip_id, min_rev, max_rev = struct.unpack_from("<H", data, 12)[0], *struct.unpack_from("<HH", data, 15)
+    problems, segments = [], []
+    pos, csum = HEADER_LEN, 0xEF
+    for i in range(nseg):
+        if pos + SEGMENT_HEADER_LEN > len(data):
+            problems.append(f"segment {i} header runs past the end of the file")
+            break
+        addr, n = struct.unpack_from("<II", data, pos)
+        segments.append({"index": i, "load_address": addr, "length": n, "file_offset": pos + SEGMENT_HEADER_LEN})
+        pos += SEGMENT_HEADER_LEN
+        if pos + n > len(data):
+            problems.append(f"segment {i} runs past the end of the file")
+            break
+        for b in data[pos:pos + n]:
+            csum ^= b
+        pos += n
+    pos += 15 - pos % 16
+    stored = data[pos] if pos < len(data) else None
+    checksum = {"stored": stored, "computed": csum, "valid": stored == csum}
+    if stored != csum:
+        problems.append("checksum mismatch")
+    pos += 1
+    digest = None
+    if data[23] == 1:
+        want = hashlib.sha256(data[:pos]).hexdigest()
+        got = data[pos:pos + 32].hex()
+        digest = {"stored": got, "computed": want, "valid": got == want}
+        if got != want:
+            problems.append("appended SHA-256 does not match")
+        pos += 32
+    desc = data[HEADER_LEN + SEGMENT_HEADER_LEN:HEADER_LEN + SEGMENT_HEADER_LEN + APP_DESC_LEN]
+    app = None
+    if len(desc) == APP_DESC_LEN and struct.unpack_from("<I", desc)[0] == APP_DESC_MAGIC:
+        app = {"version": _cstr(desc[16:48]), "secure_version": struct.unpack_from("<I", desc, 4)[0],
+               "project": _cstr(desc[48:80]), "time": _cstr(desc[80:96]), "date": _cstr(desc[96:112]),
+               "idf_version": _cstr(desc[112:144]), "elf_sha256": desc[144:176].hex()}
+        tail = data[HEADER_LEN + SEGMENT_HEADER_LEN + APP_DESC_LEN:][:64]
+        if tail.startswith(SIM_MARKER):
+            app["simulated_behavior"] = _cstr(tail[len(SIM_MARKER):])
+    else:
+        problems.append("no esp_app_desc_t at the start of the first segment (not an application image)")
+    chip = CHIP_BY_ID.get(chip_id)
+    if chip is None:
+        problems.append(f"chip id {chip_id} is not a chip mpota knows")
+    return {
+        "kind": "app", "chip": chip, "chip_id": chip_id, "entry_point": entry,
+        "min_chip_rev": _rev(min_rev), "max_chip_rev": _rev(max_rev),
+        "segments": segments, "image_size": min(pos, len(data)), "file_size": len(data),
+        "sha256": hashlib.sha256(data).hexdigest(), "checksum": checksum, "hash_appended": digest,
+        "hash_valid": None if digest is None else digest["valid"], "app": app,
+        "valid": not problems, "problems": problems,
+    }
 
 
 def app_desc(version: str, secure_version: int = 0, project: str = "mpota-sim") -> bytes:

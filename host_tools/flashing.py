@@ -160,7 +160,9 @@ def _chip_of(data: bytes, at: int = 0) -> str | None:
 
 def split_firmware(data: bytes, info: dict) -> tuple[str, bytes | None, bytes, list | None]:
     """-> (kind, bootloader or None, app image bytes, the merged image's own partition table)."""
-    if _is_app(data):
+    if espimage.is_esp8266(data):
+        raise FlashError(espimage.ESP8266_REFUSAL, hint=espimage.ESP8266_HINT)
+    if is_app_image(data):
         return "app", None, data[:image_length(data)], None
     bl_off = int(info["bootloader_offset"], 0)
     pt_off = int(info["partition_table_offset"], 0)
@@ -190,7 +192,7 @@ def split_firmware(data: bytes, info: dict) -> tuple[str, bytes | None, bytes, l
                           "firmware .bin from micropython.org, not an .elf, .hex or .uf2")
 
 
-def _is_app(data: bytes) -> bool:
+def is_app_image(data: bytes) -> bool:
     """An app image starts with the image header, then its first segment's header, then
     esp_app_desc_t (magic 0xABCD5432). A merged image starts with the bootloader (or 0xFF)."""
     return (len(data) > 36 and data[0] == espimage.IMAGE_MAGIC
@@ -282,6 +284,29 @@ def _download_hint(info: dict) -> str:
             + (f" (the {v} variant)" if v else ""))
 
 
+def check_complete(p: FlashPlan, why: str) -> None:
+    """Refuse to erase or replace the whole flash without a bootloader to write: the board
+    would not boot any more (`why`: what would do it, e.g. "--erase-all")."""
+    if p.region(BOOTLOADER_NAME) is None:
+        raise FlashError(f"{why} with an app image and no bootloader would leave the board without one: "
+                         "it would not boot any more",
+                         hint="give the bootloader of the same build (--bootloader build-*/bootloader/"
+                              "bootloader.bin), or use a merged image (micropython.org's firmware .bin "
+                              "has its bootloader inside)")
+
+
+def merged_image(p: FlashPlan) -> bytes:
+    """One image of everything, to be written at 0x0 of an erased chip (a production
+    programmer, `esptool write-flash 0x0 FILE`): 0xFF between the regions, as esptool's
+    merge-bin makes it. Refused without a bootloader (check_complete)."""
+    check_complete(p, "a merged image for an erased chip")
+    end = max(r.offset + len(r.data) for r in p.regions)
+    out = bytearray(b"\xff" * end)
+    for r in p.regions:
+        out[r.offset:r.offset + len(r.data)] = r.data
+    return bytes(out)
+
+
 # ---- output: files, flash_args, the esptool command -------------------------------------------
 def write_files(p: FlashPlan, out_dir: Path) -> list[tuple[int, Path]]:
     """Write each region to out_dir (ESP-IDF's file names) and `flash_args`, so that
@@ -327,6 +352,8 @@ def flash(p: FlashPlan, port: str, baud: int = DEFAULT_BAUD, erase_all: bool = F
           no_progress: bool = False, log=print) -> None:
     """Connect with esptool, check the chip and the flash size, write every region (esptool
     verifies each one by MD5 after writing), then hard-reset the board into the new firmware."""
+    if erase_all:
+        check_complete(p, "--erase-all")
     from esptool import cmds
     from esptool.util import FatalError
     try:

@@ -2,7 +2,8 @@
 
 Private keys are PEM (PKCS#8) files written with mode 0600 and never printed; public keys are
 PEM (SubjectPublicKeyInfo). A key id is the first 16 hex digits of SHA-256 over the raw 32-byte
-public key, as the DSSE envelope and the device config use it.
+public key, as the DSSE envelope and the device config use it. load(path, role) reads a key for
+its role ("private": signing; "public": trusting) and refuses a key of the other role.
 """
 from __future__ import annotations
 
@@ -46,30 +47,46 @@ def generate(path: Path, force: bool = False) -> str:
     return keyid(key.public_key())
 
 
-def load_private(path: Path) -> Ed25519PrivateKey:
-    data = read_input(path, "private key", hint="make one with: mpota keygen keys/release")
+ROLES = ("private", "public")  # signing a release; trusting releases (devices, verify)
+
+
+def load(path: Path, role: str) -> Ed25519PrivateKey | Ed25519PublicKey:
+    """The key in `path` for `role`, refusing a key of the other role with how to fix it.
+
+    A private key where a public key belongs (`--pub keys/release`) is refused rather than
+    reduced to its public half: a config, a device or a script that takes it would end up
+    holding or copying the signing key."""
+    if role not in ROLES:
+        raise ValueError(f"role {role!r}")
+    data = read_input(path, f"{role} key",
+                      hint="make one with: mpota keygen keys/release" if role == "private" else
+                      "pass the .pub file that `mpota keygen` wrote")
+    private = b"PRIVATE KEY" in data
+    if role == "public" and private:
+        raise MpotaError(f"{path} is a private key; a trusted key must be the public one",
+                         hint=f"pass {Path(path).name}.pub (`mpota keygen` wrote both); the private key "
+                              "stays on the signing machine and never goes to a device")
     try:
-        key = serialization.load_pem_private_key(data, password=None)
+        if role == "private":
+            key = serialization.load_pem_private_key(data, password=None)
+        else:
+            key = serialization.load_pem_public_key(data)
     except (ValueError, TypeError):
-        if b"PUBLIC KEY" in data:
+        if role == "private" and b"PUBLIC KEY" in data:
             raise MpotaError(f"{path} is a public key; signing needs the private key",
                              hint="pass the file without .pub") from None
-        raise MpotaError(f"{path} is not an unencrypted PEM private key") from None
-    if not isinstance(key, Ed25519PrivateKey):
-        raise MpotaError(f"{path} is not an Ed25519 key")
+        if role == "private":
+            raise MpotaError(f"{path} is not an unencrypted PEM private key") from None
+        raise MpotaError(f"{path} is not a PEM public key",
+                         hint="pass the .pub file that `mpota keygen` wrote") from None
+    if not isinstance(key, (Ed25519PrivateKey, Ed25519PublicKey)):
+        raise MpotaError(f"{path} is not an Ed25519 {'key' if role == 'private' else 'public key'}")
     return key
+
+
+def load_private(path: Path) -> Ed25519PrivateKey:
+    return load(path, "private")
 
 
 def load_public(path: Path) -> Ed25519PublicKey:
-    """A public key from a .pub PEM file (a private key file is accepted and reduced to its public half)."""
-    data = read_input(path, "public key")
-    try:
-        key = serialization.load_pem_public_key(data)
-    except (ValueError, TypeError):
-        if b"PRIVATE KEY" not in data:
-            raise MpotaError(f"{path} is not a PEM public key",
-                             hint="pass the .pub file that `mpota keygen` wrote") from None
-        key = load_private(path).public_key()
-    if not isinstance(key, Ed25519PublicKey):
-        raise MpotaError(f"{path} is not an Ed25519 public key")
-    return key
+    return load(path, "public")

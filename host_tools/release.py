@@ -47,6 +47,82 @@ def parse_version(text: str) -> tuple[int, ...]:
     return tuple(int(p) for p in parts)
 
 
+def is_newer(new: str, old: str) -> bool:
+    """Is version `new` newer than `old`, as a device decides it? The one place the host orders
+    versions (`mpota release` against what a release directory holds). Padded to four parts as
+    the device pads them: "2.0" == "2.0.0"."""
+    def key(v):
+        t = parse_version(v)
+        return t + (0,) * (4 - len(t))
+    return key(new) > key(old)
+
+
+def published_version(out_dir: Path) -> str | None:
+    """The version in OUT/manifest.json as it is (signature not checked: only to compare), or
+    None when there is no readable manifest there."""
+    import base64
+    try:
+        env = json.loads((Path(out_dir) / MANIFEST_NAME).read_bytes())
+        version = json.loads(base64.b64decode(env["payload"]))["version"]
+        parse_version(version)
+        return version
+    except (OSError, ValueError, KeyError, TypeError, ReleaseError):
+        return None
+
+
+def slot_limit(board: str) -> tuple[int, list[str]]:
+    """The smallest OTA slot of the board definitions whose board id is `board` (what the
+    devices' ota_config.json carries), and those definitions' names; (0, []) if none."""
+    from . import BOARDS_DIR, partitions
+    sizes, names = [], []
+    for bj in sorted(BOARDS_DIR.glob("*/board.json")):
+        info = json.loads(bj.read_text())
+        if info.get("board_id", info.get("name")) != board:
+            continue
+        names.append(bj.parent.name)
+        sizes += [q.size for q in partitions.parse_csv(bj.parent / "partitions.csv") if q.is_ota_slot]
+    return (min(sizes) if sizes else 0), names
+
+
+def preflight(image_path: Path, out_dir: Path, *, version=None, chip=None, board=None) -> None:
+    """Refuse, before signing, a release its devices would refuse or ignore: a board id no board
+    definition has, a board of another chip than the image, an image larger than the board's OTA
+    slot, a version not newer than the one OUT already holds. Each refusal says how `--force`
+    overrides it (for the rare deliberate case: a board of your own, a re-signed release)."""
+    from . import BOARDS_DIR
+    data = read_input(image_path, "firmware image")
+    info = espimage.parse(data)
+    chip = chip or info.chip
+    version = version or info.version
+    board = board or chip
+    force = "; --force signs it anyway"
+    limit, defs = slot_limit(board)
+    if not defs:
+        ids = sorted({json.loads(p.read_text()).get("board_id", p.parent.name)
+                      for p in BOARDS_DIR.glob("*/board.json")})
+        raise ReleaseError("wrong-board", f"no board definition has board id {board!r}: no device "
+                           "provisioned by mpota would install this release",
+                           hint=f"--board is one of {', '.join(ids)}" + force)
+    defs_info = [json.loads((BOARDS_DIR / d / "board.json").read_text()) for d in defs]
+    if all(d["chip"] != info.chip for d in defs_info):
+        raise ReleaseError("wrong-chip", f"board {board} is an {defs_info[0]['chip']}; the image is for "
+                           f"{info.chip or 'an unknown chip'}: its devices would refuse it (wrong-chip)",
+                           hint=f"build the firmware for {defs_info[0]['chip']}, or give --board {info.chip}" + force)
+    if len(data) > limit:
+        raise ReleaseError("too-large", f"the image is {len(data)} bytes; board {board}'s OTA slots hold {limit} "
+                           f"(boards/{defs[0]}/partitions.csv): its devices would refuse it (too-large)",
+                           hint="build a smaller firmware (fewer frozen modules), or use a board definition "
+                                "with larger slots" + force)
+    old = published_version(out_dir)
+    if old is not None and not is_newer(version, old):
+        same = not is_newer(old, version)
+        raise ReleaseError("downgrade" if not same else "not-newer",
+                           f"{Path(out_dir) / MANIFEST_NAME} already holds {old}; {version} is "
+                           + ("the same version: devices on it would see nothing to do" if same else
+                              "older: devices would refuse it as a downgrade"),
+                           hint="release a newer version, or write to another --out" + force)
+
+
 def sha256_file(path: Path) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:

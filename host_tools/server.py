@@ -2,10 +2,22 @@
 
 Any static server works for mpota (the device also copes with servers that ignore Range);
 this one is small, strict about paths, and logs one line per request.
+
+It serves only what a release is (release_files): manifest.json (as it is) and the other signed
+documents in the directory (DSSE envelopes: any *.json of the form {"payloadType", "payload",
+"signatures"}), and the payload files their bodies name (payload.url, relative to the
+document). Everything else is 404, whatever lies in the directory; a file that looks like a
+private key is never served. `mpota serve` also refuses to start on a directory that is not a
+release or that holds private keys (check_release_dir).
 """
 from __future__ import annotations
 
+import base64
+import binascii
+import ipaddress
+import json
 import re
+import socket
 import sys
 import threading
 from http import HTTPStatus
@@ -17,6 +29,123 @@ from . import MpotaError
 
 _RANGE = re.compile(r"^bytes=(\d*)-(\d*)$")
 _TYPES = {".json": "application/json", ".bin": "application/octet-stream"}
+MANIFEST_NAME = "manifest.json"
+_SMALL = 64 * 1024  # key files are small: larger files are never taken for one
+
+
+# ---- what a release is --------------------------------------------------------------------------
+def envelope_body(data: bytes) -> bytes | None:
+    """The payload bytes of a DSSE envelope ({"payloadType", "payload", "signatures"}), else
+    None. Nothing is verified here: the server only needs to know what is a signed document."""
+    try:
+        env = json.loads(data)
+        if not (isinstance(env, dict) and isinstance(env.get("payloadType"), str)
+                and isinstance(env.get("signatures"), list) and isinstance(env.get("payload"), str)):
+            return None
+        return base64.b64decode(env["payload"])
+    except (ValueError, binascii.Error, RecursionError):
+        return None
+
+
+def release_files(root: Path) -> set[Path]:
+    """The files under `root` that make up releases: every manifest.json (whatever it holds: the
+    device is the one to judge it), every other DSSE envelope (*.json) and the payload file each
+    one's body names (payload.url relative to the envelope, inside root)."""
+    root = Path(root).resolve()
+    found = set()
+    for doc in root.rglob("*.json"):
+        try:
+            body = envelope_body(doc.read_bytes()) if doc.is_file() else None
+        except OSError:
+            body = None
+        if doc.name == MANIFEST_NAME and doc.is_file():
+            found.add(doc.resolve())
+        if body is None:
+            continue
+        found.add(doc.resolve())
+        try:
+            url = json.loads(body)["payload"]["url"]
+        except (ValueError, KeyError, TypeError, RecursionError):
+            continue
+        if not isinstance(url, str) or not url or "://" in url or url.startswith("/"):
+            continue
+        target = (doc.parent / url.split("?")[0]).resolve()
+        if root in target.parents and target.is_file():
+            found.add(target)
+    return found
+
+
+def private_key_kind(path: Path) -> str | None:
+    """"PEM private key" or "mpota AES key" if the file is one (by its content), else None."""
+    try:
+        if not path.is_file() or path.stat().st_size > _SMALL:
+            return None
+        data = path.read_bytes().strip()
+    except OSError:
+        return None
+    first = data.split(b"\n", 1)[0]
+    if first.startswith(b"-----BEGIN") and b"PRIVATE KEY" in first:
+        return "PEM private key"
+    if len(data) == 64 and all(c in b"0123456789abcdefABCDEF" for c in data):
+        return "mpota AES key"
+    return None
+
+
+def check_release_dir(root: Path) -> None:
+    """Refuse to serve a directory that is not a release (no manifest.json) or that holds
+    private keys (PEM private keys, mpota AES key files): they would be one URL away."""
+    root = Path(root)
+    if not root.is_dir():
+        raise MpotaError(f"{root} is not a directory", hint="pass the release directory made by `mpota release`")
+    secrets = [(p, kind) for p in sorted(root.rglob("*")) if (kind := private_key_kind(p))]
+    if secrets:
+        listed = ", ".join(f"{p.relative_to(root)} ({kind})" for p, kind in secrets[:5])
+        raise MpotaError(f"{root} holds private keys: {listed}; refusing to serve it",
+                         hint="keep keys outside the release directory (e.g. keys/), then serve the "
+                              "directory `mpota release --out` wrote")
+    manifest = root / MANIFEST_NAME
+    if not manifest.is_file() or envelope_body(manifest.read_bytes()) is None:
+        raise MpotaError(f"{root} is not a release: no signed {MANIFEST_NAME} in it",
+                         hint="make one with: mpota release FIRMWARE.bin --key keys/release --out "
+                              f"{root}, then serve that directory")
+
+
+def lan_addresses() -> list[str]:
+    """This machine's addresses that another machine on the network could reach (not
+    loopback, link-local or unspecified): what devices should be given when the server listens
+    on 0.0.0.0 or ::. No packet is sent (a UDP socket is only connected, to learn the
+    source address of the default route)."""
+    found = []
+    for family, probe in ((socket.AF_INET, "192.0.2.1"), (socket.AF_INET6, "2001:db8::1")):
+        try:
+            with socket.socket(family, socket.SOCK_DGRAM) as s:
+                s.connect((probe, 9))
+                found.append(s.getsockname()[0])
+        except OSError:
+            pass
+    try:
+        found += [info[4][0] for info in socket.getaddrinfo(socket.gethostname(), None)]
+    except OSError:
+        pass
+    out = []
+    for a in found:
+        try:
+            ip = ipaddress.ip_address(a.split("%")[0])
+        except ValueError:
+            continue
+        if ip.is_loopback or ip.is_link_local or ip.is_unspecified or str(ip) in out:
+            continue
+        out.append(str(ip))
+    return out
+
+
+def urls_for(host: str, port: int) -> list[str]:
+    """The URLs devices should use for a server listening on host:port."""
+    wildcard = host in ("0.0.0.0", "::", "")
+    hosts = lan_addresses() if wildcard else [host]
+    if host == "0.0.0.0":
+        hosts = [h for h in hosts if ":" not in h]
+    return [f"http://{'[' + h + ']' if ':' in h else h}:{port}/" for h in hosts]
 
 
 class ReleaseHandler(BaseHTTPRequestHandler):
@@ -30,14 +159,16 @@ class ReleaseHandler(BaseHTTPRequestHandler):
             sys.stderr.write("serve: %s %s\n" % (self.address_string(), fmt % args))
 
     def _resolve(self) -> Path | None:
+        """The release file the request names, or None (404): anything else in the directory,
+        and any path outside it, does not exist for a client."""
         rel = unquote(urlsplit(self.path).path).lstrip("/")
         try:
             path = (self.root / rel).resolve()
-            if path != self.root and self.root not in path.parents:
+            if self.root not in path.parents or not path.is_file():
                 return None
-            if path.is_dir():
-                path = path / "index.html"
-            return path if path.is_file() else None
+            if path not in release_files(self.root) or private_key_kind(path):
+                return None
+            return path
         except (OSError, ValueError):  # a NUL byte, a name too long for the OS, ...
             return None
 
@@ -107,13 +238,21 @@ class ReleaseHandler(BaseHTTPRequestHandler):
                 left -= len(chunk)
 
 
+def server_class(host: str) -> type:
+    """ThreadingHTTPServer for the address family of `host` (:: and IPv6 addresses need AF_INET6;
+    on :: the OS usually accepts IPv4 too)."""
+    if ":" not in host:
+        return ThreadingHTTPServer
+    return type("ThreadingHTTPServer6", (ThreadingHTTPServer,), {"address_family": socket.AF_INET6})
+
+
 def make_server(root: Path, host: str = "127.0.0.1", port: int = 8000, quiet: bool = False):
     root = Path(root).resolve()
     if not root.is_dir():
         raise MpotaError(f"{root} is not a directory", hint="pass the release directory made by `mpota release`")
     handler = type("Handler", (ReleaseHandler,), {"root": root, "quiet": quiet})
     try:
-        server = ThreadingHTTPServer((host, port), handler)
+        server = server_class(host)((host, port), handler)
     except OSError as e:
         raise MpotaError(f"cannot listen on {host}:{port}: {e.strerror}",
                          hint="is another server running there? pick another --port") from None

@@ -9,7 +9,9 @@ export PATH="$here/.venv/bin:$PATH"
 work="${MPOTA_DEMO_DIR:-$here/demo}"
 rm -rf "$work"; mkdir -p "$work"; cd "$work"
 
-step() { printf '\n\033[1m== %s\033[0m\n' "$*"; }
+# Bold headings only on a terminal, and never with NO_COLOR set (https://no-color.org).
+if [ -t 1 ] && [ -z "${NO_COLOR:-}" ]; then bold=$'\033[1m'; plain=$'\033[0m'; else bold=; plain=; fi
+step() { printf '\n%s== %s%s\n' "$bold" "$*" "$plain"; }
 show() { printf '$ %s\n' "$*"; "$@"; }
 expect() {  # expect FIELD VALUE: check one field of `mpota sim status dev1`
   got=$(mpota sim status dev1 | python3 -c "import json,sys; print(json.dumps(json.load(sys.stdin)[sys.argv[1]]).strip('\"'))" "$1")
@@ -67,4 +69,8 @@ step "9. And it does not download 3.0.0 again"
 show mpota sim run dev1
 expect version 2.0.0
 
-printf '\n\033[1mdemo: OK\033[0m — 1.0.0 -> 2.0.0 confirmed; 3.0.0 rejected by its health check and rolled back.\n'
+printf '\n%sdemo: OK%s — 1.0.0 -> 2.0.0 confirmed; 3.0.0 rejected by its health check and rolled back.\n' "$bold" "$plain"
+echo "demo: its files are in $work/: keys/, fw-*.bin, release/ and the simulated device devices/dev1/"
+echo "demo: to go on by hand, put mpota on your PATH and look around:"
+echo "    export PATH=$here/.venv/bin:\$PATH"
+echo "    cd $work && mpota sim list && mpota inspect release/ --pub keys/release.pub"

@@ -15,9 +15,10 @@ from mpota.cli import build_parser
 ROOT = Path(__file__).resolve().parents[1]
 MPOTA = str(Path(sys.executable).parent / "mpota")
 
-COMMANDS = [["keygen"], ["release"], ["verify"], ["serve"], ["boards"], ["config"], ["mpy"],
+COMMANDS = [["keygen"], ["release"], ["verify"], ["inspect"], ["serve"], ["boards"], ["config"], ["mpy"],
             ["flash"], ["deploy"], ["push"],
-            ["sim"], ["sim", "firmware"], ["sim", "create"], ["sim", "run"], ["sim", "status"], ["sim", "repl"]]
+            ["sim"], ["sim", "firmware"], ["sim", "create"], ["sim", "run"], ["sim", "status"], ["sim", "list"],
+            ["sim", "delete"], ["sim", "repl"]]
 
 
 def mpota(*args, cwd=None, check=False):
@@ -108,6 +109,8 @@ def test_demo_runs_the_readme_story(tmp_path):
     r = subprocess.run(["bash", str(ROOT / "scripts" / "demo.sh")], capture_output=True, text=True, env=env)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     assert "demo: OK" in r.stdout
+    assert "\033[" not in r.stdout  # not a terminal: no escape codes
+    assert f"files are in {tmp_path / 'demo'}/" in r.stdout and f"export PATH={ROOT}/.venv/bin:$PATH" in r.stdout
     st = json.loads(subprocess.run([MPOTA, "sim", "status", "dev1"], capture_output=True, text=True,
                                    cwd=tmp_path / "demo").stdout)
     assert st["version"] == "2.0.0" and st["last_error"] == "health-failed"
@@ -167,3 +170,28 @@ def test_a_device_name_cannot_reach_outside_the_root(tmp_path):
         r = mpota("sim", "status", name, "--root", tmp_path / "root" / "devs")
         assert r.returncode == 2 and "not a device name" in r.stderr
     assert (tmp_path / "root" / "keep.txt").exists()
+
+
+@pytest.mark.parametrize("no_color", [False, True], ids=["terminal", "terminal+NO_COLOR"])
+def test_demo_uses_bold_only_on_a_terminal_without_no_color(tmp_path, no_color):
+    import pty
+    import signal
+    import time
+    env = {k: v for k, v in os.environ.items() if k != "NO_COLOR"}
+    env["MPOTA_DEMO_DIR"] = str(tmp_path / "demo")
+    if no_color:
+        env["NO_COLOR"] = "1"
+    master, slave = pty.openpty()
+    proc = subprocess.Popen(["bash", str(ROOT / "scripts" / "demo.sh")], stdin=slave, stdout=slave, stderr=slave,
+                            env=env, start_new_session=True)
+    os.close(slave)
+    out, deadline = b"", time.monotonic() + 60
+    try:
+        while b"== 1." not in out and time.monotonic() < deadline:
+            out += os.read(master, 4096)
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)  # the first heading is all this test needs
+        proc.wait()
+        os.close(master)
+    assert b"== 1. A release key" in out
+    assert (b"\x1b[1m" in out) is not no_color

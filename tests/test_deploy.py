@@ -68,7 +68,11 @@ def test_deploy_then_the_deployed_agent_updates_the_device(bare_device, repl, se
     assert cfg["server"] == server.url and cfg["chip"] == "esp32" and cfg["device_id"] == bare_device.hardware_env()["MPOTA_UID"]
     assert (fs / "main.py").read_bytes() == (ROOT / "boards" / "unix" / "main.py").read_bytes()
 
-    # ... and it works: boot, update to 2.0.0, reboot, confirm.
+    # ... and it works: boot, update to 2.0.0, reboot, confirm. The console holds the device
+    # while it runs it as a board: `sim run` waits for it to stop.
+    r = mpota("sim", "run", "dev", "--root", bare_device.path.parent)
+    assert r.returncode == 2 and "in use by PID" in r.stderr, r.stdout + r.stderr
+    repl.stop()
     r = mpota("sim", "run", "dev", "--root", bare_device.path.parent)
     assert r.returncode == 0, r.stdout + r.stderr
     assert "running 2.0.0 from ota_1" in r.stdout
@@ -317,3 +321,17 @@ def test_deploy_reports_what_the_agent_learnt_about_rollback(server, firmware, s
         repl.stop()
     assert r.returncode == 0, r.stdout + r.stderr
     assert "deploy: warning: no-rollback: the board's bootloader does not roll back" in r.stdout
+
+def test_deploy_json_summary(bare_device, repl, keydir, tmp_path):
+    r = mpota("deploy", "--port", repl.url, "--pub", keydir / "release.pub", "--server", "http://10.0.0.1:8000",
+              "--status", "--json", cwd=tmp_path)
+    assert r.returncode == 0, r.stdout + r.stderr
+    out = json.loads(r.stdout)  # stdout is the JSON alone; the progress is on stderr
+    assert "deploy: copying" in r.stderr
+    n = len(devicepkg.agent_sources()) + 2
+    assert out["board"] == "unix" and out["port"] == repl.url and out["files"] == n and out["copied"] == n
+    assert out["status"]["version"] == "1.0.0" and out["status"]["slot"] == "ota_0"
+    r = mpota("deploy", "--port", repl.url, "--pub", keydir / "release.pub", "--server", "http://10.0.0.1:8000",
+              "--dry-run", "--board", "unix", "--json", "--stage", tmp_path / "dry", cwd=tmp_path)
+    out = json.loads(r.stdout)
+    assert out["dry_run"] is True and out["command"][:3] == ["mpremote", "connect", repl.url]

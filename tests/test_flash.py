@@ -313,8 +313,8 @@ def test_broken_or_foreign_files_are_refused_with_a_hint(firmware, tmp_path):
     assert r.returncode == 2 and "checksum" in r.stderr
     r = mpota("flash", firmware("1.0.0"), "--board", "unix", "--dry-run")
     assert r.returncode == 2 and "simulator" in r.stderr
-    r = mpota("flash", firmware("1.0.0"))
-    assert r.returncode == 2 and "--port" in r.stderr and "--dry-run" in r.stderr
+    # no --port and no --dry-run: the port is looked for (tests/test_serialports.py, against a stand-in
+    # port list: run here, it would flash whatever board this machine has attached)
     r = mpota("flash", tmp_path / "missing.bin", "--dry-run")
     assert r.returncode == 2 and "micropython.org/download/ESP32_GENERIC" in r.stderr
 
@@ -464,3 +464,36 @@ def test_a_merged_image_with_a_damaged_partition_table_is_refused(firmware, tmp_
     (tmp_path / "short.bin").write_bytes(short)
     r = mpota("flash", tmp_path / "short.bin", "--dry-run", "--out", tmp_path / "o2")
     assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr
+
+
+# ---- never leave a board without a bootloader ------------------------------------------------
+def test_erase_all_or_a_merged_image_without_a_bootloader_is_refused(firmware, tmp_path):
+    # --erase-all erases the bootloader too: with an app image and no --bootloader, nothing
+    # would be written back there and the board would not boot any more.
+    for extra in (["--erase-all", "--dry-run"], ["--erase-all", "--port", "/dev/ttyUSB9"],
+                  ["--merged", tmp_path / "flash.bin"]):
+        r = mpota("flash", firmware("1.0.0"), "--board", "esp32", "--out", tmp_path / "o", *extra)
+        assert r.returncode == 2, (extra, r.stdout, r.stderr)
+        assert "no bootloader" in r.stderr and "would not boot" in r.stderr, r.stderr
+        assert "--bootloader" in r.stderr and "merged image" in r.stderr  # the hint: how to do it
+        assert "esptool " not in r.stdout and not (tmp_path / "flash.bin").exists()
+    # the library refuses too, before it connects to anything
+    with pytest.raises(flashing.FlashError, match="no bootloader"):
+        flashing.flash(flashing.plan("esp32", firmware("1.0.0")), "/dev/ttyUSB9", erase_all=True)
+
+
+def test_erase_all_and_merged_with_a_bootloader(firmware, tmp_path):
+    bl = tmp_path / "bootloader.bin"
+    bl.write_bytes(sim_bootloader("esp32"))
+    _out, cmd = dry_run("esp32", firmware("1.0.0"), tmp_path / "out", "--bootloader", bl, "--erase-all")
+    assert "--erase-all" in cmd and addr_files(cmd)[0][0] == 0x1000
+    merged = tmp_path / "flash.bin"
+    r = mpota("flash", firmware("1.0.0"), "--board", "esp32", "--bootloader", bl, "--out", tmp_path / "out2",
+              "--merged", merged)
+    assert r.returncode == 0, r.stderr
+    assert "write-flash 0x0" in r.stdout
+    # the same as esptool's merge-bin of the files at their offsets, from 0x0
+    want = tmp_path / "want.bin"
+    files = [str(x) for off, name in addr_files(cmd) for x in (hex(off), tmp_path / "out2" / Path(name).name)]
+    subprocess.run([ESPTOOL, "--chip", "esp32", "merge-bin", "-o", want, *files], check=True, capture_output=True)
+    assert merged.read_bytes() == want.read_bytes()

@@ -5,12 +5,20 @@ little metadata.
                                  the last boot ran (for `sim status`)
     devices/<name>/flash.bin     4 MiB SPI flash laid out from boards/unix/partitions.csv
     devices/<name>/fs/           the device filesystem: main.py, ota_config.json, lib/ota/
+    devices/<name>/lock          held (fcntl) by the command using the device: its PID and name
+
+A simulated device is a set of files that one command at a time may use: `sim run`, `sim
+status`, a `sim repl` session, `sim delete` and `sim create --force` take the lock (in_use);
+a second one is refused with the PID of the first.
 """
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
+import os
 import shutil
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -97,8 +105,11 @@ def load(name: str, root: Path = DEFAULT_ROOT) -> SimDevice:
     try:
         meta = json.loads((path / "device.json").read_text())
     except (OSError, ValueError):
-        raise MpotaError(f"no simulated device {name!r} in {root}/",
-                         hint=f"create it with: mpota sim create {name} --pub KEY.pub --server URL --firmware FW.bin") from None
+        where = Path(root).resolve()
+        raise MpotaError(f"no simulated device {name!r} in {where}/ (--root {root})",
+                         hint=f"create it with: mpota sim create {name} --pub KEY.pub --server URL --firmware FW.bin; "
+                              f"if it lives elsewhere, give --root DIR (`mpota sim list --root DIR` lists a root's "
+                              "devices)") from None
     dev = SimDevice(name, path, meta.get("board", "unix"), meta.get("heap", "128K"), meta.get("running") or {},
                     dict(HARDWARE, **(meta.get("hardware") or {})))
     try:
@@ -110,6 +121,53 @@ def load(name: str, root: Path = DEFAULT_ROOT) -> SimDevice:
                          f"{FLASH_SIZE >> 20} MiB of flash the simulator lays out: the device's files are damaged",
                          hint=f"make it again: mpota sim create {name} --force ...")
     return dev
+
+
+LOCK_NAME = "lock"
+
+
+class DeviceBusy(MpotaError):
+    """Another process uses the simulated device."""
+
+
+@contextmanager
+def in_use(dev: SimDevice, what: str):
+    """Hold the device for `what` (e.g. "mpota sim run") while the block runs; DeviceBusy with the
+    holder's PID if another process holds it. An fcntl lock: it ends with the process that
+    holds it, however that process ends."""
+    path = dev.path / LOCK_NAME
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        os.close(fd)
+        raise busy_error(dev, path) from None
+    try:
+        os.ftruncate(fd, 0)
+        os.write(fd, f"{os.getpid()} {what}\n".encode())
+        yield dev
+    finally:
+        os.ftruncate(fd, 0)
+        os.close(fd)  # releases the lock
+
+
+def busy_error(dev: SimDevice, lock: Path) -> DeviceBusy:
+    try:
+        pid, _, what = lock.read_text().strip().partition(" ")
+    except OSError:
+        pid, what = "", ""
+    holder = f"PID {pid} ({what})" if pid.isdigit() else "another process"
+    return DeviceBusy(f"simulated device {dev.name!r} ({dev.path.resolve()}) is in use by {holder}",
+                      hint="a simulated device is its files: wait until that command ends, or stop it "
+                           + (f"(kill {pid}) " if pid.isdigit() else "") + "and try again")
+
+
+@contextmanager
+def opened(name: str, root: Path, what: str):
+    """The device `name`, loaded while holding it for `what` (see in_use)."""
+    dev = load(name, root)
+    with in_use(dev, what):
+        yield load(name, root)
 
 
 def layout_flash(path: Path, table: list[partitions.Partition], firmware: bytes, table_offset=0x8000) -> None:
@@ -143,18 +201,77 @@ def create(name: str, pubkeys: list[Path], server: str, firmware: Path, *, root:
     if path.exists():
         if not force:
             raise MpotaError(f"{path} already exists", hint="use --force to replace it")
-        shutil.rmtree(path)
-    (path / "fs" / "lib").mkdir(parents=True)
-    dev = SimDevice(name, path, board, heap, hardware=dict(HARDWARE, **(hardware or {})))
-    layout_flash(dev.flash, partitions.parse_csv(dev.board_dir / "partitions.csv"), fw)
-    for script in ("boot.py", "main.py"):
-        if (dev.board_dir / script).exists():
-            shutil.copyfile(dev.board_dir / script, dev.fs / script)
-    deviceconfig.write(dev.fs / "ota_config.json", config, ca=ca_der)
-    devicepkg.install_agent(dev.fs / "lib", arch=info.get("mpy_arch"), source=source)
-    dev.platform_dir.mkdir()
-    for src in sorted(dev.board_dir.glob("*.py")):
-        if src.name not in ("boot.py", "main.py"):
-            devicepkg.compile_file(src, dev.platform_dir / (src.stem + ".mpy"), info.get("mpy_arch"))
-    dev.save()
+        if not is_sim_device(path):
+            raise MpotaError(f"{path.resolve()} exists and is not a simulated device: not replacing it",
+                             hint="pick another name or --root, or remove that directory yourself")
+    # Built beside its place and renamed into it: a create that fails half-way (a bad key,
+    # mpy-cross, a full disk, Ctrl-C) leaves nothing behind, and --force keeps the old device
+    # until the new one is complete.
+    tmp = Path(root) / f".{name}.creating-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        (tmp / "fs" / "lib").mkdir(parents=True)
+        dev = SimDevice(name, tmp, board, heap, hardware=dict(HARDWARE, **(hardware or {})))
+        layout_flash(dev.flash, partitions.parse_csv(dev.board_dir / "partitions.csv"), fw)
+        for script in ("boot.py", "main.py"):
+            if (dev.board_dir / script).exists():
+                shutil.copyfile(dev.board_dir / script, dev.fs / script)
+        deviceconfig.write(dev.fs / "ota_config.json", config, ca=ca_der)
+        devicepkg.install_agent(dev.fs / "lib", arch=info.get("mpy_arch"), source=source)
+        dev.platform_dir.mkdir()
+        for src in sorted(dev.board_dir.glob("*.py")):
+            if src.name not in ("boot.py", "main.py"):
+                devicepkg.compile_file(src, dev.platform_dir / (src.stem + ".mpy"), info.get("mpy_arch"))
+        dev.save()
+        if path.exists():
+            with in_use(SimDevice(name, path), "mpota sim create --force"):
+                old = Path(root) / f".{name}.replaced-{os.getpid()}"
+                path.rename(old)
+            shutil.rmtree(old)
+        tmp.rename(path)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    dev.path = path
     return dev
+
+
+def is_sim_device(path: Path) -> bool:
+    """A directory `mpota sim create` made (its device.json names a board), even if damaged."""
+    try:
+        meta = json.loads((Path(path) / "device.json").read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(meta, dict) and isinstance(meta.get("board"), str)
+
+
+def delete(name: str, root: Path = DEFAULT_ROOT) -> Path:
+    """Remove the simulated device `name` (only a directory that is one, and not while another
+    command uses it); returns the path removed."""
+    path = Path(root) / check_name(name)
+    if not path.exists():
+        raise MpotaError(f"no simulated device {name!r} in {Path(root).resolve()}/ (--root {root})",
+                         hint="`mpota sim list` lists the devices there")
+    if not is_sim_device(path):
+        raise MpotaError(f"{path.resolve()} is not a simulated device (no device.json): not deleting it",
+                         hint="only directories made by `mpota sim create` are deleted")
+    gone = Path(root) / f".{name}.deleting-{os.getpid()}"
+    with in_use(SimDevice(name, path), "mpota sim delete"):
+        path.rename(gone)
+    shutil.rmtree(gone)
+    return path
+
+
+def list_devices(root: Path = DEFAULT_ROOT) -> list[SimDevice]:
+    """The simulated devices under `root` (damaged ones too: their files are what they are)."""
+    out = []
+    root = Path(root)
+    if not root.is_dir():
+        return out
+    for path in sorted(root.iterdir()):
+        if path.name.startswith(".") or not is_sim_device(path):
+            continue
+        meta = json.loads((path / "device.json").read_text())
+        out.append(SimDevice(path.name, path, meta.get("board", "unix"), meta.get("heap", "128K"),
+                             meta.get("running") or {}, dict(HARDWARE, **(meta.get("hardware") or {}))))
+    return out

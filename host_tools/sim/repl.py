@@ -29,7 +29,7 @@ import socket
 import subprocess
 import time
 
-from .device import SimDevice
+from .device import SimDevice, in_use
 from .runner import (DEEPSLEEP_RESET, HARD_RESET, PWRON_RESET, SOFT_RESET_CAUSE, WDT_RESET, SimError,
                      bootloader, firmware_env, micropython_binary, watchdog_expired)
 
@@ -194,7 +194,14 @@ class Board:
 def serve(dev: SimDevice, srv: socket.socket, heap: str | None = None, once: bool = False,
           idle_s: float = 600, log=print) -> None:
     """Run the board and relay its console to one client at a time (a serial port has one
-    user); with `once`, stop when the first client leaves."""
+    user); with `once`, stop when the first client leaves. The board runs for as long as this
+    does, so the device is held (device.in_use) all that time: `mpota sim run` on it meanwhile
+    is refused instead of writing the same flash."""
+    with in_use(dev, "mpota sim repl"):
+        _serve(dev, srv, heap, once, idle_s, log)
+
+
+def _serve(dev, srv, heap, once, idle_s, log) -> None:
     board = Board(dev, heap, log)
     board.start()
     conn = None
