@@ -15,7 +15,7 @@ from pathlib import Path
 
 from . import MpotaError, __version__
 from .espimage import BEHAVIORS
-from .sim.device import ROLLBACK_MODES
+from .sim.device import FS_KINDS, ROLLBACK_MODES
 
 
 def _human(n: int) -> str:
@@ -239,7 +239,7 @@ def cmd_sim_firmware(a):
 
 def cmd_sim_create(a):
     from .sim import device
-    hw = {"chip_rev": a.chip_rev, "rollback": a.rollback, "board_confirms": a.board_confirms}
+    hw = {"chip_rev": a.chip_rev, "rollback": a.rollback, "board_confirms": a.board_confirms, "fs": a.fs}
     dev = device.create(a.name, [Path(p) for p in a.pub], a.server, Path(a.firmware), root=Path(a.root),
                         heap=a.heap, source=a.source, force=a.force, mirrors=a.mirror or [],
                         aes_keys=[Path(k) for k in a.aes_key or []], ca=Path(a.ca) if a.ca else None,
@@ -250,6 +250,8 @@ def cmd_sim_create(a):
                       else "built without app rollback")
     if a.board_confirms:
         quirks.append("the board confirms every image at start-up")
+    if a.fs != "host":
+        quirks.append(f"{'LittleFS' if a.fs == 'littlefs' else 'FAT'} filesystem in the flash")
     print(f"sim: created {dev.path}/ (board {dev.board}, heap {dev.heap}, {', '.join(quirks)})")
     print(f"sim: flash {dev.flash} with {Path(a.firmware).name} in ota_0; agent in {dev.fs}/lib/ota "
           f"({'.py sources' if a.source else '.mpy'})")
@@ -294,13 +296,10 @@ def cmd_sim_status(a):
 
 
 def cmd_sim_list(a):
-    from .sim import device
+    from .sim import device, runner
     rows = []
     for dev in device.list_devices(Path(a.root)):
-        try:
-            st = json.loads((dev.fs / "ota_state.json").read_text())
-        except (OSError, ValueError):
-            st = {}
+        st = runner.read_state(dev) or {}
         rows.append({"name": dev.name, "version": dev.running.get("version"), "slot": dev.running.get("slot"),
                      "last_result": st.get("last_result") if isinstance(st, dict) else None,
                      "last_error": st.get("last_error") if isinstance(st, dict) else None,
@@ -761,6 +760,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--rollback", choices=ROLLBACK_MODES, default="on",
                    help="CONFIG_BOOTLOADER_APP_ROLLBACK_ENABLE: on (bootloader and firmware, as stock "
                         "MicroPython), off (neither), bootloader-off (an older bootloader without it)")
+    s.add_argument("--fs", choices=FS_KINDS, default="host",
+                   help="the device's filesystem: host (a directory you can look into, default), or littlefs / "
+                        "fat: a real filesystem in the flash's vfs partition, as on a board, whose writes power "
+                        "cuts can tear")
     s.add_argument("--board-confirms", action="store_true",
                    help="the board's start-up code confirms every image (as ARDUINO_NANO_ESP32's board_init.c)")
     root_arg(s)

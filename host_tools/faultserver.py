@@ -36,6 +36,8 @@ class Fault:
     ignore_range: bool = False
     redirect_to: str | None = None
     header_bomb: str | None = None   # "long-line" or "many"
+    content_range: str | None = None  # send this Content-Range on a 206 instead of the true one
+    raw_status_line: str | None = None  # answer only this status line (and an empty header)
 
     def describe(self) -> str:
         what = next((f"{k.replace('_', '-')}={v}" for k, v in (
@@ -181,6 +183,9 @@ class FaultServer:
             h.send_header("Location", f.redirect_to)
             h.end_headers()
             return
+        if f.raw_status_line is not None:
+            h.wfile.write(f.raw_status_line.encode() + b"\r\n\r\n")
+            return
         if f.header_bomb == "long-line":
             h.wfile.write(b"HTTP/1.0 200 OK\r\nX-Junk: " + b"a" * 100000 + b"\r\n\r\n")
             return
@@ -206,7 +211,7 @@ class FaultServer:
         if m and not f.ignore_range:
             start = int(m.group(1))
             h.send_response(206)
-            h.send_header("Content-Range", f"bytes {start}-{len(data) - 1}/{len(data)}")
+            h.send_header("Content-Range", f.content_range or f"bytes {start}-{len(data) - 1}/{len(data)}")
         else:
             h.send_response(200)
         body = data[start:]

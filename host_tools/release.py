@@ -16,6 +16,7 @@ from __future__ import annotations
 import hashlib
 import json
 import shutil
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -176,6 +177,9 @@ def build(image_path: Path, out_dir: Path, keys: list[Ed25519PrivateKey], *, ver
         "image": {"size": len(data), "sha256": digest},
         "payload": {"url": name, **fields},
         "critical": [],
+        # when it was signed: every build of a release has a manifest of its own (a device that
+        # rejected one build tries a new one afresh: README, "Availability")
+        "issued": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
     body = json.dumps(manifest, separators=(",", ":"), sort_keys=True).encode()
     envelope = dsse.sign(body, keys)

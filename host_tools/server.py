@@ -238,12 +238,23 @@ class ReleaseHandler(BaseHTTPRequestHandler):
                 left -= len(chunk)
 
 
+class _Server(ThreadingHTTPServer):
+    """ThreadingHTTPServer whose listening socket never blocks: a client that connects and resets
+    at once makes select() say "ready" and a blocking accept() then wait for the next client —
+    and shutdown() with it. Non-blocking, that accept() fails and is skipped (socketserver's
+    _handle_request_noblock); the accepted sockets are blocking as usual."""
+
+    def server_activate(self):
+        super().server_activate()
+        self.socket.setblocking(False)
+
+
 def server_class(host: str) -> type:
-    """ThreadingHTTPServer for the address family of `host` (:: and IPv6 addresses need AF_INET6;
-    on :: the OS usually accepts IPv4 too)."""
+    """The server for the address family of `host` (:: and IPv6 addresses need AF_INET6; on ::
+    the OS usually accepts IPv4 too)."""
     if ":" not in host:
-        return ThreadingHTTPServer
-    return type("ThreadingHTTPServer6", (ThreadingHTTPServer,), {"address_family": socket.AF_INET6})
+        return _Server
+    return type("ThreadingHTTPServer6", (_Server,), {"address_family": socket.AF_INET6})
 
 
 def make_server(root: Path, host: str = "127.0.0.1", port: int = 8000, quiet: bool = False):

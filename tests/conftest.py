@@ -124,14 +124,15 @@ class Device:
         return runner.status(self.dev)
 
     def config(self, **changes) -> None:
-        """Change the device's ota_config.json (timeouts, mirrors, ...)."""
-        path = self.dev.fs / "ota_config.json"
-        cfg = json.loads(path.read_text())
+        """Change the device's ota_config.json (timeouts, mirrors, ...), wherever its filesystem is."""
+        cfg = json.loads(runner.fs_read(self.dev, "ota_config.json"))
         cfg.update(changes)
-        path.write_text(json.dumps(cfg))
+        runner.fs_write(self.dev, "ota_config.json", json.dumps(cfg).encode())
 
     def state(self) -> dict:
-        return json.loads((self.dev.fs / "ota_state.json").read_text())
+        st = runner.read_state(self.dev)
+        assert st is not None, "no state file on the device"
+        return st
 
     def flash(self) -> bytes:
         return self.dev.flash.read_bytes()

@@ -55,5 +55,5 @@ def test_a_bad_config_is_refused_and_changes_nothing(case, firmware, make_device
     assert reason in st["detail"], st["detail"]
     assert st["version"] == "1.0.0" and d.flash()[:0x10000] == flash[:0x10000]
     assert "Traceback" not in d.output
-    assert json.loads((d.dev.fs / "ota_state.json").read_text())["last_error"] == "bad-config"
+    assert d.state()["last_error"] == "bad-config"
     assert "GET" not in d.output  # nothing was asked of the server

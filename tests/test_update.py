@@ -63,16 +63,46 @@ def test_crash_before_confirm_rolls_back(server, firmware, signer, make_device):
     server.publish(firmware("2.0.0", "crash"), signer)
     d = make_device(firmware("1.0.0"), server.url)
     boots = d.run()
-    # one more try (the reset might have been a power cut), then rejected for good
-    assert exits(boots) == ["reset", "panic", "reset", "panic", "idle"]
-    assert d.output.count("ota: installing") == 1  # the retry re-checks the slot, no download
+    # the old image boots after a panic reset (reset cause HARD_RESET): evidence against the
+    # release, rejected at once
+    assert exits(boots) == ["reset", "panic", "idle"]
     st = d.status()
     assert st["version"] == "1.0.0" and st["slot"] == "ota_0"
     assert st["last_error"] == "rolled-back"
+    assert "2.0.0 did not confirm itself (a panic or a reset); rejected" in d.output
     assert st["slots"]["ota_1"] == "ABORTED"
     assert st["rejected"] == ["2.0.0"]
     assert exits(d.run()) == ["idle"]
     assert "installing" not in d.output
+
+
+def test_power_lost_during_a_trial_is_not_held_against_the_release(server, firmware, signer, make_device,
+                                                                   tmp_path):
+    # The power fails while 2.0.0 runs its trial (its first boot): the bootloader goes back to
+    # 1.0.0, which boots with reset cause PWRON_RESET: not the release's fault. It is installed
+    # again (from what is still in the slot: nothing is downloaded) and confirmed.
+    from mpota.sim import runner
+    server.publish(firmware("2.0.0"), signer)
+    d = make_device(firmware("1.0.0"), server.url)
+    d.dev.fs.joinpath("main.py").write_text(
+        "import ota, os\n"
+        "ota.guard()\n"
+        "if ota.status()['version'] == '2.0.0' and 'cut' not in os.listdir():\n"
+        "    open('cut', 'w').close()\n"
+        "    import flash\n"
+        "    flash.flash()._power_loss()\n"  # the power fails during the trial
+        "ota.confirm(lambda: True, timeout_ms=3000)\n"
+        "ota.update()\n")
+    boots = d.run(max_boots=10)
+    assert [b.version for b in boots] == ["1.0.0", "2.0.0", "1.0.0"], d.output
+    assert boots[1].exit == "power-loss" and boots[2].start == "power-on"
+    assert "2.0.0 lost power before it confirmed itself; tried again later" in d.output
+    assert "1 more check(s) skip it" not in d.output and "0 more check(s) skip it" in d.output  # back-off
+    d.run(max_boots=10)  # the next check installs it again: from the slot, nothing downloaded
+    assert "ota: installing" not in d.output and "2.0.0 verified in flash and set to boot" in d.output
+    st = d.status()
+    assert st["version"] == "2.0.0" and st["rejected"] == [] and st["last_error"] is None, d.output
+    assert runner.read_state(d.dev).get("trials") is None
 
 
 def test_health_check_exception_and_timeout_roll_back(server, firmware, signer, make_device):
@@ -88,12 +118,26 @@ def test_health_check_exception_and_timeout_roll_back(server, firmware, signer, 
     assert st["version"] == "1.0.0" and st["last_error"] == "health-exception"
     assert "sensor bus stuck" in d.output
 
+    assert st["rejected"] == ["2.0.0"]  # the check said no: rejected at once
+
+    # A check that never decides (the network may be down): not held against the release. It
+    # is tried again, each time after more checks (1, 3, 7, 15: back-off), and rejected only
+    # after the fifth such trial, so a broken image cannot keep the board resetting. The
+    # application here checks 20 times per boot.
     server.publish(firmware("2.1.0"), signer)
     main.write_text("import ota\n"
-                    "ota.confirm(lambda: None, timeout_ms=300)\nota.update()\n")
-    d.run()
+                    "ota.confirm(lambda: None, timeout_ms=300)\n"
+                    "for i in range(20):\n"
+                    "    r = ota.update()\n"
+                    "print('checks done', r)\n")
+    boots = d.run(max_boots=14)
+    assert [b.version for b in boots] == ["1.0.0", "2.1.0"] * 5 + ["1.0.0"], d.output
+    assert d.output.count("its health check never decided") == 4
+    assert d.output.count("ota: installing 2.1.0") == 1  # the image stays in its slot
+    assert "failed 4 time(s) in a row (last: health-timeout); 14 more check(s) skip it" in d.output, d.output
     st = d.status()
     assert st["version"] == "1.0.0" and st["last_error"] == "health-timeout"
+    assert st["rejected"] == ["2.0.0", "2.1.0"]
 
 
 def test_works_with_a_server_that_ignores_range(tmp_path, firmware, signer, make_device):
@@ -360,12 +404,13 @@ print(r['result'], c['detail'], s['version'], held, sorted(k for k in sys.module
 
 def test_a_filesystem_that_cannot_be_written_installs_nothing_and_crashes_nothing(server, firmware, signer,
                                                                                    make_device):
-    # a full or broken filesystem: the state file cannot be replaced (here: a directory sits where
-    # its temporary file goes). Nothing is set to boot that could not be recorded, and main.py
+    # a full or broken filesystem: the state file cannot be written (here: directories sit where its
+    # two copies go). Nothing is set to boot that could not be recorded, and main.py
     # keeps running: no reset loop, no download repeated on every boot.
     server.publish(firmware("2.0.0"), signer)
     d = make_device(firmware("1.0.0"), server.url)
-    (d.dev.fs / "ota_state.json.tmp").mkdir()
+    for name in ("ota_state.0.json", "ota_state.1.json"):
+        (d.dev.fs / name).mkdir()
     d.run(max_boots=2)
     assert "state-unwritable" in d.output and "Traceback" not in d.output, d.output
     assert d.dev.running["version"] == "1.0.0"
@@ -381,7 +426,10 @@ def test_a_failed_health_check_rolls_back_even_if_nothing_can_be_recorded(server
     d = make_device(firmware("1.0.0"), server.url)
     with pytest.raises(AssertionError):
         d.run(max_boots=1)  # installs 2.0.0 and resets
-    (d.dev.fs / "ota_state.json.tmp").mkdir()
+    # the copy the next save writes (the older one) cannot be written: a directory sits there
+    older = runner.STATE_FILES[(d.state()["gen"] + 1) % 2]
+    (d.dev.fs / older).unlink(missing_ok=True)
+    (d.dev.fs / older).mkdir()
     d.run(max_boots=6)  # ends idle (an AssertionError with the boot log otherwise)
     assert "health check failed" in d.output and "state-unwritable" in d.output, d.output
     assert runner.ensure_running(d.dev)["version"] == "1.0.0", d.output

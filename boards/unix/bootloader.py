@@ -24,6 +24,7 @@
 import json
 import os
 import idf
+import idfimage
 from flash import flash
 
 MARKER = b"MPOTA-SIM behavior="
@@ -39,7 +40,7 @@ def behavior(offset):
 
 def _booted(slots, i, recs, **notes):
     t, st, off, size, label = slots[i]
-    desc = idf.app_desc(off)
+    desc = idfimage.app_desc(off)
     out = {"slot": label, "index": i, "offset": off,
            "version": desc[0] if desc else None,
            "secure_version": desc[1] if desc else None,
@@ -55,7 +56,7 @@ def _wake(slots, label):
         if slots[i][4] == label:
             hdr = bytearray(1)
             flash().read(slots[i][2], hdr)
-            if hdr[0] == idf.IMAGE_MAGIC:
+            if hdr[0] == idfimage.IMAGE_MAGIC:
                 return _booted(slots, i, idf.read_otadata(), wake=True)
     return None
 
@@ -99,7 +100,7 @@ def boot():
     for i in order:
         t, st, off, size, label = slots[i]
         try:
-            idf.verify_image(off, size)
+            idfimage.verify_image(off, size)
         except OSError:
             continue
         if initial:

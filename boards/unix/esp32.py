@@ -85,7 +85,8 @@ class Partition:
         t, st, off, size, label = self._p
         if t != idf.TYPE_APP:
             raise OSError(-0x102)  # ESP_ERR_INVALID_ARG
-        idf.verify_image(off, size)
+        import idfimage
+        idfimage.verify_image(off, size)
         slots = idf.ota_slots()
         idf.set_boot([s[2] for s in slots].index(off), len(slots))
 

@@ -57,7 +57,7 @@ def _run(path):
         if isinstance(code, int) and 100 <= code <= 105:
             raise
         sys.exit(SOFT_RESET_EXIT)
-    except BaseException as e:  # noqa: an uncaught exception (or Ctrl-C) in the script
+    except BaseException as e:  # an uncaught exception (or Ctrl-C) in the script
         sys.print_exception(e)
         return False
 
@@ -78,6 +78,9 @@ def _board_startup():
 
 
 def start():
+    if os.getenv("MPOTA_FS") in ("fat", "littlefs"):  # _boot.py: mount the filesystem in the flash
+        import simfs
+        simfs.mount()
     if os.getenv("MPOTA_BOARD_CONFIRMS") == "1":
         _board_startup()
     if behavior == "crash":

@@ -2,10 +2,8 @@
 #   - the partition table at 0x8000 (esp_partition_info_t, MD5 entry),
 #   - otadata (esp_ota_select_entry_t) and the active-record rules of bootloader_common.c,
 #   - esp_rewrite_ota_data() and esp_ota_current_ota_is_workable() from esp_ota_ops.c,
-#   - esp_image_verify(): header (chip id and revision: bootloader_common_check_chip_validity),
-#     segments, checksum and appended SHA-256.
+#   (esp_image_verify() is in idfimage.py, loaded when set_boot() or the bootloader needs it).
 # What the simulated chip and its build are comes from the simulator's environment:
-#   MPOTA_CHIP_REV   efuse_hal_chip_revision(): major * 100 + minor (default 300, an ESP32 v3.0)
 #   MPOTA_ROLLBACK   "on" (CONFIG_BOOTLOADER_APP_ROLLBACK_ENABLE in bootloader and app, as in
 #                    MicroPython's sdkconfig.base), "off" (in neither), "bootloader-off" (an app
 #                    built with it on a bootloader built without it)
@@ -16,13 +14,6 @@ import struct
 import binascii
 import hashlib
 from flash import flash, SECTOR
-
-CHIP_ID = 0  # the unix board emulates an ESP32 (esp_chip_id_t ESP_CHIP_ID_ESP32)
-
-
-def chip_revision():
-    return int(os.getenv("MPOTA_CHIP_REV") or 300)
-
 
 def rollback(where):
     # Is CONFIG_BOOTLOADER_APP_ROLLBACK_ENABLE set in the "app" or the "bootloader" build?
@@ -44,8 +35,19 @@ ABORTED = 4
 UNDEFINED = 0xFFFFFFFF
 
 
+_table = None
+
+
 def partitions():
-    # [(type, subtype, offset, size, label)] read from the binary table in flash.
+    # [(type, subtype, offset, size, label)] read from the binary table in flash (once: nothing
+    # writes it while the device runs).
+    global _table
+    if _table is None:
+        _table = _read_table()
+    return _table
+
+
+def _read_table():
     out = []
     buf = bytearray(32)
     md5 = hashlib.md5() if hasattr(hashlib, "md5") else None
@@ -175,83 +177,3 @@ def mark_running_valid():
     if recs[active][2] != VALID:
         recs[active][2] = VALID
         write_otadata(recs, active)
-
-
-# ---- esp_image_verify() ---------------------------------------------------------------------
-IMAGE_MAGIC = 0xE9
-APP_DESC_MAGIC = 0xABCD5432
-
-
-def verify_image(part_offset, part_size):
-    # Returns the image length (with checksum and SHA-256) or raises OSError like ESP-IDF's
-    # esp_image_verify() would make esp_ota_set_boot_partition() fail.
-    f = flash()
-    hdr = bytearray(24)
-    f.read(part_offset, hdr)
-    if hdr[0] != IMAGE_MAGIC or not chip_valid(hdr):
-        raise OSError(-0x1503)  # ESP_ERR_IMAGE_INVALID
-    nseg = hdr[1]
-    hash_appended = hdr[23] == 1
-    if nseg == 0 or nseg > 16:
-        raise OSError(-0x1503)
-    sha = hashlib.sha256(hdr)
-    pos = 24
-    csum = 0xEF
-    seghdr = bytearray(8)
-    buf = f._old  # the flash's scratch sector: reads do not touch it, and we only read here
-    for _ in range(nseg):
-        if pos + 8 > part_size:
-            raise OSError(-0x1503)
-        f.read(part_offset + pos, seghdr)
-        sha.update(seghdr)
-        _addr, n = struct.unpack("<II", seghdr)
-        pos += 8
-        if n % 4 or pos + n > part_size:
-            raise OSError(-0x1503)
-        while n:
-            k = min(n, SECTOR)
-            mv = memoryview(buf)[:k]
-            f.read(part_offset + pos, mv)
-            sha.update(mv)
-            for b in mv:
-                csum ^= b
-            pos += k
-            n -= k
-    # Padding up to a 16-byte boundary, the last byte of which is the checksum.
-    pad = 15 - (pos % 16)
-    tail = bytearray(pad + 1)
-    f.read(part_offset + pos, tail)
-    sha.update(tail)
-    if tail[-1] != csum:
-        raise OSError(-0x1503)
-    pos += pad + 1
-    if hash_appended:
-        digest = bytearray(32)
-        f.read(part_offset + pos, digest)
-        if sha.digest() != digest:
-            raise OSError(-0x1503)
-        pos += 32
-    return pos
-
-
-def chip_valid(hdr):
-    # bootloader_common_check_chip_validity(hdr, ESP_IMAGE_APPLICATION): the image's chip id
-    # must be this chip's; its min_chip_rev_full must not be above the chip's revision; its
-    # max_chip_rev_full, when set (not 0 and not 0xFFFF), must not be below it.
-    chip_id, _min_old, min_rev, max_rev = struct.unpack_from("<HBHH", hdr, 12)
-    rev = chip_revision()
-    if chip_id != CHIP_ID or rev < min_rev:
-        return False
-    return max_rev in (0, 0xFFFF) or rev <= max_rev
-
-
-def app_desc(part_offset):
-    # (version, secure_version, project_name) from esp_app_desc_t at the first segment.
-    buf = bytearray(256)
-    flash().read(part_offset + 32, buf)
-    magic, secure_version = struct.unpack("<II", buf)
-    if magic != APP_DESC_MAGIC:
-        return None
-    version = bytes(buf[16:48]).split(b"\0")[0].decode()
-    project = bytes(buf[48:80]).split(b"\0")[0].decode()
-    return version, secure_version, project

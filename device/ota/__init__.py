@@ -6,6 +6,7 @@
 #   ota.update()          # check the manifest, download, verify, set_boot, record, reset
 #   ota.check()           # manifest only: what would be installed, and why or why not
 #   ota.status()          # running slot, version, OTA state of each slot, last result
+#   ota.forget(version)   # the owner's way out: try a rejected release again
 #
 # Importing this module loads nothing else: each call imports only what it needs, so the
 # confirm path on every boot stays small (ota/trial.py), and the updater, HTTP client and
@@ -28,6 +29,18 @@ def _unload(keep):
         if name.startswith("ota.") and name not in keep and name not in _RESIDENT:
             del sys.modules[name]
             if type(g.get(name[4:])) is type(sys):  # the attribute the import set on the package
+                del g[name[4:]]
+    import gc
+    gc.collect()
+
+
+def _drop(names):
+    # Forget these modules now (an update's stages: ota/updater.py), then collect.
+    g = globals()
+    for name in names:
+        if name in sys.modules:
+            del sys.modules[name]
+            if type(g.get(name[4:])) is type(sys):
                 del g[name[4:]]
     import gc
     gc.collect()
@@ -66,20 +79,18 @@ def confirm(health=None, timeout_ms=30000, watchdog_ms=None):
 
 
 def update(reboot=True, source=None):
-    # The update's one 4 KiB block buffer is taken first, while the heap is least fragmented,
-    # and with it a 2 KiB reserve that is let go just before a compressed payload's inflater
-    # allocates its window; the updater's code loads after them (many small allocations fit
-    # where 4 KiB would not). See docs/memory.md.
+    # The update's one 4 KiB block buffer is taken first, while the heap is least fragmented;
+    # the updater's code loads after it (many small allocations fit where 4 KiB would not).
+    # See docs/memory.md.
     keep = set(sys.modules)
     try:
         import gc
         gc.collect()
         buf = bytearray(4096)
-        reserve = bytearray(2048)
         from ota.updater import update as _update
-        return _update(reboot, buf, reserve, source)
+        return _update(reboot, buf, source)
     except MemoryError:
-        buf = reserve = None
+        buf = None
         _unload(keep)  # room for _no_memory() to load ota.state (finally: unloads that too)
         return _no_memory("loading the updater")
     finally:
@@ -96,6 +107,21 @@ def check():
         return _check(buf)
     except MemoryError:
         return {"update": False, "error": "no-memory", "detail": "out of heap loading the updater"}
+    finally:
+        _unload(keep)
+
+
+def forget(release=None):
+    # The owner's way out: forget that a release was rejected (a version, a manifest digest, or
+    # None for all) and any back-off, so the next update() tries it again. Returns the
+    # versions forgotten.
+    keep = set(sys.modules)
+    try:
+        from ota import state
+        st = state.load()
+        gone = state.forget(st, release)
+        state.save(st)
+        return gone
     finally:
         _unload(keep)
 

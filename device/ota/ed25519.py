@@ -2,6 +2,7 @@
 # MicroPython.
 #
 #   verify(public_key, message, signature) -> True / False
+#   (message: bytes-like, or a tuple of bytes-like parts that make it up)
 #
 # Strict and cofactorless: the signature (R, S) is accepted only if
 #   * public_key and signature are 32 and 64 bytes (bytes, bytearray or
@@ -768,9 +769,15 @@ def verify(public_key, message, signature):
 
 
 def _verify(public_key, message, signature):
+    # message: bytes-like, or a tuple of bytes-like parts (the message is their concatenation:
+    # a caller never has to build a large message in one piece of heap).
     buf = (bytes, bytearray, memoryview)
-    if not (isinstance(public_key, buf) and isinstance(message, buf) and isinstance(signature, buf)):
+    parts = message if isinstance(message, tuple) else (message,)
+    if not (isinstance(public_key, buf) and isinstance(signature, buf)):
         return False
+    for m in parts:
+        if not isinstance(m, buf):
+            return False
     pk = bytes(public_key)
     sig = bytes(signature)
     if len(pk) != 32 or len(sig) != 64:
@@ -787,7 +794,8 @@ def _verify(public_key, message, signature):
         return False
     h = _sha512(rb)
     h.update(pk)
-    h.update(message)
+    for m in parts:
+        h.update(m)
     k = int.from_bytes(h.digest(), "little") % _L
     c, d = _halve(k)
     e = d * s % _L

@@ -5,10 +5,13 @@ from ota import jsonfile
 from binascii import a2b_base64, hexlify
 from hashlib import sha256
 from ota.errors import OtaError
-from ota.ed25519 import verify
 
 PAYLOAD_TYPE = "application/vnd.mpota.manifest+json"
 _MAX_SIGS = 8
+# Values and containers an envelope may have before its signature is checked: the object, its
+# 3 fields (6 with their separators), the signature list and up to 8 signatures of 2 fields each;
+# anything far beyond that is refused before json.loads() builds a heap object per value.
+_ITEMS = 64
 
 
 def keyid(pub):
@@ -17,8 +20,10 @@ def keyid(pub):
 
 
 def pae(ptype, body):
+    # PAE(type, body) = "DSSEv1 " len(type) " " type " " len(body) " " body, as the two parts
+    # ed25519.verify() hashes in turn: the body is not copied into one more large buffer.
     t = ptype.encode()
-    return b"DSSEv1 %d %s %d %s" % (len(t), t, len(body), body)
+    return (b"DSSEv1 %d %s %d " % (len(t), t, len(body)), body)
 
 
 def _b64(s):
@@ -28,8 +33,11 @@ def _b64(s):
 
 
 def open_envelope(data, pubkeys):
+    # The signed body, or OtaError. The envelope is parsed and let go before the verifier is
+    # loaded: its 3 KiB base64 string and Ed25519's code and tables are never in the heap at
+    # once (the caller drops ota.ed25519 and ota.sha512 again: ota._drop).
     try:
-        env = jsonfile.loads(data)
+        env = jsonfile.loads(data, _ITEMS)
         ptype = env["payloadType"]
         body = _b64(env["payload"])
         sigs = env["signatures"]
@@ -37,25 +45,27 @@ def open_envelope(data, pubkeys):
             raise ValueError
     except (ValueError, TypeError, KeyError, IndexError, AttributeError):
         raise OtaError("bad-envelope", "manifest is not a DSSE envelope")
+    env = None
     if ptype != PAYLOAD_TYPE:
         raise OtaError("bad-payload-type", "payloadType %r is not %s" % (ptype[:64], PAYLOAD_TYPE))
     if len(sigs) > _MAX_SIGS:
         raise OtaError("bad-envelope", "more than %d signatures" % _MAX_SIGS)
     ids = [keyid(k) for k in pubkeys]
-    msg = None
-    known = False
+    cands = []  # (public key, signature) of every signature by a provisioned key
     for s in sigs:
-        if not isinstance(s, dict) or s.get("keyid") not in ids:
-            continue
-        known = True
-        try:
-            sig = _b64(s.get("sig"))
-        except ValueError:
-            continue
-        if msg is None:
-            msg = pae(ptype, body)
-        if verify(pubkeys[ids.index(s["keyid"])], msg, sig):
-            return body
-    if not known:
+        if isinstance(s, dict) and s.get("keyid") in ids:
+            try:
+                cands.append((pubkeys[ids.index(s["keyid"])], _b64(s.get("sig"))))
+            except ValueError:
+                cands.append(None)  # by a key we trust, and not even base64: a bad signature
+    sigs = None
+    if not cands:
         raise OtaError("unknown-key", "no signature by a provisioned key (device trusts %s)" % ", ".join(ids))
+    import gc
+    gc.collect()
+    from ota.ed25519 import verify
+    msg = pae(ptype, body)
+    for c in cands:
+        if c and verify(c[0], msg, c[1]):
+            return body
     raise OtaError("bad-signature", "signature by a provisioned key does not verify")

@@ -43,16 +43,63 @@ def resume(step, where):
             print("ota: %s at %s; reconnecting (%d/%d)" % (e.code, where(), tries, RETRIES))
 
 
+# The whole update() call has a deadline too (set by the updater, from the config): no wait of
+# any kind goes past it. A ticks_ms value or None, kept on the package: this module is dropped
+# and loaded again between an update's stages (ota/updater.py).
+import ota
+
+
+def limit(ms):
+    # Set the deadline of everything that follows to `ms` from now (None: no deadline).
+    ota._until = None if ms is None else time.ticks_add(time.ticks_ms(), ms)
+
+
+def _wait_ms(timeout_ms, deadline_ms):
+    # How long the next poll may wait: at most timeout_ms, never past deadline_ms or the whole
+    # call's deadline. Raises too-slow when one of them has passed.
+    wait = timeout_ms
+    until = getattr(ota, "_until", None)
+    for dl, what in ((deadline_ms, "the server sends too slowly"), (until, "the update ran out of time")):
+        if dl is not None:
+            left = time.ticks_diff(dl, time.ticks_ms())
+            if left <= 0:
+                raise _err("too-slow", what)
+            wait = min(wait, left)
+    return wait
+
+
 class _Conn:
-    # A connected socket read without ever blocking past a deadline. A blocking readinto()
-    # in MicroPython waits until the whole buffer is full, so a server trickling one byte
-    # per second would hold it for hours; instead the socket is non-blocking and we poll().
-    def __init__(self, sock, timeout_s):
+    # A connected socket (TLS included) used without ever blocking past a deadline. A blocking
+    # readinto() in MicroPython waits until the whole buffer is full, so a server trickling one
+    # byte per second would hold it for hours, and a blocking TLS handshake has only a per-read
+    # timeout: a peer that trickles it, or floods alerts, holds it for ever. So the socket is
+    # non-blocking, the TLS handshake runs inside the first write, and we poll() with deadlines.
+    def __init__(self, sock, timeout_s, where):
         self.sock = sock
+        self.where = where  # "host:port", for messages
         self.timeout_ms = timeout_s * 1000
-        sock.setblocking(False)
         self.poller = select.poll()
         self.poller.register(sock, select.POLLIN)
+
+    def _wait(self, deadline_ms, what, mask=select.POLLIN):
+        # mask: POLLIN to read; to send, also POLLOUT (a TLS handshake reads and writes)
+        self.poller.modify(self.sock, mask)
+        if not self.poller.poll(_wait_ms(self.timeout_ms, deadline_ms)):
+            _wait_ms(self.timeout_ms, deadline_ms)  # raises if a deadline passed meanwhile
+            raise _err("network", "%s: nothing for %d s (stalled)" % (what, self.timeout_ms // 1000))
+
+    def send(self, data, deadline_ms):
+        # All of `data`, the TLS handshake first if there is one, before deadline_ms.
+        mv = memoryview(data)
+        while mv:
+            try:
+                n = self.sock.write(mv)
+            except (OSError, ValueError) as e:  # ValueError: the server's certificate (mbedtls)
+                raise _err("network", "cannot connect to %s: %r" % (self.where, e))
+            if n is None:
+                self._wait(deadline_ms, "connection", select.POLLIN | select.POLLOUT)
+                continue
+            mv = mv[n:]
 
     def readinto(self, mv, deadline_ms=None):
         # Some bytes (at least 1), or 0 at the end of the stream. "network" when nothing
@@ -64,17 +111,7 @@ class _Conn:
                 raise _err("network", "receive failed: %r" % (e,))
             if n is not None:
                 return n
-            wait = self.timeout_ms
-            if deadline_ms is not None:
-                left = time.ticks_diff(deadline_ms, time.ticks_ms())
-                if left <= 0:
-                    raise _err("too-slow", "the server sends too slowly (under 4 KiB per %d s)"
-                               % (2 * self.timeout_ms // 1000))
-                wait = min(wait, left)
-            if not self.poller.poll(wait):
-                if deadline_ms is not None and time.ticks_diff(deadline_ms, time.ticks_ms()) <= 0:
-                    continue  # reported as too-slow above
-                raise _err("network", "no data for %d s (server stalled)" % (self.timeout_ms // 1000))
+            self._wait(deadline_ms, "server")
 
     def close(self):
         try:
@@ -83,13 +120,23 @@ class _Conn:
             pass
 
 
+def rate_deadline(t0, got, timeout_s):
+    # The minimum rate every body is held to, whatever the reads' sizes: 4 KiB per 2 x timeout_s
+    # on average since the response began (got bytes so far; t0 its ticks_ms). A server that
+    # stops altogether is "network" after timeout_s; one that trickles is "too-slow".
+    return time.ticks_add(t0, (got // 4096 + 1) * timeout_s * 2000)
+
+
 class Response:
     # status, headers (lower-case names, only those in _KEEP), length (Content-Length or
-    # None); read the body with readinto() until it returns 0.
-    def __init__(self, sock, status, headers):
+    # None); read the body with readinto() until it returns 0, held to rate_deadline().
+    def __init__(self, sock, status, headers, timeout_s):
         self.sock = sock
         self.status = status
         self.headers = headers
+        self.timeout_s = timeout_s
+        self.t0 = time.ticks_ms()
+        self.got = 0
         self.length = None
         v = headers.get("content-length")
         if v is not None:
@@ -101,8 +148,10 @@ class Response:
                 self.close()
                 raise _err("bad-response", "Content-Length %r" % v)
 
-    def readinto(self, mv, deadline_ms=None):
-        return self.sock.readinto(mv, deadline_ms)
+    def readinto(self, mv):
+        n = self.sock.readinto(mv, rate_deadline(self.t0, self.got, self.timeout_s))
+        self.got += n
+        return n
 
     def close(self):
         self.sock.close()
@@ -170,8 +219,14 @@ def _connect(tls, host, port, timeout_s, ca):
     except OSError as e:
         raise _err("network", "cannot resolve %s: %r" % (host, e))
     try:
-        s.settimeout(timeout_s)
-        s.connect(ai[-1])
+        wait = _wait_ms(timeout_s * 1000, None)  # not past the whole call's deadline
+    except OtaError:
+        s.close()
+        raise
+    try:
+        s.settimeout(max(1, wait // 1000))
+        s.connect(ai[-1])  # bounded by the socket timeout
+        s.setblocking(False)
         if tls:
             if ca is None:
                 raise OtaError("bad-config", "https needs a CA certificate (\"ca\" in ota_config.json)", DEVICE)
@@ -184,19 +239,12 @@ def _connect(tls, host, port, timeout_s, ca):
                 ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
                 ctx.load_verify_locations(cadata=ca)
             ctx.verify_mode = 2  # CERT_REQUIRED: the server must chain to the provisioned CA
-            s = ctx.wrap_socket(s, server_hostname=host)
+            # The handshake runs inside our first (non-blocking, polled) write: _Conn.send.
+            s = ctx.wrap_socket(s, server_hostname=host, do_handshake_on_connect=False)
     except (OSError, ValueError) as e:  # ValueError: a CA file that is not a certificate
         s.close()
         raise _err("network", "cannot connect to %s:%d: %r" % (host, port, e))
-    return s
-
-
-def _send(s, data):
-    try:
-        s.write(data)
-    except OSError as e:
-        s.close()
-        raise _err("network", "send failed: %r" % (e,))
+    return _Conn(s, timeout_s, "%s:%d" % (host, port))
 
 
 def get(url, timeout_s, start=0, ca=None):
@@ -217,16 +265,16 @@ def get(url, timeout_s, start=0, ca=None):
         req = "GET %s HTTP/1.0\r\nHost: %s\r\nUser-Agent: mpota\r\nConnection: close\r\n" % (path, host)
         if start:
             req += "Range: bytes=%d-\r\n" % start
-        _send(s, req.encode() + b"\r\n")
-        s = _Conn(s, timeout_s)
-        dl = deadline(timeout_s)  # all the headers within one timeout
         try:
+            # connect, TLS handshake and request within 2 x timeout_s; the headers within one more
+            s.send(req.encode() + b"\r\n", deadline(timeout_s))
+            dl = time.ticks_add(time.ticks_ms(), timeout_s * 1000)
             buf = bytearray(_LINE_MAX)
             line = _readline(s, buf, dl)
             parts = line.split(None, 2)
-            if len(parts) < 2 or not parts[0].startswith(b"HTTP/") or not parts[1].isdigit():
+            if len(parts) < 2 or not parts[0].startswith(b"HTTP/") or not parts[1].isdigit() or len(parts[1]) != 3:
                 raise _err("bad-response", "bad status line %r" % line[:40])
-            status = int(parts[1])
+            status = int(parts[1])  # three digits: the error code built from it stays "http-NNN"
             headers = {}
             for _ in range(_HEADERS_MAX):
                 line = _readline(s, buf, dl)
@@ -250,13 +298,15 @@ def get(url, timeout_s, start=0, ca=None):
         if status in (301, 302, 303, 307, 308) and "location" in headers:
             s.close()
             url = join(url, headers["location"])
+            if tls and not url.startswith("https://"):
+                raise _err("bad-response", "redirect from https to %r refused" % url[:80])
             continue
         if "transfer-encoding" in headers or "content-encoding" in headers:
             s.close()
             raise _err("bad-response", "encoded response (%s); serve the files as they are"
                        % (headers.get("transfer-encoding") or headers.get("content-encoding")))
         if status == 200 or status == 206:
-            return Response(s, status, headers)
+            return Response(s, status, headers, timeout_s)
         s.close()
         e = _err("http-%d" % status, "GET %s answered %d" % (url[:80], status))
         e.retry_after = _retry_after(headers.get("retry-after"))
@@ -276,20 +326,18 @@ def _retry_after(v):
 
 
 def deadline(timeout_s):
-    # A ticks_ms deadline for one buffer (a 4 KiB block at most): a minimum transfer rate that
-    # a trickling server cannot dodge. Twice the idle timeout, so that a server that stops
-    # sending altogether is reported as stalled ("network"), one that trickles as "too-slow".
+    # Twice the idle timeout from now: for a connection's set-up (connect, TLS handshake,
+    # request), so that a peer that stops altogether is "network", one that trickles "too-slow".
     return time.ticks_add(time.ticks_ms(), timeout_s * 2000)
 
 
-def read_full(resp, mv, deadline_ms):
-    # Fill `mv` from the body; returns how many bytes came before the body ended. A server
-    # that trickles bytes to dodge the socket timeout still has to beat `deadline_ms` (a
-    # ticks_ms value) for the whole buffer: a minimum transfer rate.
+def read_full(resp, mv):
+    # Fill `mv` from the body; returns how many bytes came before the body ended. The
+    # response holds every read to its minimum rate (rate_deadline), whatever the sizes.
     n = 0
     want = len(mv)
     while n < want:
-        k = resp.readinto(mv[n:], deadline_ms)
+        k = resp.readinto(mv[n:])
         if not k:
             break
         n += k

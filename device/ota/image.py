@@ -4,14 +4,17 @@
 import struct
 from ota.errors import OtaError
 
-_IMAGE_MAGIC = 0xE9
+IMAGE_MAGIC = 0xE9
+# The agent writes an image's first byte (the magic) last: block 0 goes to flash with 0xFF there,
+# and only when the whole slot has been read back and matched the signed hash is 0xE9 written
+# (a write without erase, clearing bits). Until then no bootloader takes the slot for an image.
 _DESC_MAGIC = 0xABCD5432
 _DESC_AT = 32    # 24-byte image header + 8-byte segment header, then esp_app_desc_t
 
 
 def parse_app_desc(buf):
     # buf: the first 96+ bytes of an image -> (version, secure_version) or (None, 0).
-    if len(buf) < _DESC_AT + 48 or buf[0] != _IMAGE_MAGIC:
+    if len(buf) < _DESC_AT + 48 or buf[0] != IMAGE_MAGIC:
         return None, 0
     magic, secure = struct.unpack_from("<II", buf, _DESC_AT)
     if magic != _DESC_MAGIC:
@@ -27,7 +30,7 @@ def parse_app_desc(buf):
 def check_first_block(buf, chip_id, version):
     # Refuse a payload that is not an app image for this chip, or whose embedded version is
     # not the one the signed manifest promised. Returns the image's secure_version.
-    if len(buf) < _DESC_AT + 48 or buf[0] != _IMAGE_MAGIC:
+    if len(buf) < _DESC_AT + 48 or buf[0] != IMAGE_MAGIC:
         raise OtaError("bad-image", "payload does not start with an ESP app image header (0xE9)")
     got = buf[12] | (buf[13] << 8)
     if got != chip_id:

@@ -1,6 +1,6 @@
 # A release pushed over the serial link (`mpota push RELEASE --port PORT`): the transport for
 # the source "serial:", with the same interface as ota.http (get() -> a response with status,
-# headers, length, readinto(mv, deadline_ms), close()), so the manifest and the payload go
+# headers, length, readinto(mv) held to a minimum rate, close()), so the manifest and the payload go
 # through the same verified pipeline as over HTTP: signature, hashes, resume, set_boot, rollback.
 #
 # The host drives the REPL (raw mode) and answers the requests we print on stdout, each on one
@@ -32,17 +32,11 @@ class _In:
         self.stream = sys.stdin.buffer
 
     def fill(self, mv, deadline_ms):
+        from ota.http import _wait_ms
         n = 0
         while n < len(mv):
-            wait = self.ms
-            if deadline_ms is not None:
-                left = time.ticks_diff(deadline_ms, time.ticks_ms())
-                if left <= 0:
-                    raise _err("too-slow", "the host sends too slowly")
-                wait = min(wait, left)
-            if not self.poller.poll(wait):
-                if deadline_ms is not None and time.ticks_diff(deadline_ms, time.ticks_ms()) <= 0:
-                    continue
+            if not self.poller.poll(_wait_ms(self.ms, deadline_ms)):
+                _wait_ms(self.ms, deadline_ms)  # raises if a deadline passed meanwhile
                 raise _err("network", "no data from the host for %d s" % (self.ms // 1000))
             k = self.stream.readinto(mv[n:n + min(_PIECE, len(mv) - n)])
             if not k:
@@ -56,20 +50,26 @@ def _ask(line):
 
 
 class Response:
-    def __init__(self, src, status, length, start):
+    def __init__(self, src, status, length, start, timeout_s):
         self.src = src
         self.status = status
         self.length = length
         self.left = length
         self.headers = {"content-range": "bytes %d-" % start} if status == 206 else {}
+        self.timeout_s = timeout_s
+        self.t0 = time.ticks_ms()
+        self.got = 0
 
-    def readinto(self, mv, deadline_ms=None):
+    def readinto(self, mv):
+        # held to the same minimum rate as an HTTP body (ota.http.rate_deadline)
+        from ota.http import rate_deadline
         n = min(len(mv), self.left)
         if not n:
             return 0
         _ask("READ %d" % n)
-        self.src.fill(mv[:n], deadline_ms)
+        self.src.fill(mv[:n], rate_deadline(self.t0, self.got, self.timeout_s))
         self.left -= n
+        self.got += n
         return n
 
     def close(self):
@@ -99,4 +99,4 @@ def get(url, timeout_s, start=0, ca=None):
     status = int(parts[0])
     if status not in (200, 206):
         raise _err("http-%d" % status, "the host has no %s (%d)" % (url[7:][:60], status))
-    return Response(src, status, int(parts[1]), start)
+    return Response(src, status, int(parts[1]), start, timeout_s)

@@ -7,7 +7,7 @@ SCHEMA = 1
 # Fields this agent understands; a release that lists any other field in "critical" is
 # refused (like MCUboot's unknown protected TLVs): it relies on something we cannot check.
 KNOWN = ("schema", "version", "board", "chip", "security_counter", "image", "payload",
-         "critical", "created_by")
+         "critical", "created_by", "issued")
 ENCODINGS = ("raw", "deflate")
 _CHUNKS_MAX = 512
 

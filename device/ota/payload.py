@@ -32,7 +32,7 @@ def _chunk_iv(iv, k):
 class _ChunkReader(io.IOBase):
     # The payload bytes of one chunk as a stream: hashes them (as sent), decrypts them,
     # and ends exactly at the chunk's end so the decompressor cannot read into the next.
-    def __init__(self, resp, size, aes, stage, timeout_s):
+    def __init__(self, resp, size, aes, stage):
         self.resp = resp
         self.left = size
         self.aes = aes
@@ -40,11 +40,12 @@ class _ChunkReader(io.IOBase):
         self.pos = 0
         self.end = 0
         self.h = hashlib.sha256()
-        self.timeout_s = timeout_s
 
     def _fill(self, mv):
+        # Every read is held to the response's minimum rate (ota.http.rate_deadline), counted
+        # from the start of the response: small reads do not each get a fresh deadline.
         n = min(len(mv), self.left)
-        got = http.read_full(self.resp, mv[:n], http.deadline(self.timeout_s))
+        got = http.read_full(self.resp, mv[:n])
         if got < n:
             raise OtaError("truncated", "payload ended inside a chunk", TRANSPORT)
         self.h.update(mv[:n])
@@ -75,8 +76,7 @@ class _ChunkReader(io.IOBase):
 
 
 class Decoder:
-    def __init__(self, cfg, offer, st, mv, reserve=None):
-        self.reserve = reserve  # heap held back for the inflater's window (see ota.update)
+    def __init__(self, cfg, offer, st, mv):
         self.cfg = cfg
         self.o = offer
         self.m = offer.m
@@ -133,6 +133,10 @@ class Decoder:
                 print("ota: server ignored the Range request: starting over")
                 k = 0
                 offset = 0
+            elif offset and not resp.headers.get("content-range", "").startswith("bytes %d-" % offset):
+                # the server's fault, not the release's: keep the chunks we have
+                raise OtaError("bad-response", "Content-Range %r for a request from %d"
+                               % (resp.headers.get("content-range"), offset), TRANSPORT)
             if resp.length is not None and resp.length != m.size - offset:
                 raise OtaError("truncated" if resp.length < m.size - offset else "too-long",
                                "server has %d bytes from %d, manifest says %d" % (resp.length, offset, m.size))
@@ -144,7 +148,7 @@ class Decoder:
                 if since_save >= cfg.progress_every and k < len(m.chunks):
                     self._save(k)
                     since_save = 0
-            if resp.length is None and http.read_full(resp, self.mv[:1], http.deadline(cfg.timeout_s)):
+            if resp.length is None and http.read_full(resp, self.mv[:1]):
                 raise OtaError("too-long", "payload continues past the declared %d bytes" % m.size)
             return k
         except OtaError as e:
@@ -156,15 +160,12 @@ class Decoder:
     def _chunk(self, resp, k):
         m, mv = self.m, self.mv
         size, digest = m.chunks[k]
-        reader = _ChunkReader(resp, size, self._aes(k), self.stage, self.cfg.timeout_s)
+        reader = _ChunkReader(resp, size, self._aes(k), self.stage)
         src = reader
         if m.encoding == "deflate":
             import deflate
             import gc
-            # Let go of the reserve (and the previous chunk's window) so the new window
-            # (2^wbits bytes) finds a hole even in a fragmented heap.
-            self.reserve = None
-            gc.collect()
+            gc.collect()  # the previous chunk's window (2^wbits bytes) goes before the next's
             src = deflate.DeflateIO(reader, deflate.RAW, m.wbits)
         out = min(m.chunk, m.image_size - k * m.chunk)
         block = k * m.chunk // _BLOCK
@@ -176,6 +177,7 @@ class Decoder:
                     raise OtaError("bad-payload", "chunk %d decodes to too few bytes" % k)
                 if block == 0:
                     check_first_block(mv, self.cfg.chip_id, m.version)
+                    mv[0] = 0xFF  # the magic byte goes in last (image.py)
                 for i in range(got, _BLOCK):
                     mv[i] = 0xFF
                 self.o.target.writeblocks(block, mv)

@@ -1,4 +1,9 @@
-# What the agent remembers across resets, in ota_state.json (replaced atomically):
+# What the agent remembers across resets. Two copies, ota_state.0.json and ota_state.1.json,
+# each with a CRC and a generation number: a save writes the older copy, so a power cut while
+# writing (torn on FAT; LittleFS keeps the old content of a file not closed) leaves the newer
+# one intact. No rename: on FAT (MicroPython's VfsFat.rename removes an existing target first) a
+# power cut between that remove and the rename, then one during the next save, lost everything.
+# An ota_state.json of an earlier agent is read when neither copy is there.
 #   last_result  what the last update/confirm did: installed, confirmed, up-to-date, refused,
 #                failed, rolled-back, interrupted, skipped
 #   last_error   null or a stable error code; detail: the human-readable reason
@@ -11,32 +16,63 @@
 #   rollback     what this board does with an unconfirmed image, learnt at the first update:
 #                "bootloader" (ESP-IDF rolls it back), "no-rollback" or "board-confirms"
 #                (the agent does; see ota/trial.py)
-#   retried      digest of the release that already had its one extra try after a rollback
+#   backoff      the release whose attempts keep failing: {"digest", "version", "code",
+#                "fails", "skip" (checks still to skip)} (see backoff_fail)
+#   trials       failures of a release's trial blamed on the environment: {"digest", "env"}
 #   retry_after  seconds a server asked us to wait (Retry-After), or null
+#   gen          generation of this copy of the state (the newer copy wins)
 #   rejected     releases never to try again (manifest digest, version, reason), newest last
 #   floor        the security counter of the newest confirmed release (anti-rollback)
 from ota import jsonfile
 from ota.errors import OtaError, DEVICE
 
-PATH = "ota_state.json"
+PATHS = ("ota_state.0.json", "ota_state.1.json")
+LEGACY = "ota_state.json"
 _MAX = 8192
 _REJECTED_MAX = 8
 
 
 def _fresh():
-    return {"last_result": None, "last_error": None, "detail": "", "pending": None,
-            "rejected": [], "floor": 0}
+    # every field, always: a state loaded, changed and compared (save) keeps its key order
+    return {"last_result": None, "last_error": None, "detail": "", "pending": None, "progress": None,
+            "rejected": [], "floor": 0, "retry_after": None, "rollback": None, "backoff": None,
+            "trials": None, "gen": 0}
 
 
 def load():
-    for path in (PATH, PATH + ".tmp"):
-        try:
-            st = jsonfile.read(path, _MAX)
-        except (ValueError, OSError):
-            st = None  # corrupt: fall back; losing it costs at most one more rollback
-        if isinstance(st, dict):
-            return _sane(st)
-    return _fresh()
+    best = None
+    for path in PATHS:
+        st = jsonfile.read_sealed(path, _MAX)
+        if isinstance(st, dict) and isinstance(st.get("gen"), int) and (best is None or st["gen"] > best["gen"]):
+            best = st
+    if best is None:
+        for path in (LEGACY, LEGACY + ".tmp"):
+            try:
+                best = jsonfile.read(path, _MAX)
+            except (ValueError, OSError):
+                best = None  # corrupt: fall back; losing it costs at most one more rollback
+            if isinstance(best, dict):
+                break
+    st = _sane(best) if isinstance(best, dict) else _fresh()
+    global _seen
+    _seen = _canon(st)
+    return st
+
+
+# The state as last read or written, without its generation: a save that would write the same
+# again writes nothing. A device that checks every minute and is up to date then writes its
+# filesystem never, not 1,440 times a day (FAT has no wear levelling).
+_seen = None
+
+
+def _canon(st):
+    import json
+    g = st.pop("gen", None)
+    try:
+        return json.dumps(st)
+    finally:
+        if g is not None:
+            st["gen"] = g
 
 
 def _rec(d, text):
@@ -61,12 +97,13 @@ def _sane(st):
     # a field of the wrong type goes back to its fresh value, so that it cannot make every
     # later update() fail the same way.
     base = _fresh()
-    for k, t in (("last_result", str), ("last_error", str), ("retried", str), ("detail", str), ("rollback", str),
-                 ("retry_after", int), ("floor", int)):
+    for k, t in (("last_result", str), ("last_error", str), ("detail", str), ("rollback", str),
+                 ("retry_after", int), ("floor", int), ("gen", int)):
         v = st.get(k)
         if isinstance(v, t) and (t is str or v >= 0):
             base[k] = v
-    for k, text in (("pending", ("digest", "version", "slot", "?", "from")), ("progress", ("digest", "slot"))):
+    for k, text in (("pending", ("digest", "version", "slot", "?", "from")), ("progress", ("digest", "slot")),
+                    ("backoff", ("digest", "?", "version", "code")), ("trials", ("digest",))):
         if _rec(st.get(k), text):
             base[k] = st[k]
     rej = st.get("rejected")
@@ -78,10 +115,17 @@ def _sane(st):
 def save(st):
     # A filesystem that is full (or broken) must not crash the application: the caller gets
     # an OtaError, and the updater installs nothing it could not record.
+    global _seen
+    c = _canon(st)
+    if c == _seen:
+        return
+    st["gen"] = st.get("gen", 0) + 1
+    path = PATHS[st["gen"] % 2]
     try:
-        jsonfile.write(PATH, st)
+        jsonfile.write_sealed(path, st)
     except OSError as e:
-        raise OtaError("state-unwritable", "cannot write %s (%r): is the filesystem full?" % (PATH, e), DEVICE)
+        raise OtaError("state-unwritable", "cannot write %s (%r): is the filesystem full?" % (path, e), DEVICE)
+    _seen = c
 
 
 def save_or_log(st):
@@ -105,6 +149,70 @@ def rejected_reason(st, digest):
         if r.get("digest") == digest:
             return r.get("reason")
     return None
+
+
+# ---- repeated failures -----------------------------------------------------------------------
+# Back-off: after the n-th failed attempt in a row at the same release (a payload that does not
+# verify, a download that makes no progress, a rollback blamed on the environment) the next
+# 2^n - 1 checks skip it, at most 255: with a check a minute, 1, 3, 7, 15, ... minutes, then
+# every 4.3 hours. Counted in checks, not seconds: a device without a clock cannot tell time
+# across a power cut. A slot rewritten at that rate wears out no NOR flash.
+_SKIP_MAX = 255
+
+
+def backoff_skip(st, digest):
+    # True if this check skips the release (and counts the skip).
+    b = st.get("backoff")
+    if b and b.get("digest") == digest and b.get("skip", 0) > 0:
+        b["skip"] -= 1
+        return True
+    return False
+
+
+def backoff_fail(st, digest, version, code):
+    b = st.get("backoff")
+    fails = b.get("fails", 0) + 1 if b and b.get("digest") == digest else 1
+    st["backoff"] = {"digest": digest, "version": version, "code": code, "fails": fails,
+                     "skip": min((1 << min(fails, 8)) - 1, _SKIP_MAX)}
+
+
+def backoff_clear(st, digest=None):
+    b = st.get("backoff")
+    if b and (digest is None or b.get("digest") == digest):
+        st["backoff"] = None
+
+
+# Evidence against the environment (power lost during a new image's trial, a health check that
+# never decided: the Wi-Fi was down) is not held against the release: it is tried again, with
+# back-off, ENV_TRIES times more (5 trials in all: with a check a minute, over about half an
+# hour); evidence against the release (a crash, a watchdog reset, a health check that said no)
+# rejects it at once. So no image, however broken, keeps a board resetting.
+ENV_TRIES = 4
+
+
+def env_failure(st, digest):
+    # Count one; True while the release may still be tried again.
+    t = st.get("trials")
+    n = t.get("env", 0) + 1 if t and t.get("digest") == digest else 1
+    st["trials"] = {"digest": digest, "env": n}
+    return n <= ENV_TRIES
+
+
+def forget(st, what=None):
+    # The owner's way out: forget rejections (all, or of a version or digest) and back-offs.
+    # Returns the versions forgotten.
+    keep, gone = [], []
+    for r in st["rejected"]:
+        if what is None or what in (r.get("version"), r.get("digest")):
+            gone.append(r.get("version"))
+        else:
+            keep.append(r)
+    st["rejected"] = keep
+    b = st.get("backoff")
+    if b and (what is None or what in (b.get("version"), b.get("digest"))):
+        st["backoff"] = None
+    st["trials"] = None
+    return gone
 
 
 def reject(st, digest, version, reason):

@@ -22,4 +22,5 @@ def status():
         "retry_after": st.get("retry_after"),
         "progress": st.get("progress"),
         "rollback": st.get("rollback"),
+        "backoff": st.get("backoff"),
     }

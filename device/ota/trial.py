@@ -98,8 +98,16 @@ def _start(b, watchdog_ms):
             _log("warning: %s: this board does not roll back by itself; the agent does" % b.kind)
         state.save_or_log(st)
         if p["boots"] > 1:
-            _log("%s started again without being confirmed; rolling back" % p.get("version"))
-            _set_back(b)
+            # It started again without being confirmed. A power cut is no fault of the release:
+            # its trial goes on (a few times at most); a watchdog reset, a panic or a reset of
+            # its own are evidence against it: we roll back, as a bootloader would have.
+            import machine
+            cause = machine.reset_cause()
+            if cause != machine.PWRON_RESET or p["boots"] > 1 + state.ENV_TRIES:
+                _log("%s started again without being confirmed; rolling back" % p.get("version"))
+                p["cause"] = cause
+                state.save_or_log(st)
+                _set_back(b)
 
 
 def _set_back(b):
@@ -179,13 +187,21 @@ def confirm(health=None, timeout_ms=30000, watchdog_ms=None):
         _log("new firmware confirmed; restarting so that the trial's watchdog is disarmed")
         machine.reset()
     version = pend.get("version") if pend else None
-    if pend:
-        state.reject(st, pend.get("digest"), version, code)
+    digest = pend.get("digest") if pend else None
+    if code == "health-timeout" and digest and state.env_failure(st, digest):
+        # The check never decided (the network may be down): not held against the release.
+        # It is installed again later, with back-off; its image stays in the slot.
+        state.backoff_fail(st, digest, version or "", code)
+        detail = "%s: its health check never decided (%s); tried again later" % (version, detail)
+    else:
+        if digest:
+            state.reject(st, digest, version, code)
+        st["progress"] = None
+        detail = "%s failed its health check (%s); rolling back" % (version, detail)
     st["pending"] = None
-    st["progress"] = None
-    state.record(st, "rolled-back", code, "%s failed its health check (%s); rolling back" % (version, detail))
+    state.record(st, "rolled-back", code, detail)
     state.save_or_log(st)
-    _log("health check failed (%s: %s); resetting to roll back" % (code, detail))
+    _log("health check failed (%s); resetting to roll back" % detail)
     if b.kind != "bootloader":
         _set_back(b)
     machine.reset()
@@ -208,27 +224,38 @@ def _not_a_trial(b):
             state.save_or_log(st)
             _log("setting %s to boot was interrupted; will retry" % pend.get("version"))
             return {"result": "interrupted", "error": "interrupted"}
-        # We set another slot to boot, yet we run here: it never confirmed itself (a crash, a
-        # watchdog reset, or power lost before the health check passed) and it was rolled
-        # back. A power cut is no fault of the release, so it gets one more try (its image is
-        # still complete in the slot); failing twice rejects it.
+        # We set another slot to boot, yet we run here: it never confirmed itself and it was
+        # rolled back. How its trial ended is how this boot began (machine.reset_cause(), or
+        # what the agent noted before rolling back itself): power lost (PWRON_RESET) is no fault
+        # of the release: it is tried again (its image is still in the slot), with back-off, a
+        # few times at most. A watchdog reset (an exception or a hang before confirm()), a panic
+        # or a reset of its own are evidence against it: rejected.
+        import machine
         st["pending"] = None
-        if st.get("retried") == pend.get("digest"):
-            st["progress"] = None
-            state.reject(st, pend.get("digest"), pend.get("version"), "rolled-back")
-            detail = "%s did not confirm itself, twice; rejected" % pend.get("version")
+        cause = pend.get("cause") or machine.reset_cause()
+        digest, version = pend.get("digest"), pend.get("version")
+        if cause == machine.PWRON_RESET and state.env_failure(st, digest):
+            state.backoff_fail(st, digest, version, "trial-interrupted")
+            code = "trial-interrupted"
+            detail = "%s lost power before it confirmed itself; tried again later" % version
         else:
-            st["retried"] = pend.get("digest")
-            detail = "%s did not confirm itself before a reset; it gets one more try" % pend.get("version")
-        state.record(st, "rolled-back", "rolled-back", detail)
+            st["progress"] = None
+            code = "rolled-back"
+            state.reject(st, digest, version, code)
+            detail = "%s did not confirm itself (%s); rejected" % (version, _CAUSES.get(cause, "reset %d" % cause))
+        state.record(st, "rolled-back", code, detail)
         state.save_or_log(st)
         _log("rolled back: " + detail)
-        return {"result": "rolled-back", "error": "rolled-back"}
+        return {"result": "rolled-back", "error": code}
     if pend and b.run_state == "VALID":
         # Marked valid, then power failed before the state was saved: finish the job.
         _confirmed(st, pend)
         return {"result": "confirmed", "error": None}
     return {"result": "nothing-to-confirm", "error": None}
+
+
+_CAUSES = {1: "power lost too often", 2: "a panic or a reset", 3: "a watchdog reset", 4: "deep sleep",
+           5: "a soft reset"}
 
 
 def _was_booted(pend, recs, all_slots):
@@ -245,6 +272,8 @@ def _was_booted(pend, recs, all_slots):
 def _confirmed(st, pend):
     st["pending"] = None
     st["progress"] = None
+    st["trials"] = None
+    state.backoff_clear(st)
     c = pend.get("counter") or 0
     if c > st["floor"]:
         st["floor"] = c

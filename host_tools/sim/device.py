@@ -25,6 +25,9 @@ from pathlib import Path
 from .. import BOARDS_DIR, MpotaError, deviceconfig, devicepkg, espimage, partitions, read_input
 
 FLASH_SIZE = 4 * 1024 * 1024
+# The smallest heap an update is published to need (README, docs/memory.md); a simulated
+# device runs with it unless told otherwise, and the tests install at it.
+HEAP_FLOOR = "128K"
 DEFAULT_ROOT = Path("devices")
 
 # How the simulated board differs from a stock ESP32 with MicroPython's OTA firmware:
@@ -35,8 +38,13 @@ DEFAULT_ROOT = Path("devices")
 #                   (records stay NEW after the boot)
 #   board_confirms  the board's start-up code marks every image valid before main.py runs (as
 #                   ARDUINO_NANO_ESP32's board_init.c does)
-HARDWARE = {"chip_rev": 300, "rollback": "on", "board_confirms": False}
+#   fs              the device's filesystem: "host" (a directory, devices/NAME/fs/), or "littlefs"
+#                   or "fat": a real VfsLfs2 / VfsFat in the flash's vfs partition, as the ESP32
+#                   port mounts it, whose every write the power-loss sweep can cut (boards/unix/simfs.py)
+HARDWARE = {"chip_rev": 300, "rollback": "on", "board_confirms": False, "fs": "host"}
 ROLLBACK_MODES = ("on", "off", "bootloader-off")
+FS_KINDS = ("host", "littlefs", "fat")
+FS_FILES = ("boot.py", "main.py", "ota_config.json", "ca.der")  # what create puts on the filesystem
 
 
 @dataclass
@@ -70,7 +78,7 @@ class SimDevice:
         """What boards/unix reads about the simulated chip and its build (see HARDWARE)."""
         hw = dict(HARDWARE, **self.hardware)
         return {"MPOTA_CHIP_REV": str(hw["chip_rev"]), "MPOTA_ROLLBACK": hw["rollback"],
-                "MPOTA_BOARD_CONFIRMS": "1" if hw["board_confirms"] else "0",
+                "MPOTA_BOARD_CONFIRMS": "1" if hw["board_confirms"] else "0", "MPOTA_FS": hw["fs"],
                 "MPOTA_UID": hashlib.sha256(self.name.encode()).hexdigest()[:12]}
 
     def save(self) -> None:
@@ -223,6 +231,9 @@ def create(name: str, pubkeys: list[Path], server: str, firmware: Path, *, root:
             if src.name not in ("boot.py", "main.py"):
                 devicepkg.compile_file(src, dev.platform_dir / (src.stem + ".mpy"), info.get("mpy_arch"))
         dev.save()
+        if dev.hardware["fs"] != "host":
+            from .runner import fs_format
+            fs_format(dev, [dev.fs / f for f in FS_FILES if (dev.fs / f).exists()])
         if path.exists():
             with in_use(SimDevice(name, path), "mpota sim create --force"):
                 old = Path(root) / f".{name}.replaced-{os.getpid()}"

@@ -197,6 +197,10 @@ def serve(dev: SimDevice, srv: socket.socket, heap: str | None = None, once: boo
     user); with `once`, stop when the first client leaves. The board runs for as long as this
     does, so the device is held (device.in_use) all that time: `mpota sim run` on it meanwhile
     is refused instead of writing the same flash."""
+    if dev.hardware.get("fs", "host") != "host":
+        raise SimError(f"{dev.name}'s filesystem is in its flash ({dev.hardware['fs']}): the console serves "
+                       "devices whose filesystem is a host directory",
+                       hint="create one without --fs for mpremote and mpota deploy; `mpota sim run` runs this one")
     with in_use(dev, "mpota sim repl"):
         _serve(dev, srv, heap, once, idle_s, log)
 

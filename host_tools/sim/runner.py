@@ -119,6 +119,8 @@ def run_micropython(dev: SimDevice, args: list[str], env: dict, heap: str | None
                 continue
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
+    if rc == -signal.SIGKILL:
+        rc = POWER_LOSS  # a power cut (flash.py): the process killed itself, no clean-up ran
     reader.join(timeout=5)
     return rc, "".join(lines)
 
@@ -255,6 +257,77 @@ def run(dev: SimDevice, heap: str | None = None, max_boots: int = 8, echo=print,
                    hint="see the boot log above; --max-boots raises the limit")
 
 
+STATE_FILES = ("ota_state.0.json", "ota_state.1.json")  # device/ota/state.py
+LEGACY_STATE = "ota_state.json"
+
+
+def _simfs(dev: SimDevice, *args) -> tuple[int | str, str]:
+    return run_micropython(dev, ["-m", "simfs", *map(str, args)], device_env(dev), timeout=60)
+
+
+def fs_format(dev: SimDevice, files: list[Path]) -> None:
+    """Make the device's LittleFS / FAT filesystem and move `files` (host paths) onto it."""
+    rc, out = _simfs(dev, "mkfs")
+    for f in files:
+        if rc == 0:
+            rc, out = _simfs(dev, "put", f.name, f.resolve())
+            f.unlink()
+    if rc != 0:
+        raise SimError(f"cannot make the simulated device's filesystem (exit {rc}):\n{out}")
+
+
+def fs_read(dev: SimDevice, name: str) -> bytes | None:
+    """A file of the device's filesystem (wherever it lives), or None if it has none."""
+    if dev.hardware.get("fs", "host") == "host":
+        try:
+            return (dev.fs / name).read_bytes()
+        except OSError:
+            return None
+    cmd = [micropython_binary(), "-m", "simfs", "get", name]
+    r = subprocess.run(cmd, cwd=dev.fs, env=device_env(dev), capture_output=True, timeout=60)
+    return r.stdout if r.returncode == 0 else None
+
+
+def fs_write(dev: SimDevice, name: str, data: bytes) -> None:
+    if dev.hardware.get("fs", "host") == "host":
+        (dev.fs / name).write_bytes(data)
+        return
+    tmp = dev.path / ".fs-put"
+    tmp.write_bytes(data)
+    try:
+        rc, out = _simfs(dev, "put", name, tmp.resolve())
+    finally:
+        tmp.unlink()
+    if rc != 0:
+        raise SimError(f"cannot write {name} on the simulated device (exit {rc}):\n{out}")
+
+
+def read_state(dev: SimDevice) -> dict | None:
+    """The agent's state file as the agent reads it (the newer intact copy; a CRC after the
+    JSON), read from the host side; None if there is none. For tests and `sim list`."""
+    import zlib
+    best = None
+    for name in STATE_FILES:
+        try:
+            data = fs_read(dev, name)
+            if data is None:
+                continue
+            text, crc = data.rsplit(b"\n", 1)
+            if int(crc, 16) != zlib.crc32(text):
+                continue
+            st = json.loads(text)
+        except (OSError, ValueError):
+            continue
+        if isinstance(st, dict) and (best is None or st.get("gen", 0) > best.get("gen", 0)):
+            best = st
+    if best is None:
+        try:
+            best = json.loads(fs_read(dev, LEGACY_STATE) or b"")
+        except ValueError:
+            return None
+    return best
+
+
 def ensure_running(dev: SimDevice) -> dict:
     """The slot the device last booted; a device never run is powered on (bootloader) first."""
     if not dev.running:
@@ -270,8 +343,8 @@ def status(dev: SimDevice, heap: str | None = None) -> dict:
     """ota.status() of the device, asked of the agent itself in the slot that last booted."""
     ensure_running(dev)
     env = firmware_env(dev, dev.running)
-    rc, out = run_micropython(dev, ["-c", "import ota, json; print(json.dumps(ota.status()))"], env,
-                              heap or dev.heap)
+    rc, out = run_micropython(dev, ["-c", "import simfs; simfs.mount()\nimport ota, json\n"
+                                          "print(json.dumps(ota.status()))"], env, heap or dev.heap)
     if rc != 0:
         raise SimError(f"ota.status() failed on the device (exit {rc}):\n{out}")
     return json.loads(out.strip().splitlines()[-1])
