@@ -80,6 +80,8 @@ class Board:
         self.raw = False         # has the client entered the raw REPL (\r Ctrl-A) and not left it?
         self._tail = b""
         self._tail_in = b""
+        self.held = b""          # typed after an interrupt, while main.py ends and the REPL starts
+        self.held_since = 0.0
         self.out = b""           # what the console printed while nobody was connected
 
     def start(self, how: str = "power-on", cause: int = PWRON_RESET) -> None:
@@ -107,6 +109,12 @@ class Board:
                                      close_fds=True, start_new_session=True)
         os.close(slave)
         self.in_script = self.in_script_process = script
+        if self.held and not script:
+            # A board's UART holds what was typed while main.py unwound into the REPL; here the
+            # REPL is a new process, so what the client sent meanwhile (mpremote's \r Ctrl-A right
+            # after its Ctrl-C) is handed to it instead of being lost with the old terminal.
+            self._put(self.held)
+        self.held = b""
 
     def read(self) -> bytes:
         try:
@@ -125,8 +133,17 @@ class Board:
         if i != j:
             self.raw = i > j
         self._tail_in = seen[-1:]
+        if self.held_since:
+            self.held += data
+            return
         if self.in_script and b"\x03" in data and self.proc and self.proc.poll() is None:
             os.killpg(self.proc.pid, signal.SIGINT)  # a board's UART interrupt: KeyboardInterrupt
+            self.held_since = time.monotonic()
+            k = data.index(b"\x03") + 1
+            data, self.held = data[:k], data[k:]
+        self._put(data)
+
+    def _put(self, data: bytes) -> None:
         try:
             os.write(self.master, data)
         except OSError:
@@ -138,6 +155,10 @@ class Board:
         if self.proc is None:
             return
         rc = self.proc.poll()
+        if rc is None and self.held_since and (self.in_script is False or time.monotonic() - self.held_since > 1):
+            self.held_since = 0.0  # the script caught the interrupt and went on: it gets the input
+            self._put(self.held)
+            self.held = b""
         if rc is None and watchdog_expired(self.wdt):
             self._stop()
             self.log("sim repl: the watchdog was not fed: reset")
@@ -179,6 +200,7 @@ class Board:
         self.start(how, cause)
 
     def _stop(self) -> None:
+        self.held_since = 0.0
         if self.proc is not None and self.proc.poll() is None:
             os.killpg(self.proc.pid, signal.SIGKILL)
             self.proc.wait()
