@@ -75,7 +75,12 @@ class Partition:
             return self._p[3] // self.block_size
         if op == 5:  # block size
             return self.block_size
-        if op == 6:  # erase block
+        if op == 6:  # erase block: esp32_partition_ioctl() erases 4096 bytes, and refuses
+            # (-EINVAL) any other block size; a firmware changed to erase a whole block of
+            # block_size (MPOTA_ERASE64=1: one 64 KiB block erase command) lets an updater erase
+            # 64 KiB at a time
+            if self.block_size != SECTOR and os.getenv("MPOTA_ERASE64") != "1":
+                return -22
             flash().erase(self._addr(arg, 0, self.block_size), self.block_size)
             return 0
         return None

@@ -1,20 +1,23 @@
 # File-backed SPI flash for the simulated ESP32 (unix board).
 #
 # Strict NOR-flash rules, so that code which works here works on a real chip:
-#   - erase works on whole 4096-byte sectors and sets every byte to 0xFF;
+#   - erase works on whole 4096-byte sectors and sets every byte to 0xFF; an aligned 64 KiB
+#     region is erased with one block erase, as ESP-IDF's esp_flash_erase_region() does;
 #   - a write may only clear bits (1 -> 0); setting a bit needs an erase first;
 #   - every access stays inside the flash.
 # A rule broken is an OSError, never a silent success.
 #
-# Fault injection for power-loss sweeps: MPOTA_CUT_AT=N makes the N-th erase/write of this
-# process (1-based) the last one: with MPOTA_CUT_TEAR=1 that operation is torn (half of it
-# happens), otherwise it does not happen at all; then the process ends with POWER_LOSS_EXIT as
-# if the power had failed. MPOTA_OPS_FILE, when set, receives the number of operations done and,
-# after a space, how many of them were erases.
+# Fault injection for power-loss sweeps: MPOTA_CUT_AT=N makes the N-th erase/write command of
+# this process (1-based) the last one: with MPOTA_CUT_TEAR=1 that operation is torn (half of it
+# happens), otherwise it does not happen at all; then the power is gone (_power_loss).
+# MPOTA_OPS_FILE, when set, receives after every erase or write what the flash did so far:
+#   commands  sector-erases  block-erases  bytes-programmed  bytes-read
+# (host_tools/sim/flashtime.py turns that into the time a real chip would take).
 import os
 import sys
 
 SECTOR = 4096
+BLOCK = 65536
 POWER_LOSS_EXIT = 101
 
 # Small and preallocated, so the emulated flash adds little to the heap the agent is measured
@@ -24,23 +27,16 @@ _PIECE = 256
 _FF = b"\xff" * _PIECE
 
 
-def _env_int(name):
-    v = os.getenv(name)
-    return int(v) if v else 0
-
-
 class Flash:
     def __init__(self, path):
-        self.path = path
         self.f = open(path, "r+b")
         self.f.seek(0, 2)
         self.size = self.f.tell()
-        self.ops = 0
-        self.erases = 0
-        self.cut_at = _env_int("MPOTA_CUT_AT")
+        self.n = [0, 0, 0, 0, 0]  # what MPOTA_OPS_FILE receives (above)
+        self.cut_at = int(os.getenv("MPOTA_CUT_AT") or 0)
         self.tear = os.getenv("MPOTA_CUT_TEAR") == "1"
         self.ops_file = os.getenv("MPOTA_OPS_FILE")
-        self._old = bytearray(_PIECE)  # scratch: the bytes under a write (idf.py borrows it)
+        self._old = bytearray(_PIECE)  # scratch: the bytes under a write (idfimage.py borrows it)
 
     def _check(self, addr, n):
         if addr < 0 or n < 0 or addr + n > self.size:
@@ -48,17 +44,17 @@ class Flash:
 
     def read(self, addr, buf):
         self._check(addr, len(buf))
+        self.n[4] += len(buf)
         self.f.seek(addr)
         self.f.readinto(buf)
 
-    def _count(self, erase=False):
-        # Returns True when this operation is the one the power fails at.
-        self.ops += 1
-        self.erases += erase
+    def _count(self):
+        # One more command; True when it is the one the power fails at.
+        self.n[0] += 1
         if self.ops_file:
             with open(self.ops_file, "w") as f:
-                f.write("%d %d" % (self.ops, self.erases))
-        return self.cut_at and self.ops >= self.cut_at
+                f.write(" ".join(str(x) for x in self.n))
+        return self.cut_at and self.n[0] >= self.cut_at
 
     def _power_loss(self):
         # The power is gone: nothing more runs. Not sys.exit(): its SystemExit would unwind the
@@ -73,15 +69,19 @@ class Flash:
         if addr % SECTOR or n % SECTOR:
             raise OSError(22)  # erase is sector-aligned only
         self._check(addr, n)
-        cut = self._count(True)
+        if addr % BLOCK == 0 and n == BLOCK:
+            self.n[2] += 1  # one block erase command
+        else:
+            self.n[1] += n // SECTOR  # a sector erase command each
+        cut = self._count()
         if cut and not self.tear:
             self._power_loss()
         if cut:
             n = n // 2  # a torn erase leaves the second half as it was
         self.f.seek(addr)
         while n > 0:
-            k = min(n, 256)
-            self.f.write(_FF if k == 256 else _FF[:k])
+            k = min(n, _PIECE)
+            self.f.write(_FF if k == _PIECE else _FF[:k])
             n -= k
         if cut:
             self._power_loss()
@@ -90,6 +90,7 @@ class Flash:
         n = len(data)
         self._check(addr, n)
         self._check_bits(addr, data, n)
+        self.n[3] += n
         cut = self._count()
         if cut and not self.tear:
             self._power_loss()

@@ -24,18 +24,12 @@ _RESIDENT = ("ota._sha512_viper",)
 
 
 def _unload(keep):
-    g = globals()
-    for name in list(sys.modules):
-        if name.startswith("ota.") and name not in keep and name not in _RESIDENT:
-            del sys.modules[name]
-            if type(g.get(name[4:])) is type(sys):  # the attribute the import set on the package
-                del g[name[4:]]
-    import gc
-    gc.collect()
+    _drop([n for n in sys.modules if n.startswith("ota.") and n not in keep and n not in _RESIDENT])
 
 
 def _drop(names):
-    # Forget these modules now (an update's stages: ota/updater.py), then collect.
+    # Forget these modules (and the attributes their import set on the package), then collect:
+    # after every API call (_unload), and between an update's stages (ota/updater.py).
     g = globals()
     for name in names:
         if name in sys.modules:
@@ -44,6 +38,15 @@ def _drop(names):
                 del g[name[4:]]
     import gc
     gc.collect()
+
+
+def _call(module, fn, *args):
+    # Run ota.<module>.<fn>(*args), then forget every module the call loaded.
+    keep = set(sys.modules)
+    try:
+        return getattr(__import__("ota." + module, None, None, (fn,)), fn)(*args)
+    finally:
+        _unload(keep)
 
 
 def _no_memory(what):
@@ -61,75 +64,42 @@ def _no_memory(what):
 
 
 def guard(watchdog_ms=None):
-    keep = set(sys.modules)
-    try:
-        from ota.trial import guard as _guard
-        return _guard(watchdog_ms)
-    finally:
-        _unload(keep)
+    return _call("trial", "guard", watchdog_ms)
 
 
 def confirm(health=None, timeout_ms=30000, watchdog_ms=None):
-    keep = set(sys.modules)
-    try:
-        from ota.trial import confirm as _confirm
-        return _confirm(health, timeout_ms, watchdog_ms)
-    finally:
-        _unload(keep)
+    return _call("trial", "confirm", health, timeout_ms, watchdog_ms)
 
 
-def update(reboot=True, source=None):
-    # The update's one 4 KiB block buffer is taken first, while the heap is least fragmented;
-    # the updater's code loads after it (many small allocations fit where 4 KiB would not).
-    # See docs/memory.md.
-    keep = set(sys.modules)
-    try:
-        import gc
-        gc.collect()
-        buf = bytearray(4096)
-        from ota.updater import update as _update
-        return _update(reboot, buf, source)
-    except MemoryError:
-        buf = None
-        _unload(keep)  # room for _no_memory() to load ota.state (finally: unloads that too)
-        return _no_memory("loading the updater")
-    finally:
-        _unload(keep)
-
-
-def check():
-    keep = set(sys.modules)
-    try:
-        import gc
-        gc.collect()
-        buf = bytearray(4096)  # first, as in update()
-        from ota.updater import check as _check
-        return _check(buf)
-    except MemoryError:
-        return {"update": False, "error": "no-memory", "detail": "out of heap loading the updater"}
-    finally:
-        _unload(keep)
+def status():
+    return _call("summary", "status")
 
 
 def forget(release=None):
     # The owner's way out: forget that a release was rejected (a version, a manifest digest, or
     # None for all) and any back-off, so the next update() tries it again. Returns the
     # versions forgotten.
-    keep = set(sys.modules)
-    try:
-        from ota import state
-        st = state.load()
-        gone = state.forget(st, release)
-        state.save(st)
-        return gone
-    finally:
-        _unload(keep)
+    return _call("trial", "forget_rejected", release)
 
 
-def status():
-    keep = set(sys.modules)
+def _buffered(fn, *args):
+    # update() and check(): the call's one 4 KiB block buffer is taken first, while the heap is
+    # least fragmented; the updater's code loads after it (many small allocations fit where
+    # 4 KiB would not). An updater that does not fit is an answer, not an exception in the
+    # application. See docs/memory.md.
+    import gc
+    gc.collect()
     try:
-        from ota.summary import status as _status
-        return _status()
-    finally:
-        _unload(keep)
+        return _call("updater", fn, bytearray(4096), *args)
+    except MemoryError:
+        gc.collect()
+        return None
+
+
+def update(reboot=True, source=None):
+    return _buffered("update", reboot, source) or _no_memory("loading the updater")
+
+
+def check():
+    return _buffered("check") or {"update": False, "error": "no-memory",
+                                  "detail": "out of heap loading the updater"}

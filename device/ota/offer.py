@@ -6,7 +6,7 @@ from micropython import const
 import hashlib
 from binascii import hexlify
 from ota.errors import OtaError, RELEASE, TRANSPORT, DEVICE
-from ota import state, slots, otadata
+from ota import slots, otadata
 
 _MANIFEST_MAX = const(4096)  # fits the block buffer
 
@@ -68,6 +68,15 @@ def offer(cfg, st, mv):
 _VERIFIER = ("ota.envelope", "ota.ed25519", "ota.sha512")
 
 
+def _rejected(st, digest):
+    # why the release of `digest` was rejected before, or None (state.rejected_reason(), without
+    # loading ota.state in this stage)
+    for r in st["rejected"]:
+        if r.get("digest") == digest:
+            return r.get("reason")
+    return None
+
+
 def _best_offer(cfg, st, mv, run):
     import ota
     running, secure = slots.read_app_desc(run)
@@ -97,7 +106,7 @@ def _best_offer(cfg, st, mv, run):
             o.running = running
             o.target = target
             o.install = decide(o.m, cfg, running, floor, target.info()[3])
-            o.rejected = state.rejected_reason(st, o.digest)
+            o.rejected = _rejected(st, o.digest)
         except OtaError as e:
             if len(cfg.manifest_urls) > 1:
                 _log("%s: %s (%s)" % (url, e.code, e.detail))

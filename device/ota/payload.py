@@ -97,8 +97,10 @@ class Decoder:
         k = 0
         if prog and prog.get("digest") == self.o.digest and prog.get("slot") == label:
             k = min(prog.get("chunk", 0), len(m.chunks))
-            if k:
-                print("ota: resuming %s at chunk %d/%d" % (m.version, k, len(m.chunks)))
+        if k:
+            print("ota: resuming %s at chunk %d/%d" % (m.version, k, len(m.chunks)))
+        else:
+            print("ota: installing %s over %s into %s (%d bytes)" % (m.version, self.o.running, label, m.size))
         self.k = k
 
         def step():
@@ -120,6 +122,8 @@ class Decoder:
         # Download chunks k.. to the end; returns len(chunks). On failure the OtaError
         # carries .chunk: the first chunk not yet complete.
         m, cfg = self.m, self.cfg
+        from ota.install import Slot
+        self.slot = Slot(self.o.target)  # per connection: only its own erases are trusted
         offset = 0
         for i in range(k):
             offset += m.chunks[i][0]
@@ -169,6 +173,7 @@ class Decoder:
             src = deflate.DeflateIO(reader, deflate.RAW, m.wbits)
         out = min(m.chunk, m.image_size - k * m.chunk)
         block = k * m.chunk // _BLOCK
+        slot = self.slot
         try:
             while out:
                 want = min(_BLOCK, out)
@@ -180,7 +185,7 @@ class Decoder:
                     mv[0] = 0xFF  # the magic byte goes in last (image.py)
                 for i in range(got, _BLOCK):
                     mv[i] = 0xFF
-                self.o.target.writeblocks(block, mv)
+                slot.write(block, mv, (m.image_size - block * _BLOCK + _BLOCK - 1) // _BLOCK)
                 block += 1
                 out -= got
             if m.encoding == "deflate" and _read(src, mv[:1]):
@@ -208,3 +213,8 @@ def _read(src, mv):
         n += k
     return n
 
+
+def fetch(cfg, st, o, mv, url):
+    # ota/install.py's entry: a chunked payload into the slot. Its position is saved as it goes
+    # (on any failure too: the chunks that verified are kept).
+    Decoder(cfg, o, st, mv).run(url)

@@ -12,12 +12,13 @@
 #     64-bit ports). It is a module of its own, imported inside try/except:
 #     where it cannot load (no native emitter, an .mpy built for another
 #     architecture, the file left out) or gives a wrong answer on one known
-#     block, _compress_py below is used instead. As a real module it is
+#     block, the plain one (ota/_sha512_py.py) is used instead. As a real module it is
 #     compiled ahead of time by mpy-cross like the rest of the agent; an
 #     earlier version kept its source in a string and compiled it with
 #     exec() at import, which cost about 1 ms and 10 KiB of heap on every
 #     boot that imported this module.
-#   * _compress_py: plain Python, about 50 times slower.
+#   * ota/_sha512_py.py: plain Python, about 50 times slower, loaded only where
+#     the native one cannot be.
 # Both are checked against CPython's hashlib by tests/test_sha512.py.
 #
 # RAM: one 160-word schedule buffer and the 160-word round constant table
@@ -104,65 +105,6 @@ _IV = _words(_IV)
 _W = array("I", bytes(640))
 
 
-# Plain-Python block function, same contract as the viper one. Python ints
-# are unbounded, so sums are formed whole and the carry is taken from bit 32.
-def _compress_py(H, w, k, b, nblk):
-    M = 0xFFFFFFFF
-    off = 0
-    for _ in range(nblk):
-        for t in range(32):
-            j = off + (t << 2)
-            w[t] = (b[j] << 24) | (b[j + 1] << 16) | (b[j + 2] << 8) | b[j + 3]
-        off += 128
-        for t in range(32, 160, 2):
-            xh = w[t - 4]
-            xl = w[t - 3]
-            hi = ((xh >> 19) | (xl << 13)) ^ ((xl >> 29) | (xh << 3)) ^ (xh >> 6)
-            lo = ((xl >> 19) | (xh << 13)) ^ ((xh >> 29) | (xl << 3)) ^ ((xl >> 6) | (xh << 26))
-            xh = w[t - 30]
-            xl = w[t - 29]
-            hi += ((xh >> 1) | (xl << 31)) ^ ((xh >> 8) | (xl << 24)) ^ (xh >> 7)
-            lo = (lo & M) + ((((xl >> 1) | (xh << 31)) ^ ((xl >> 8) | (xh << 24)) ^ ((xl >> 7) | (xh << 25))) & M)
-            lo += w[t - 13] + w[t - 31]
-            w[t] = (hi + w[t - 14] + w[t - 32] + (lo >> 32)) & M
-            w[t + 1] = lo & M
-        ah, al, bh, bl, ch, cl, dh, dl, eh, el, fh, fl, gh, gl, hh, hl = H
-        for t in range(0, 160, 2):
-            # T1 = h + Sigma1(e) + Ch(e, f, g) + K[t] + W[t]
-            lo = (hl + ((((el >> 14) | (eh << 18)) ^ ((el >> 18) | (eh << 14)) ^ ((eh >> 9) | (el << 23))) & M)
-                  + (gl ^ (el & (fl ^ gl))) + k[t + 1] + w[t + 1])
-            hi = (hh + ((((eh >> 14) | (el << 18)) ^ ((eh >> 18) | (el << 14)) ^ ((el >> 9) | (eh << 23))) & M)
-                  + (gh ^ (eh & (fh ^ gh))) + k[t] + w[t] + (lo >> 32))
-            lo &= M
-            hh = gh
-            hl = gl
-            gh = fh
-            gl = fl
-            fh = eh
-            fl = el
-            x = dl + lo
-            el = x & M
-            eh = (dh + hi + (x >> 32)) & M
-            dh = ch
-            dl = cl
-            ch = bh
-            cl = bl
-            bh = ah
-            bl = al
-            # a = T1 + Sigma0(a) + Maj(a, b, c)
-            lo += ((((bl >> 28) | (bh << 4)) ^ ((bh >> 2) | (bl << 30)) ^ ((bh >> 7) | (bl << 25))) & M) + (
-                (bl & cl) | (dl & (bl | cl)))
-            hi += ((((bh >> 28) | (bl << 4)) ^ ((bl >> 2) | (bh << 30)) ^ ((bl >> 7) | (bh << 25))) & M) + (
-                (bh & ch) | (dh & (bh | ch))) + (lo >> 32)
-            ah = hi & M
-            al = lo & M
-        v = (ah, al, bh, bl, ch, cl, dh, dl, eh, el, fh, fl, gh, gl, hh, hl)
-        for i in range(0, 16, 2):
-            lo = H[i + 1] + v[i + 1]
-            H[i] = (H[i] + v[i] + (lo >> 32)) & M
-            H[i + 1] = lo & M
-
-
 # SHA-512("abc"), for the self-test in _select()
 _ABC = (
     b"\xdd\xaf\x35\xa1\x93\x61\x7a\xba\xcc\x41\x73\x49\xae\x20\x41\x31"
@@ -197,9 +139,18 @@ def _select():
     return None
 
 
+def _plain():
+    try:
+        from ._sha512_py import compress
+    except ImportError:
+        from _sha512_py import compress  # used outside the ota package
+    return compress
+
+
 _compress_viper = _select()
-# The block function in use; tests may swap in _compress_py to check it.
-_compress = _compress_viper or _compress_py
+# The block function in use: the plain one is loaded only where the native one cannot be (its
+# code would otherwise take heap next to Ed25519's). Tests may swap in _plain() to check it.
+_compress = _compress_viper or _plain()
 
 
 class sha512:

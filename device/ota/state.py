@@ -54,15 +54,15 @@ def load():
             if isinstance(best, dict):
                 break
     st = _sane(best) if isinstance(best, dict) else _fresh()
-    global _seen
-    _seen = _canon(st)
+    import ota
+    ota._seen = _canon(st)
     return st
 
 
-# The state as last read or written, without its generation: a save that would write the same
-# again writes nothing. A device that checks every minute and is up to date then writes its
+# The state as last read or written, without its generation (ota._seen, on the package: this
+# module is dropped and loaded again during an update): a save that would write the same again
+# writes nothing. A device that checks every minute and is up to date then writes its
 # filesystem never, not 1,440 times a day (FAT has no wear levelling).
-_seen = None
 
 
 def _canon(st):
@@ -115,9 +115,9 @@ def _sane(st):
 def save(st):
     # A filesystem that is full (or broken) must not crash the application: the caller gets
     # an OtaError, and the updater installs nothing it could not record.
-    global _seen
+    import ota
     c = _canon(st)
-    if c == _seen:
+    if c == getattr(ota, "_seen", None):
         return
     st["gen"] = st.get("gen", 0) + 1
     path = PATHS[st["gen"] % 2]
@@ -125,7 +125,7 @@ def save(st):
         jsonfile.write_sealed(path, st)
     except OSError as e:
         raise OtaError("state-unwritable", "cannot write %s (%r): is the filesystem full?" % (path, e), DEVICE)
-    _seen = c
+    ota._seen = c
 
 
 def save_or_log(st):
@@ -180,39 +180,6 @@ def backoff_clear(st, digest=None):
     b = st.get("backoff")
     if b and (digest is None or b.get("digest") == digest):
         st["backoff"] = None
-
-
-# Evidence against the environment (power lost during a new image's trial, a health check that
-# never decided: the Wi-Fi was down) is not held against the release: it is tried again, with
-# back-off, ENV_TRIES times more (5 trials in all: with a check a minute, over about half an
-# hour); evidence against the release (a crash, a watchdog reset, a health check that said no)
-# rejects it at once. So no image, however broken, keeps a board resetting.
-ENV_TRIES = 4
-
-
-def env_failure(st, digest):
-    # Count one; True while the release may still be tried again.
-    t = st.get("trials")
-    n = t.get("env", 0) + 1 if t and t.get("digest") == digest else 1
-    st["trials"] = {"digest": digest, "env": n}
-    return n <= ENV_TRIES
-
-
-def forget(st, what=None):
-    # The owner's way out: forget rejections (all, or of a version or digest) and back-offs.
-    # Returns the versions forgotten.
-    keep, gone = [], []
-    for r in st["rejected"]:
-        if what is None or what in (r.get("version"), r.get("digest")):
-            gone.append(r.get("version"))
-        else:
-            keep.append(r)
-    st["rejected"] = keep
-    b = st.get("backoff")
-    if b and (what is None or what in (b.get("version"), b.get("digest"))):
-        st["backoff"] = None
-    st["trials"] = None
-    return gone
 
 
 def reject(st, digest, version, reason):

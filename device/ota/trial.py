@@ -103,7 +103,7 @@ def _start(b, watchdog_ms):
             # its own are evidence against it: we roll back, as a bootloader would have.
             import machine
             cause = machine.reset_cause()
-            if cause != machine.PWRON_RESET or p["boots"] > 1 + state.ENV_TRIES:
+            if cause != machine.PWRON_RESET or p["boots"] > 1 + ENV_TRIES:
                 _log("%s started again without being confirmed; rolling back" % p.get("version"))
                 p["cause"] = cause
                 state.save_or_log(st)
@@ -188,7 +188,7 @@ def confirm(health=None, timeout_ms=30000, watchdog_ms=None):
         machine.reset()
     version = pend.get("version") if pend else None
     digest = pend.get("digest") if pend else None
-    if code == "health-timeout" and digest and state.env_failure(st, digest):
+    if code == "health-timeout" and digest and _env_failure(st, digest):
         # The check never decided (the network may be down): not held against the release.
         # It is installed again later, with back-off; its image stays in the slot.
         state.backoff_fail(st, digest, version or "", code)
@@ -234,7 +234,7 @@ def _not_a_trial(b):
         st["pending"] = None
         cause = pend.get("cause") or machine.reset_cause()
         digest, version = pend.get("digest"), pend.get("version")
-        if cause == machine.PWRON_RESET and state.env_failure(st, digest):
+        if cause == machine.PWRON_RESET and _env_failure(st, digest):
             state.backoff_fail(st, digest, version, "trial-interrupted")
             code = "trial-interrupted"
             detail = "%s lost power before it confirmed itself; tried again later" % version
@@ -279,3 +279,44 @@ def _confirmed(st, pend):
         st["floor"] = c
     state.record(st, "confirmed", None, "running %s" % pend.get("version"))
     state.save_or_log(st)
+
+
+# Evidence against the environment (power lost during a new image's trial, a health check that
+# never decided: the Wi-Fi was down) is not held against the release: it is tried again, with
+# back-off, ENV_TRIES times more (5 trials in all: with a check a minute, over about half an
+# hour); evidence against the release (a crash, a watchdog reset, a health check that said no)
+# rejects it at once. So no image, however broken, keeps a board resetting.
+ENV_TRIES = 4
+
+
+def _env_failure(st, digest):
+    # Count one; True while the release may still be tried again.
+    t = st.get("trials")
+    n = t.get("env", 0) + 1 if t and t.get("digest") == digest else 1
+    st["trials"] = {"digest": digest, "env": n}
+    return n <= ENV_TRIES
+
+
+def forget(st, what=None):
+    # The owner's way out: forget rejections (all, or of a version or digest) and back-offs.
+    # Returns the versions forgotten.
+    keep, gone = [], []
+    for r in st["rejected"]:
+        if what is None or what in (r.get("version"), r.get("digest")):
+            gone.append(r.get("version"))
+        else:
+            keep.append(r)
+    st["rejected"] = keep
+    b = st.get("backoff")
+    if b and (what is None or what in (b.get("version"), b.get("digest"))):
+        st["backoff"] = None
+    st["trials"] = None
+    return gone
+
+
+def forget_rejected(release=None):
+    # ota.forget()
+    st = state.load()
+    gone = forget(st, release)
+    state.save(st)
+    return gone

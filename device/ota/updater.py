@@ -10,7 +10,6 @@
 # Memory: one 4096-byte block buffer, taken by ota.update() before anything loads, serves both
 # stages: the manifest, then each payload block, then each block read back.
 from ota.errors import OtaError, RELEASE, TRANSPORT, DEVICE
-from ota import state
 
 # The manifest stage's modules, dropped before the payload stage.
 MANIFEST_STAGE = ("ota.offer", "ota.envelope", "ota.ed25519", "ota.sha512", "ota.manifest")
@@ -21,8 +20,10 @@ def _log(msg):
 
 
 def _offer(st, mv, source=None):
-    # Stage 1, with its code loaded for it alone: (config, the best offer).
+    # Stage 1, with its code loaded for it alone: (config, the best offer). Not even ota.state:
+    # the caller has the state's dict and loads the module again after.
     import ota
+    ota._drop(("ota.state",))
     try:
         from ota import config
         cfg = config.load()
@@ -67,7 +68,9 @@ def _progress_mark(st, digest):
 
 def check(buf):
     # What update() would do, without downloading the payload or changing any state.
+    from ota import state
     st = state.load()
+    state = None
     try:
         cfg, o = _offer(st, memoryview(buf))
     except OtaError as e:
@@ -87,15 +90,20 @@ def check(buf):
             "detail": "" if o.install else "up to date"}
 
 
-def update(reboot, buf, source=None):
+def update(buf, reboot, source=None):
     # source: a release URL used instead of the configured server and mirrors for this call,
     # or "serial:" for a release the host pushes over the serial link (mpota push).
+    from ota import state
     st = state.load()
+    state = None
     result = None
     retry_after = None
     try:
         mv = memoryview(buf)
-        cfg, o = _offer(st, mv, source)
+        try:
+            cfg, o = _offer(st, mv, source)
+        finally:
+            from ota import state
         why = o.rejected if o.install else None
         if why:
             state.record(st, "skipped", why, "release %s was rejected before (%s); not retrying" % (o.m.version, why))

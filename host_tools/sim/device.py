@@ -41,7 +41,10 @@ DEFAULT_ROOT = Path("devices")
 #   fs              the device's filesystem: "host" (a directory, devices/NAME/fs/), or "littlefs"
 #                   or "fat": a real VfsLfs2 / VfsFat in the flash's vfs partition, as the ESP32
 #                   port mounts it, whose every write the power-loss sweep can cut (boards/unix/simfs.py)
-HARDWARE = {"chip_rev": 300, "rollback": "on", "board_confirms": False, "fs": "host"}
+#   erase64         the firmware's Partition.ioctl(6) erases a whole block of block_size (one 64 KiB
+#                   block erase command); stock MicroPython (esp32_partition.c, v1.25 to v1.29)
+#                   refuses any block size but 4096, so an updater erases 4 KiB sectors
+HARDWARE = {"chip_rev": 300, "rollback": "on", "board_confirms": False, "fs": "host", "erase64": False}
 ROLLBACK_MODES = ("on", "off", "bootloader-off")
 FS_KINDS = ("host", "littlefs", "fat")
 FS_FILES = ("boot.py", "main.py", "ota_config.json", "ca.der")  # what create puts on the filesystem
@@ -79,6 +82,7 @@ class SimDevice:
         hw = dict(HARDWARE, **self.hardware)
         return {"MPOTA_CHIP_REV": str(hw["chip_rev"]), "MPOTA_ROLLBACK": hw["rollback"],
                 "MPOTA_BOARD_CONFIRMS": "1" if hw["board_confirms"] else "0", "MPOTA_FS": hw["fs"],
+                "MPOTA_ERASE64": "1" if hw["erase64"] else "0",
                 "MPOTA_UID": hashlib.sha256(self.name.encode()).hexdigest()[:12]}
 
     def save(self) -> None:

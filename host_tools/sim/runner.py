@@ -149,7 +149,10 @@ class PowerCut:
 
     def __init__(self, at: int | None = None, tear: bool = False, ops_file: Path | None = None):
         self.at, self.tear, self.used, self.fired = at, tear, 0, False
-        self.erases = 0  # of the `used` operations
+        self.erases = 0  # erase commands among the `used` operations
+        # what the flash did over the run (boards/unix/flash.py): sector erases, block erases,
+        # bytes programmed, bytes read: flashtime.py turns it into a real chip's time
+        self.work = [0, 0, 0, 0]
         self.ops_file = ops_file
 
     def env(self) -> dict:
@@ -161,9 +164,10 @@ class PowerCut:
 
     def account(self, rc) -> None:
         if self.ops_file and self.ops_file.exists():
-            ops, erases = (self.ops_file.read_text() or "0 0").split()
-            self.used += int(ops)
-            self.erases += int(erases)
+            n = [int(x) for x in (self.ops_file.read_text() or "0 0 0 0 0").split()]
+            self.used += n[0]
+            self.erases += n[1] + n[2]
+            self.work = [a + b for a, b in zip(self.work, n[1:])]
             self.ops_file.unlink()
         if rc == POWER_LOSS:
             self.fired = True

@@ -7,6 +7,7 @@ it does not run the version the caller expected (--expect-version).
 """
 from __future__ import annotations
 
+from . import flashtime
 from .runner import Boot, PowerCut
 
 # ota.status()["last_result"] values that mean the last update did not happen as it should
@@ -44,6 +45,9 @@ def summarize(name: str, boots: list[Boot], seconds: float, status: dict | None 
         "detail": st.get("detail"),
         "seconds": round(seconds, 2),
         "flash_ops": cut.used if cut else None,
+        "flash": None if cut is None else {"sector_erases": cut.work[0], "block_erases": cut.work[1],
+                                           "bytes_programmed": cut.work[2], "bytes_read": cut.work[3],
+                                           "device_seconds": flashtime.seconds(cut.work)},
         "power_cut": None if cut is None or cut.at is None else
         {"at": cut.at, "tear": cut.tear, "fired": cut.fired},
         "boots": [{"number": b.number, "start": b.start, "slot": b.slot, "version": b.version,
@@ -64,6 +68,12 @@ def describe(s: dict) -> list[str]:
     elif s["flash_ops"]:
         lines.append(f"sim: {s['flash_ops']} flash operations (erase or write): --cut-at 1..{s['flash_ops']} "
                      "cuts the power at one of them")
+    fl = s.get("flash")
+    if fl and (fl["sector_erases"] or fl["block_erases"]):
+        t = fl["device_seconds"]
+        lines.append(f"sim: on a real chip this flash work takes about {t['total']:.1f} s: erase {t['erase']:.1f} s "
+                     f"({fl['sector_erases']} sector and {fl['block_erases']} block erases), program "
+                     f"{t['program']:.1f} s, read {t['read']:.1f} s ({flashtime.W25Q32JV.name}; docs/simulator.md)")
     for p in s["problems"]:
         lines.append(f"sim: not as expected: {p}")
     if s["end"] != "idle":
