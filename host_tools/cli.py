@@ -239,7 +239,8 @@ def cmd_sim_firmware(a):
 
 def cmd_sim_create(a):
     from .sim import device
-    hw = {"chip_rev": a.chip_rev, "rollback": a.rollback, "board_confirms": a.board_confirms, "fs": a.fs}
+    hw = {"chip_rev": a.chip_rev, "rollback": a.rollback, "board_confirms": a.board_confirms, "fs": a.fs,
+          "erase64": a.erase64}
     dev = device.create(a.name, [Path(p) for p in a.pub], a.server, Path(a.firmware), root=Path(a.root),
                         heap=a.heap, source=a.source, force=a.force, mirrors=a.mirror or [],
                         aes_keys=[Path(k) for k in a.aes_key or []], ca=Path(a.ca) if a.ca else None,
@@ -252,6 +253,8 @@ def cmd_sim_create(a):
         quirks.append("the board confirms every image at start-up")
     if a.fs != "host":
         quirks.append(f"{'LittleFS' if a.fs == 'littlefs' else 'FAT'} filesystem in the flash")
+    if a.erase64:
+        quirks.append("a firmware that erases 64 KiB blocks")
     print(f"sim: created {dev.path}/ (board {dev.board}, heap {dev.heap}, {', '.join(quirks)})")
     print(f"sim: flash {dev.flash} with {Path(a.firmware).name} in ota_0; agent in {dev.fs}/lib/ota "
           f"({'.py sources' if a.source else '.mpy'})")
@@ -417,10 +420,15 @@ def cmd_deploy(a):
         wifi = (a.wifi, os.environ.get("MPOTA_WIFI_PASSWORD", ""))
         if not wifi[1]:
             say(f"deploy: note: MPOTA_WIFI_PASSWORD is not set: {a.wifi} is joined as an open network")
+    frozen = pr.frozen if pr is not None else ""
+    if frozen:
+        say(f"deploy: the agent is frozen into the board's firmware ({frozen}): it runs from flash; no agent "
+            "file is copied, and lib/ota, which it shadows, is emptied")
     st = deploy.stage(Path(a.stage or f"build/deploy/{board}"), board, cfg, main=main, wifi=wifi,
-                      source=a.source, ca=ca)
-    say(f"deploy: staged in {st.dir}/: lib/ota ({len(st.agent)} files, "
-        f"{'.py sources' if a.source else '.mpy for ' + info['mpy_arch']}), ota_config.json "
+                      source=a.source, ca=ca, frozen=bool(frozen))
+    agent_note = "lib/ota: none (frozen agent)" if frozen else (
+        f"lib/ota ({len(st.agent)} files, {'.py sources' if a.source else '.mpy for ' + info['mpy_arch']})")
+    say(f"deploy: staged in {st.dir}/: {agent_note}, ota_config.json "
         f"(server {cfg['server']}, {len(cfg['pubkeys'])} key(s), device id {cfg.get('device_id') or '-'})"
         + (f", {cfg['ca']} (CA for https)" if ca else "") + (", wifi.json" if wifi else ""))
     say(f"deploy: {main_note}")
@@ -450,7 +458,8 @@ def cmd_deploy(a):
     if warning:
         say(f"deploy: warning: {warning}")
     if a.json:
-        _print_json({"port": a.port, "board": board, "staged": str(st.dir), "files": total,
+        _print_json({"port": a.port, "board": board, "staged": str(st.dir), "frozen_agent": frozen or None,
+                     "files": total,
                      "copied": total - same, "up_to_date": same, "reset": a.reset,
                      "status": ordered if status is not None else None, "warning": warning})
     if a.reset:
@@ -766,6 +775,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "cuts can tear")
     s.add_argument("--board-confirms", action="store_true",
                    help="the board's start-up code confirms every image (as ARDUINO_NANO_ESP32's board_init.c)")
+    s.add_argument("--erase64", action="store_true",
+                   help="a firmware whose Partition(label, 65536).ioctl(6) erases a 64 KiB block (stock MicroPython "
+                        "refuses it, so updates erase 4 KiB sectors); see docs/simulator.md")
     root_arg(s)
     s.set_defaults(func=cmd_sim_create)
 

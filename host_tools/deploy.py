@@ -55,11 +55,21 @@ def _has(p):
         return True
     except OSError:
         return False
+def _frozen():
+    # an `ota` whose __file__ is not on the filesystem was frozen into the firmware (frozen
+    # modules are named without ".frozen/": py/builtinimport.c); '.frozen' precedes '/lib' in
+    # sys.path, so it is the agent that runs, whatever lib/ota holds
+    try:
+        import ota
+    except ImportError:
+        return ""
+    f = getattr(ota, "__file__", "") or "ota"
+    return "" if _has(f) else f
 sys.platform == "linux" or os.chdir("/")
 print("MPOTA-PROBE " + json.dumps({"platform": sys.platform, "machine": sys.implementation._machine,
     "version": ".".join(str(v) for v in sys.implementation.version[:3]),
     "mpy": getattr(sys.implementation, "_mpy", 0), "uid": uid,
-    "main": _has("main.py"), "config": _has("ota_config.json")}))
+    "main": _has("main.py"), "config": _has("ota_config.json"), "frozen": _frozen()}))
 """
 
 # The unix port (the simulator) keeps the device filesystem in its working directory; a board
@@ -129,6 +139,7 @@ class Probe:
     uid: str = ""
     main: bool = False
     config: bool = False
+    frozen: str = ""  # the frozen agent's __file__ ("ota/__init__.py"), "" when not frozen
 
     @property
     def arch(self) -> str | None:
@@ -304,7 +315,9 @@ def example_main(board: str) -> Path:
 
 
 def stage(stage_dir: Path, board: str, config: dict, *, main: Path | None, wifi: tuple[str, str] | None = None,
-          source: bool = False, ca: bytes | None = None) -> Staged:
+          source: bool = False, ca: bytes | None = None, frozen: bool = False) -> Staged:
+    """Stage what goes to the board; with `frozen` (the firmware has the agent frozen in: it
+    runs from flash and costs no heap for its code) no agent file is staged."""
     info = board_info(board)
     stage_dir = Path(stage_dir)
     if stage_dir.exists():
@@ -317,7 +330,8 @@ def stage(stage_dir: Path, board: str, config: dict, *, main: Path | None, wifi:
         shutil.rmtree(stage_dir)
     stage_dir.mkdir(parents=True)
     (stage_dir / STAGE_MARK).write_text("staged by mpota deploy; emptied by the next one\n")
-    agent = devicepkg.install_agent(stage_dir / "lib", arch=None if source else info["mpy_arch"], source=source)
+    agent = [] if frozen else devicepkg.install_agent(stage_dir / "lib", arch=None if source else info["mpy_arch"],
+                                                      source=source)
     root = deviceconfig.write(stage_dir / "ota_config.json", config, ca=ca)
     if main is not None:
         try:
@@ -358,8 +372,9 @@ def copy_args(port: str, st: Staged, *, status: bool, reset: bool) -> list[str]:
     keep = sorted(p.name for p in st.agent)
     # Destinations are spelled out: mpremote copies *into* a destination directory that exists
     # (lib/ota -> :lib, made by CLEAN) and `:` alone does not stat on every port.
-    args = ["connect", port, "resume", "exec", CLEAN.format(keep=json.dumps(keep)),
-            "+", "fs", "cp", "-r", str(st.dir / "lib" / "ota"), ":lib"]
+    args = ["connect", port, "resume", "exec", CLEAN.format(keep=json.dumps(keep))]
+    if st.agent:  # a frozen agent: CLEAN removes the copy in lib/ota it shadows, nothing is copied
+        args += ["+", "fs", "cp", "-r", str(st.dir / "lib" / "ota"), ":lib"]
     for p in st.root_files:
         args += ["+", "fs", "cp", str(p), ":" + p.name]
     if status:

@@ -335,3 +335,29 @@ def test_deploy_json_summary(bare_device, repl, keydir, tmp_path):
               "--dry-run", "--board", "unix", "--json", "--stage", tmp_path / "dry", cwd=tmp_path)
     out = json.loads(r.stdout)
     assert out["dry_run"] is True and out["command"][:3] == ["mpremote", "connect", repl.url]
+
+
+def test_the_probe_tells_an_agent_frozen_into_the_firmware_and_nothing_is_copied_then(keydir, tmp_path):
+    # A frozen module's __file__ is its name without ".frozen/" (py/builtinimport.c), which is
+    # no file on the board's filesystem; an agent in lib/ is. The probe runs in the real
+    # micropython, once with each.
+    from mpota.sim.runner import micropython_binary
+    frozen = tmp_path / "firmware" / "ota"
+    frozen.mkdir(parents=True)
+    (frozen / "__init__.py").write_text('__file__ = "ota/__init__.py"  # as a frozen module reports it\n')
+    lib = tmp_path / "board" / "lib"
+    devicepkg.install_agent(lib, arch=None, source=True)
+
+    def probe(path):
+        r = subprocess.run([micropython_binary(), "-c", deploy.PROBE], capture_output=True, text=True,
+                           cwd=tmp_path / "board", env=dict(os.environ, MICROPYPATH=str(path)), timeout=60)
+        return deploy.parse_probe(deploy._marked(r.stdout, "MPOTA-PROBE"))
+
+    assert probe(tmp_path / "firmware").frozen == "ota/__init__.py"
+    assert probe(lib).frozen == ""
+    cfg = {"server": "http://127.0.0.1:9/", "pubkeys": ["00" * 32]}
+    st = deploy.stage(tmp_path / "stage", "esp32", cfg, main=None, frozen=True)
+    assert st.agent == [] and not (tmp_path / "stage" / "lib").exists()
+    args = deploy.copy_args("socket://127.0.0.1:9", st, status=False, reset=False)
+    assert "-r" not in args and ":ota_config.json" in args
+    assert 'keep = []' in args[args.index("exec") + 1]  # the shadowed copy in lib/ota is removed

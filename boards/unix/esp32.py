@@ -13,21 +13,35 @@ class Partition:
     TYPE_APP = 0
     TYPE_DATA = 1
 
-    def __init__(self, id, block_size=4096):
-        # id: Partition.RUNNING, Partition.BOOT, a label, or (internally) a partition tuple.
+    def __init__(self, id, *block_size, **kw):
+        # esp32_partition_make_new(): one or two positional arguments, no keywords (TypeError);
+        # an int id other than BOOT or RUNNING is a ValueError, a label that names no partition
+        # an OSError(ENOENT) (esp32_partition_new() with part == NULL). block_size is stored as a
+        # uint16_t, so 65536 becomes 0, and a block size under 4096 takes a 4 KiB cache from
+        # the heap there. (A tuple id is this emulation's own, from find().)
+        if kw:
+            raise TypeError("function doesn't take keyword arguments")
+        if len(block_size) > 1:
+            raise TypeError("function expected at most 2 arguments, got %d" % (1 + len(block_size)))
         if isinstance(id, tuple):
             found = [id]
-        elif id == Partition.RUNNING:
-            label = os.getenv("MPOTA_RUNNING")
-            found = idf.find(idf.TYPE_APP, 0xFF, label)
-        elif id == Partition.BOOT:
-            found = [_boot_partition()]
+        elif isinstance(id, int):
+            if id == Partition.RUNNING:
+                found = idf.find(idf.TYPE_APP, 0xFF, os.getenv("MPOTA_RUNNING"))
+            elif id == Partition.BOOT:
+                found = [_boot_partition()]
+            else:
+                raise ValueError
         else:
-            found = idf.find(0xFF, 0xFF, id) or [p for p in idf.partitions() if p[4] == id]
+            found = idf.find(idf.TYPE_APP, 0xFF, id) or idf.find(idf.TYPE_DATA, 0xFF, id)
         if not found or found[0] is None:
-            raise ValueError("partition not found")
+            raise OSError(2)  # MP_ENOENT
         self._p = found[0]
-        self.block_size = block_size
+        bs = block_size[0] if block_size else SECTOR
+        if os.getenv("MPOTA_ERASE64") != "1":
+            bs &= 0xFFFF  # a firmware changed for 64 KiB erases (see ioctl) also widens this field
+        self.block_size = bs
+        self._cache = bytearray(SECTOR) if bs < SECTOR else None
 
     def __eq__(self, other):
         return isinstance(other, Partition) and self._p[2] == other._p[2]

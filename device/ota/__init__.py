@@ -97,7 +97,7 @@ def _buffered(fn, *args):
 
 
 def update(reboot=True, source=None):
-    return _buffered("update", reboot, source) or _no_memory("loading the updater")
+    return _buffered("update", reboot, source) or _no_memory("during the update")
 
 
 def check():

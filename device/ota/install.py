@@ -17,30 +17,42 @@ def _log(msg):
     print("ota: " + msg)
 
 
+def block_eraser(target):
+    # The target slot as 64 KiB erase blocks, where the firmware erases them: a Partition made
+    # with block_size 65536 whose ioctl(6) answers 0. Else None: stock MicroPython (v1.25 to
+    # v1.29, esp32_partition.c) keeps block_size in a uint16_t (65536 becomes 0, which also
+    # takes a 4 KiB cache from the heap) and its ioctl(6) refuses (-EINVAL) any erase block but
+    # 4096 bytes. Asked once per update, before the download holds its buffers, so that cache
+    # comes and goes while the heap is least used.
+    try:
+        from esp32 import Partition
+        big = Partition(target.info()[4], 65536)
+        if big.ioctl(5, None) == 65536:
+            return big
+    except (OSError, TypeError, ValueError):
+        pass
+    return None
+
+
 class Slot:
-    # Writes the target slot 4 KiB block by block: an erase, then the write. Where the firmware
-    # erases 64 KiB blocks (a Partition with block_size=65536 whose ioctl(6) answers 0), a region
-    # of 64 KiB written from its start is erased at once: one block erase instead of 16 sector
-    # erases (150 ms for 720 ms on a typical chip: docs/simulator.md), and its blocks are then
-    # written without an erase. Only what this process erased is written so: a download resumed
-    # in the middle of a region, after a reset or a torn write, erases sector by sector again.
-    # Stock MicroPython (v1.25 to v1.29) refuses (-EINVAL) any erase block but 4096 bytes.
-    def __init__(self, part):
+    # Writes the target slot 4 KiB block by block: an erase, then the write. With a block
+    # eraser (above), a region of 64 KiB written from its start is erased at once: one block
+    # erase instead of 16 sector erases (150 ms for 720 ms on a typical chip: docs/simulator.md),
+    # and its blocks are then written without an erase. Only what this process erased is
+    # written so: a download resumed in the middle of a region, after a reset or a torn write,
+    # erases sector by sector again.
+    def __init__(self, part, big):
         self.p = part
-        self.big = None   # the 64 KiB view; False where the firmware cannot
+        self.big = big
         self.lo = self.hi = 0  # the blocks of the region this process erased at once
 
     def write(self, block, mv, left):
         # block `block` from mv; `left`: blocks still to write from it on (this one included)
-        if block & 15 == 0 and left > 3 and self.big is not False and \
-                (block + 16) * _BLOCK <= self.p.info()[3]:
-            if self.big is None:
-                from esp32 import Partition
-                self.big = Partition(self.p.info()[4], block_size=65536)
+        if self.big and block & 15 == 0 and left > 3 and (block + 16) * _BLOCK <= self.p.info()[3]:
             if self.big.ioctl(6, block >> 4) == 0:
                 self.lo, self.hi = block, block + 16
             else:
-                self.big = False
+                self.big = None
         if self.lo <= block < self.hi:
             self.p.writeblocks(block, mv, 0)  # erased with its region
         else:
@@ -83,6 +95,7 @@ def install(cfg, st, o, mv):
         from ota.raw import fetch
     else:
         from ota.payload import fetch
+    o.big = block_eraser(target)
     fetch(cfg, st, o, mv, url)  # the payload into the slot (resumed where an earlier try stopped)
     _verify_flash(target, m, mv)
     # Remember what we are about to boot before set_boot, so the next boot can tell a

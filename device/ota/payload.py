@@ -123,7 +123,7 @@ class Decoder:
         # carries .chunk: the first chunk not yet complete.
         m, cfg = self.m, self.cfg
         from ota.install import Slot
-        self.slot = Slot(self.o.target)  # per connection: only its own erases are trusted
+        self.slot = Slot(self.o.target, self.o.big)  # per connection: only its own erases are trusted
         offset = 0
         for i in range(k):
             offset += m.chunks[i][0]

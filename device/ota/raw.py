@@ -58,7 +58,7 @@ def _download(cfg, job, mv, st, url):
         step = max(m.size // 4, _BLOCK)
         mark = (job.done // step + 1) * step
         since_save = 0
-        slot = Slot(target)
+        slot = Slot(target, job.o.big)
         while job.done < m.size:
             want = min(_BLOCK, m.size - job.done)
             got = http.read_full(resp, mv[:want])

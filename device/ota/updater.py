@@ -96,7 +96,7 @@ def update(buf, reboot, source=None):
     from ota import state
     st = state.load()
     state = None
-    result = None
+    result = rec = None
     retry_after = None
     try:
         mv = memoryview(buf)
@@ -132,27 +132,34 @@ def update(buf, reboot, source=None):
     except OtaError as e:
         retry_after = getattr(e, "retry_after", None)
         if e.code == "reboot-pending":
-            state.record(st, "installed", e.code, e.detail)
+            rec = ("installed", e.code, e.detail)
             _log(e.detail + ("; resetting" if reboot else ""))
             result = "installed"
         else:
-            state.record(st, "refused" if e.kind == RELEASE else "failed", e.code, e.detail)
-            _log("%s: %s (%s)" % ("refused" if e.kind == RELEASE else "failed", e.code, e.detail))
+            rec = ("refused" if e.kind == RELEASE else "failed", e.code, e.detail)
+            _log("%s: %s (%s)" % (rec[0], e.code, e.detail))
     except MemoryError as e:
         # Never let an update take the application down: report it and carry on.
         import sys
         sys.print_exception(e)
-        state.record(st, "failed", "no-memory", "out of heap during the update")
+        rec = ("failed", "no-memory", "out of heap during the update")
         _log("failed: no-memory")
     except Exception as e:  # a bug of ours must not take the application down either
         import sys
         sys.print_exception(e)
-        state.record(st, "failed", "internal-error", repr(e)[:120])
+        rec = ("failed", "internal-error", repr(e)[:120])
         _log("failed: internal-error %r" % (e,))
     _no_limit()
     if source and source.startswith("serial:"):
         import micropython
         micropython.kbd_intr(3)  # ota/link.py switched Ctrl-C off for the binary transfer
+    if state is None:  # the heap ran out before ota.state was loaded again
+        try:
+            from ota import state
+        except MemoryError:
+            return None  # ota.update() records no-memory once this stage's modules are gone
+    if rec:
+        state.record(st, *rec)
     st["retry_after"] = retry_after  # seconds the server asked us to wait, or None
     e = state.save_or_log(st)  # the result is returned all the same
     if e and st["last_error"] is None:

@@ -1,0 +1,60 @@
+"""Memory is a budget (issue 14): a signed 1.5 MiB update completes at the published heap floor
+(raw, compressed and encrypted payloads), and below what it needs it is an answer (no-memory)
+with the running firmware and the device's state intact. Sizes, not times: `make bench` prints
+the smallest heap each payload kind needs."""
+from __future__ import annotations
+
+import pytest
+
+from mpota import payload
+from mpota.sim import runner
+from mpota.sim.device import HEAP_FLOOR
+
+SIZE = 1536 * 1024
+KINDS = {"raw": {}, "compressed": {"compress": True}, "encrypted": {"aes": True}}
+
+
+@pytest.mark.parametrize("kind", list(KINDS))
+def test_a_1_5_mib_update_completes_at_the_published_heap_floor(kind, server, firmware, signer, make_device,
+                                                                 tmp_path):
+    aes = tmp_path / "fw.aes"
+    payload.generate_aes_key(aes)
+    kw = dict(KINDS[kind])
+    if kw.pop("aes", False):
+        kw["aes_key"] = payload.load_aes_key(aes)
+    server.publish(firmware("2.0.0", size=SIZE), signer, **kw)
+    d = make_device(firmware("1.0.0"), server.url, heap=HEAP_FLOOR, aes_keys=[aes])
+    d.run()
+    st = d.status()
+    assert (st["version"], st["last_error"]) == ("2.0.0", None), d.output
+
+
+def test_below_its_floor_an_update_is_no_memory_and_changes_nothing(server, firmware, signer, make_device):
+    server.publish(firmware("2.0.0", size=SIZE), signer, compress=True)
+    d = make_device(firmware("1.0.0"), server.url)
+    slots = d.status()["slots"]
+    main = d.dev.fs / "main.py"
+    usual = main.read_text()
+    main.write_text("import ota\nprint(ota.update())\n")
+    d.run(heap="56K")  # the updater's code loads; the heap runs out later, wherever it does
+    st = d.status()
+    assert (st["version"], st["last_error"]) == ("1.0.0", "no-memory"), d.output
+    assert st["slots"] == slots  # nothing set to boot
+    assert "{'error': 'no-memory'" in d.output and "Traceback" not in d.output.split("no-memory")[-1], d.output
+    main.write_text(usual)
+    d.run()  # with its usual heap the next check installs it: no-memory is not held against it
+    assert d.status()["version"] == "2.0.0", d.output
+
+
+def test_the_emulated_partition_constructor_takes_what_esp32_partition_c_takes(firmware, make_device):
+    # esp32_partition_make_new(): positional arguments only; block_size is a uint16_t (65536
+    # wraps to 0, and ioctl(6) then refuses: -EINVAL); an unknown label is OSError(ENOENT)
+    d = make_device(firmware("1.0.0"), "http://127.0.0.1:9/")
+    code = ("import esp32\nout = []\n"
+            "try:\n esp32.Partition('ota_1', block_size=65536)\nexcept TypeError:\n out.append('TypeError')\n"
+            "p = esp32.Partition('ota_1', 65536)\nout.append((p.ioctl(5, None), p.ioctl(6, 0)))\n"
+            "try:\n esp32.Partition('nope')\nexcept OSError as e:\n out.append(e.errno)\n"
+            "print(out)\n")
+    env = runner.device_env(d.dev, MPOTA_RUNNING="ota_0")
+    rc, out = runner.run_micropython(d.dev, ["-c", code], env, "128K")
+    assert rc == 0 and out.strip().splitlines()[-1] == "['TypeError', (0, -22), 2]", out
