@@ -165,8 +165,9 @@ def slot_limit(board: str) -> tuple[int, list[str]]:
 def preflight(image_path: Path, out_dir: Path, *, version=None, chip=None, board=None) -> None:
     """Refuse, before signing, a release its devices would refuse or ignore: a board id no board
     definition has, a board of another chip than the image, an image larger than the board's OTA
-    slot, a version not newer than the one OUT already holds. Each refusal says how `--force`
-    overrides it (for the rare deliberate case: a board of your own, a re-signed release)."""
+    slot, a version not newer than the one OUT already holds, a `git describe` version (a build
+    after a tag or from a changed tree). Each refusal says how `--force` overrides it (for the
+    rare deliberate case: a board of your own, a re-signed release, a test build)."""
     from . import BOARDS_DIR
     data = read_input(image_path, "firmware image")
     info = espimage.parse(data)
@@ -174,6 +175,16 @@ def preflight(image_path: Path, out_dir: Path, *, version=None, chip=None, board
     version = version or info.version
     board = board or chip
     force = "; --force signs it anyway"
+    suffix = describe_suffix(version) if version else ""  # no version at all: build() says why
+    if suffix:
+        tag = version[:len(version.partition("+")[0]) - len(suffix)]
+        commits = suffix.removesuffix("-dirty")
+        what = ", ".join(x for x in (f"{commits.split('-')[1]} commit(s) after {tag}" if commits else f"tag {tag}",
+                                     "uncommitted changes" if suffix.endswith("-dirty") else "") if x)
+        raise ReleaseError("dev-build", f"version {version} is a `git describe` version ({what}): devices order it "
+                           f"as {tag}, so those running {tag} or another build of it would see nothing to do",
+                           hint="tag the commit (e.g. git tag v1.2.4), build from a clean tree and release that"
+                                + force)
     limit, defs = slot_limit(board)
     if not defs:
         ids = sorted({json.loads(p.read_text()).get("board_id", p.parent.name)

@@ -361,6 +361,21 @@ def test_release_orders_pre_releases(kit, tmp_path):
     assert r.returncode == 2 and "already holds 2.0.0; 2.0.0-rc1 is older" in r.stderr, r.stderr
 
 
+def test_release_refuses_a_git_describe_version_unless_forced(kit, tmp_path):
+    out = tmp_path / "rel"
+    r = _mpota("release", kit / "fw-v2.0.0-3-gabc1234-dirty.bin", "--key", kit / "release", "--out", out)
+    assert r.returncode == 2, r.stdout + r.stderr
+    assert "v2.0.0-3-gabc1234-dirty is a `git describe` version (3 commit(s) after v2.0.0, uncommitted " \
+           "changes): devices order it as v2.0.0" in r.stderr, r.stderr
+    assert "hint: tag the commit" in r.stderr and "--force" in r.stderr
+    assert not (out / "manifest.json").exists()
+    r = _mpota("release", kit / "fw-v2.0.0-dirty.bin", "--key", kit / "release", "--out", out)
+    assert r.returncode == 2 and "(tag v2.0.0, uncommitted changes)" in r.stderr, r.stderr
+    r = _mpota("release", kit / "fw-v2.0.0-3-gabc1234-dirty.bin", "--key", kit / "release", "--out", out, "--force")
+    assert r.returncode == 0, r.stderr
+    assert "release: v2.0.0-3-gabc1234-dirty for board esp32" in r.stdout
+
+
 def test_release_refuses_a_malformed_version(kit, tmp_path):
     for force in ((), ("--force",)):
         r = _mpota("release", kit / "fw-1.0.0-rc.01.bin", "--key", kit / "release", "--out", tmp_path / "rel", *force)
