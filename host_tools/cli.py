@@ -97,7 +97,8 @@ def cmd_release(a):
     aes_key = payload.load_aes_key(Path(a.encrypt)) if a.encrypt else None
     print(f"release: reading {a.image}")
     if a.force:
-        print("release: --force: not checking the board, the slot size or the version in the release directory")
+        print("release: --force: not checking the board, the slot size, a `git describe` version or the "
+              "version in the release directory")
     else:
         release.preflight(Path(a.image), Path(a.out), version=a.version, chip=a.chip, board=a.board)
     rel = release.build(Path(a.image), Path(a.out), signers, version=a.version, chip=a.chip,
@@ -589,7 +590,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--force", action="store_true",
                    help="sign even what devices would refuse or ignore: a board no definition has, a board "
                         "of another chip, an image larger than the board's OTA slot, a version not newer "
-                        "than the one OUT holds")
+                        "than the one OUT holds, a `git describe` version (v1.2.3-4-gHASH, -dirty)")
     s.set_defaults(func=cmd_release)
 
     s = sub.add_parser("verify", help="check a release: signature, sizes, hashes, image",

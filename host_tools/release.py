@@ -38,24 +38,101 @@ class ReleaseError(MpotaError):
         self.code = code
 
 
-def parse_version(text: str) -> tuple[int, ...]:
-    """'1.2.3' (optionally 'v1.2.3') -> (1, 2, 3); the device compares versions the same way."""
-    t = text[1:] if text[:1] in "vV" else text
+# Versions: docs/versions.md. The device applies the same rule (device/ota/manifest.py,
+# parse_version); tests/test_versions.py checks that the two agree.
+VERSION_MAX = 64          # characters, "v" and "+BUILD" included
+PRERELEASE_IDS_MAX = 8    # dot-separated pre-release identifiers
+NUMBER_MAX = 2**30 - 1    # every number is a small int on the ESP32 (31-bit)
+VERSION_FORM = "[v]MAJOR[.MINOR[.PATCH[.N]]][-PRERELEASE][+BUILD]"
+_DIGITS = frozenset("0123456789")
+_IDENT = frozenset("0123456789abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ-")
+_HEX = frozenset("0123456789abcdef")
+
+
+def _bad_version(text, why):
+    return ReleaseError("bad-version", f"version {text!r} is not a version: {why}",
+                        hint=f"versions are {VERSION_FORM}, e.g. 1.2.3, v2.0.0-rc.1 (docs/versions.md)")
+
+
+def _is_digits(p: str) -> bool:
+    return bool(p) and set(p) <= _DIGITS   # ASCII only: str.isdigit() also takes other scripts' digits
+
+
+def _number(text: str, p: str, what: str) -> int:
+    # checked as text first, as the device does: a 40-digit string never becomes an int
+    if not _is_digits(p) or len(p) > 10 or int(p) > NUMBER_MAX:
+        raise _bad_version(text, f"{what} {p!r} is not a number from 0 to {NUMBER_MAX}")
+    return int(p)
+
+
+def _split_describe(t: str) -> tuple[str, str]:
+    """`t` (without "+BUILD") -> (the tag, the `git describe` suffix or ""): "-dirty", then
+    "-N-gHASH" (N digits, HASH 4+ lowercase hex) after a non-empty tag."""
+    base = t[:-6] if t.endswith("-dirty") else t
+    head, sep, h = base.rpartition("-")
+    if head and len(h) >= 5 and h[0] == "g" and set(h[1:]) <= _HEX:
+        tag, sep2, n = head.rpartition("-")
+        if tag and sep2 and _is_digits(n):
+            base = tag
+    return base, t[len(base):]
+
+
+def parse_version(text: str) -> tuple:
+    """The version's sort key: the four numbers ("2.0" is 2.0.0.0), then 1 for a release, or 0
+    and per pre-release identifier (0, number) or (1, "word"), so that tuples compare as
+    semver 2.0.0 orders versions. Build metadata and a `git describe` suffix are checked and left
+    out. ReleaseError "bad-version" for anything else."""
+    if not isinstance(text, str) or not 0 < len(text) <= VERSION_MAX:
+        raise _bad_version(text, "not a string" if not isinstance(text, str) else "empty" if not text
+                           else f"longer than {VERSION_MAX} characters")
+    t = text[1:] if text[0] in "vV" else text
+    t, plus, build = t.partition("+")
+    if plus:
+        for p in build.split("."):
+            if not p or not set(p) <= _IDENT:
+                raise _bad_version(text, f"build identifier {p!r} is not [0-9A-Za-z-]+")
+    t = _split_describe(t)[0]
+    t, dash, pre = t.partition("-")
     parts = t.split(".")
-    if not 1 <= len(parts) <= 4 or not all(p.isdigit() and len(p) <= 9 for p in parts):
-        raise ReleaseError("bad-version", f"version {text!r} is not of the form MAJOR.MINOR.PATCH",
-                           hint="pass --version 1.2.3")
-    return tuple(int(p) for p in parts)
+    if len(parts) > 4:
+        raise _bad_version(text, "more than 4 numbers")
+    key = [_number(text, p, "part") for p in parts] + [0] * (4 - len(parts))
+    if not dash:
+        return tuple(key) + (1,)
+    ids = pre.split(".")
+    if len(ids) > PRERELEASE_IDS_MAX:
+        raise _bad_version(text, f"more than {PRERELEASE_IDS_MAX} pre-release identifiers")
+    key.append(0)
+    for p in ids:
+        if not p or not set(p) <= _IDENT:
+            raise _bad_version(text, f"pre-release identifier {p!r} is not [0-9A-Za-z-]+")
+        if _is_digits(p):
+            if len(p) > 1 and p[0] == "0":
+                raise _bad_version(text, f"pre-release number {p!r} has a leading zero")
+            key += [0, _number(text, p, "pre-release number")]
+        else:
+            key += [1, p]
+    return tuple(key)
+
+
+def describe_suffix(version: str) -> str:
+    """The `git describe` suffix of a valid version ("-3-gabc1234", "-dirty", both), or "": a
+    build after a tag or from a changed tree, which devices order as the tag itself."""
+    parse_version(version)
+    return _split_describe(version.partition("+")[0])[1]
+
+
+def compare_versions(a: str, b: str) -> int:
+    """-1, 0 or 1 as version `a` is older than, the same as or newer than `b`, as a device
+    orders them."""
+    ka, kb = parse_version(a), parse_version(b)
+    return (ka > kb) - (ka < kb)
 
 
 def is_newer(new: str, old: str) -> bool:
     """Is version `new` newer than `old`, as a device decides it? The one place the host orders
-    versions (`mpota release` against what a release directory holds). Padded to four parts as
-    the device pads them: "2.0" == "2.0.0"."""
-    def key(v):
-        t = parse_version(v)
-        return t + (0,) * (4 - len(t))
-    return key(new) > key(old)
+    versions (`mpota release` against what a release directory holds)."""
+    return compare_versions(new, old) > 0
 
 
 def published_version(out_dir: Path) -> str | None:
@@ -88,8 +165,9 @@ def slot_limit(board: str) -> tuple[int, list[str]]:
 def preflight(image_path: Path, out_dir: Path, *, version=None, chip=None, board=None) -> None:
     """Refuse, before signing, a release its devices would refuse or ignore: a board id no board
     definition has, a board of another chip than the image, an image larger than the board's OTA
-    slot, a version not newer than the one OUT already holds. Each refusal says how `--force`
-    overrides it (for the rare deliberate case: a board of your own, a re-signed release)."""
+    slot, a version not newer than the one OUT already holds, a `git describe` version (a build
+    after a tag or from a changed tree). Each refusal says how `--force` overrides it (for the
+    rare deliberate case: a board of your own, a re-signed release, a test build)."""
     from . import BOARDS_DIR
     data = read_input(image_path, "firmware image")
     info = espimage.parse(data)
@@ -97,6 +175,16 @@ def preflight(image_path: Path, out_dir: Path, *, version=None, chip=None, board
     version = version or info.version
     board = board or chip
     force = "; --force signs it anyway"
+    suffix = describe_suffix(version) if version else ""  # no version at all: build() says why
+    if suffix:
+        tag = version[:len(version.partition("+")[0]) - len(suffix)]
+        commits = suffix.removesuffix("-dirty")
+        what = ", ".join(x for x in (f"{commits.split('-')[1]} commit(s) after {tag}" if commits else f"tag {tag}",
+                                     "uncommitted changes" if suffix.endswith("-dirty") else "") if x)
+        raise ReleaseError("dev-build", f"version {version} is a `git describe` version ({what}): devices order it "
+                           f"as {tag}, so those running {tag} or another build of it would see nothing to do",
+                           hint="tag the commit (e.g. git tag v1.2.4), build from a clean tree and release that"
+                                + force)
     limit, defs = slot_limit(board)
     if not defs:
         ids = sorted({json.loads(p.read_text()).get("board_id", p.parent.name)
@@ -115,11 +203,12 @@ def preflight(image_path: Path, out_dir: Path, *, version=None, chip=None, board
                            hint="build a smaller firmware (fewer frozen modules), or use a board definition "
                                 "with larger slots" + force)
     old = published_version(out_dir)
-    if old is not None and not is_newer(version, old):
+    if old is not None and version and not is_newer(version, old):
         same = not is_newer(old, version)
         raise ReleaseError("downgrade" if not same else "not-newer",
                            f"{Path(out_dir) / MANIFEST_NAME} already holds {old}; {version} is "
-                           + ("the same version: devices on it would see nothing to do" if same else
+                           + ("the same version" + (" to devices (docs/versions.md)" if version != old else "")
+                              + ": devices on it would see nothing to do" if same else
                               "older: devices would refuse it as a downgrade"),
                            hint="release a newer version, or write to another --out" + force)
 
@@ -154,6 +243,11 @@ def build(image_path: Path, out_dir: Path, keys: list[Ed25519PrivateKey], *, ver
     if not chip:
         raise ReleaseError("wrong-chip", f"image chip id {info.chip_id} is not a known chip", hint="pass --chip")
     version = version or info.version
+    if not version:
+        raise ReleaseError("bad-version", "the image carries no version (esp_app_desc_t.version is empty, as stock "
+                           "MicroPython builds leave it): devices could not tell it from the firmware they run",
+                           hint="build with CONFIG_APP_EXCLUDE_PROJECT_VER_VAR=n and PROJECT_VER set "
+                                "(docs/hardware.md, 'Versions in images')")
     parse_version(version)
     if version != info.version:
         raise ReleaseError("version-mismatch", f"--version {version} but the image says {info.version!r}",

@@ -2,6 +2,7 @@
 from ota import jsonfile
 from binascii import unhexlify
 from ota.errors import OtaError
+from micropython import const
 
 SCHEMA = 1
 # Fields this agent understands; a release that lists any other field in "critical" is
@@ -58,32 +59,116 @@ def _chunks(r, pay):
     r.chunks = out
 
 
+# Versions (docs/versions.md): [v]N[.N[.N[.N]]][-PRERELEASE][+BUILD], ordered as semver 2.0.0
+# orders them (section 11); a `git describe` suffix ("-3-gabc1234", "-dirty") counts as build
+# metadata. The same rule as mpota's host side (host_tools/release.py), checked against it by
+# tests/test_versions.py. Bounded: at most 64 characters and 8 pre-release identifiers, and every
+# number at most 2**30 - 1, checked as text before int(): a small int on the ESP32, never a big one.
+_VERSION_MAX = const(64)
+_IDS_MAX = const(8)
+_NUM_MAX = "1073741823"
+
+
+def _digits(p):
+    if not p:
+        return False
+    for c in p:
+        if not "0" <= c <= "9":  # ASCII only (CPython's str.isdigit() also takes other scripts')
+            return False
+    return True
+
+
+def _num(p):
+    # p's value if it is 1-10 digits worth at most 2**30 - 1, else -1
+    if len(p) > 10 or (len(p) == 10 and p > _NUM_MAX) or not _digits(p):
+        return -1
+    return int(p)
+
+
+def _ident(p):
+    # a pre-release or build identifier: [0-9A-Za-z-]+
+    if not p:
+        return False
+    for c in p:
+        if not ("0" <= c <= "9" or "a" <= c <= "z" or "A" <= c <= "Z" or c == "-"):
+            return False
+    return True
+
+
+def _describe_base(t):
+    # t (without "+BUILD") less a `git describe` suffix: "-dirty", then "-N-gHASH" (N digits,
+    # HASH 4+ lowercase hex) after something. The rest is the tag the build was made from.
+    if t.endswith("-dirty"):
+        t = t[:-6]
+    i = t.rfind("-")
+    if i > 0 and len(t) - i > 5 and t[i + 1] == "g":
+        for c in t[i + 2:]:
+            if not ("0" <= c <= "9" or "a" <= c <= "f"):
+                return t
+        j = t.rfind("-", 0, i)
+        if j > 0 and _digits(t[j + 1:i]):
+            return t[:j]
+    return t
+
+
 def parse_version(text):
-    # "1.2.3" / "v1.2.3" -> (1, 2, 3); None if it is not of that form. Parts stay below 10^9
-    # so every comparison uses small ints, also with the ESP32's 31-bit ones.
-    if not isinstance(text, str):
+    # -> the version's sort key, or None if `text` is not a version. The key is a flat tuple:
+    # the four numbers ("2.0" is 2.0.0.0), then 1 for a release, or 0 and per pre-release
+    # identifier (0, number) or (1, "word"). Tuples then compare as semver orders versions: a
+    # pre-release below its release, numbers below words, numbers by value, words in ASCII order,
+    # a shorter list of equal identifiers first; two elements at one place are of one type.
+    if not isinstance(text, str) or not 0 < len(text) <= _VERSION_MAX:
         return None
-    if text[:1] in ("v", "V"):
-        text = text[1:]
-    parts = text.split(".")
-    if not 1 <= len(parts) <= 4:
+    t = text[1:] if text[0] in "vV" else text
+    i = t.find("+")
+    if i >= 0:
+        for p in t[i + 1:].split("."):  # build metadata: checked, then ignored
+            if not _ident(p):
+                return None
+        t = t[:i]
+    t = _describe_base(t)
+    i = t.find("-")
+    pre = None
+    if i >= 0:
+        pre = t[i + 1:].split(".")
+        t = t[:i]
+    parts = t.split(".")
+    if len(parts) > 4:
         return None
-    out = []
+    key = []
     for p in parts:
-        if not p or len(p) > 9 or not p.isdigit():
+        n = _num(p)
+        if n < 0:
             return None
-        out.append(int(p))
-    while len(out) < 4:
-        out.append(0)  # "2.0" == "2.0.0"
-    return tuple(out)
+        key.append(n)
+    while len(key) < 4:
+        key.append(0)
+    if pre is None:
+        key.append(1)
+        return tuple(key)
+    if len(pre) > _IDS_MAX:
+        return None
+    key.append(0)
+    for p in pre:
+        if not _ident(p):
+            return None
+        if _digits(p):
+            n = _num(p)
+            if n < 0 or (p[0] == "0" and len(p) > 1):  # semver: no leading zeros in numbers
+                return None
+            key.append(0)
+            key.append(n)
+        else:
+            key.append(1)
+            key.append(p)
+    return tuple(key)
 
 
 def running_version(text):
-    # A running firmware's version may carry a suffix ("v1.24.1-dirty"): compare its numbers.
-    if not text:
-        return (0,)
-    head = text.split("-")[0].split("+")[0]
-    return parse_version(head) or (0,)
+    # The running firmware's key. An empty version (stock MicroPython builds leave
+    # esp_app_desc_t's empty) or one that is not a version sorts below every release: the
+    # device can always be moved onto a versioned firmware.
+    return parse_version(text) or ()
 
 
 class Manifest:
@@ -104,8 +189,10 @@ def parse(body):
             raise OtaError("unsupported-critical", "release needs %r, which this agent does not know" % (c,))
     r = Manifest()
     r.version = m.get("version")
+    _need(isinstance(r.version, str), "version")
     r.version_t = parse_version(r.version)
-    _need(r.version_t is not None, "version")
+    if r.version_t is None:
+        raise OtaError("bad-version", "version %r is not a version (docs/versions.md)" % r.version[:_VERSION_MAX])
     r.board = m.get("board")
     r.chip = m.get("chip")
     _need(isinstance(r.board, str), "board")
