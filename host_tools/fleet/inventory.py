@@ -21,11 +21,12 @@ DEFAULT_COHORT = "default"
 
 STATUSES = ("unseen", "ok", "updating", "pending-confirm", "failed-silent", "rolled-back", "refused",
             "failed", "no-memory")
-# The events that end (or are) an update step; last_result is the latest of them.
-RESULTS = ("up-to-date", "installed", "confirmed", "rolled-back", "refused", "failed", "no-memory")
+# The events that end (or are) a step of an update; last_result is the latest of them. A check
+# that finds nothing to do (checked, up-to-date) changes neither: a device that rolled back stays
+# `rolled-back` (running its old version, which is fine) until its next update.
+RESULTS = ("installed", "confirmed", "rolled-back", "refused", "failed", "no-memory")
 _STATUS_OF = {"downloading": "updating", "installed": "pending-confirm", "confirmed": "ok",
-              "up-to-date": "ok", "rolled-back": "rolled-back", "refused": "refused", "failed": "failed",
-              "no-memory": "no-memory"}
+              "rolled-back": "rolled-back", "refused": "refused", "failed": "failed", "no-memory": "no-memory"}
 OUTCOMES = ("started", "installed", "confirmed", "rolled-back", "refused", "failed", "failed-silent")
 
 DEVICE_FIELDS = ("id", "secret", "cohort", "interval_s", "registered_at", "board", "chip", "version", "slot",

@@ -7,7 +7,7 @@ import time
 from datetime import datetime, timezone
 
 from .. import MpotaError
-from . import inventory, monitor
+from . import inventory, monitor, protocol
 from .storage import Store
 
 FILTERS = ("board", "chip", "version", "status", "cohort", "seen_before", "seen_after", "silent")
@@ -80,7 +80,7 @@ def device_detail(store: Store, device_id: str, *, limit=100, now=None) -> dict 
 
 
 def list_events(store: Store, *, device=None, event=None, before=None, limit=100) -> dict:
-    if event is not None and event not in (*inventory.RESULTS, "checked", "downloading", "boot", "announce"):
+    if event is not None and event not in (*protocol.EVENTS, protocol.ANNOUNCE):
         raise MpotaError(f"unknown event {event!r}", hint="events: checked, up-to-date, downloading, installed, "
                                                           "confirmed, rolled-back, refused, failed, no-memory, "
                                                           "boot, announce")

@@ -17,6 +17,7 @@ import threading
 import time
 from contextlib import asynccontextmanager
 from pathlib import Path
+from urllib.parse import parse_qs
 
 import anyio
 from starlette.applications import Starlette
@@ -291,8 +292,11 @@ def _set_cookie(resp: Response, fleet: Fleet):
 
 async def post_login(request: Request) -> Response:
     fleet: Fleet = request.app.state.fleet
-    form = await request.form()
-    token = str(form.get("token") or "")
+    try:  # a urlencoded form of one field (no multipart parser needed for that)
+        body = await _read_body(request, 4096, fleet.body_timeout)
+    except Refusal:
+        return dashboard.login(wrong=True, status=400)
+    token = (parse_qs(body.decode("utf-8", errors="replace")).get("token") or [""])[0]
     if not hmac.compare_digest(token.encode(), fleet.token.encode()):
         fleet.counts.add("refused:admin-unauthorized")
         return dashboard.login(wrong=True, status=401)
