@@ -70,7 +70,8 @@ def _target_args(s, *, writes=False):
 # ---- verbs ----------------------------------------------------------------------------------
 def cmd_serve(a):
     from . import server
-    from .storage import describe
+    from .storage import describe, engine_url
+    engine_url(a.db)  # a --db this server cannot use is refused before anything is written
     token_file = Path(a.token_file) if a.token_file else server.default_token_file(a.db)
     if token_file is None:
         raise MpotaError("--db postgresql://... needs --token-file FILE (the admin token, shared by every "

@@ -16,8 +16,6 @@ import math
 import re
 from collections import defaultdict
 
-from scipy import stats as _stats
-
 from . import inventory
 
 ALPHA = 0.01            # family-wise false-alarm rate of one evaluation of all regression tests
@@ -30,6 +28,11 @@ LOOP_CRASHES = 3        # boots after a watchdog or hard reset (panic, brown-out
 CRASH_RESETS = (2, 3)   # machine.reset_cause(): HARD_RESET (panic, brown-out), WDT_RESET
 
 FAILED = ("rolled-back", "failed-silent")   # the release's image did not survive on the device
+
+
+def _scipy_stats():
+    from scipy import stats  # half a second to import: only when a statistic is computed
+    return stats
 
 
 def version_key(v: str | None):
@@ -136,7 +139,7 @@ def regressions(rows: list[dict], alpha: float = ALPHA) -> list[dict]:
             (f1, c1), (f0, c0) = tally[(board, rel)], tally[(board, prev)]
             if f1 + c1 == 0 or f0 + c0 == 0:
                 continue
-            p = float(_stats.fisher_exact([[f1, c1], [f0, c0]], alternative="greater").pvalue)
+            p = float(_scipy_stats().fisher_exact([[f1, c1], [f0, c0]], alternative="greater").pvalue)
             tests.append({"board": board, "release": rel, "previous": prev, "failed": f1, "confirmed": c1,
                           "previous_failed": f0, "previous_confirmed": c0, "p_value": p,
                           "rate": f1 / (f1 + c1), "previous_rate": f0 / (f0 + c0)})
@@ -178,7 +181,7 @@ def robust_z(values: list[float]) -> list[float | None]:
     if not values:
         return []
     med = float(_quantile(values, 0.5))
-    mad = float(_stats.median_abs_deviation(values))
+    mad = float(_scipy_stats().median_abs_deviation(values))
     if mad > 0:
         return [0.6745 * (x - med) / mad for x in values]
     mean_ad = sum(abs(x - med) for x in values) / len(values)
