@@ -11,7 +11,7 @@ from __future__ import annotations
 import hashlib
 import threading
 import time
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 
 import sqlalchemy as sa
@@ -172,10 +172,14 @@ class Store:
     # ---- transactions ---------------------------------------------------------------------
     @contextmanager
     def _write(self):
-        with self.engine.connect() as conn:
-            conn = conn.execution_options(mpota_write=True)
-            with conn.begin():
-                yield conn
+        # SQLite has one writer at a time; its busy handler waits by sleeping (up to 100 ms a
+        # try), so this process's writers queue on a lock instead and SQLite never has to wait
+        # for one of ours
+        with self._lock if self.kind == "sqlite" else _NO_LOCK:
+            with self.engine.connect() as conn:
+                conn = conn.execution_options(mpota_write=True)
+                with conn.begin():
+                    yield conn
 
     @contextmanager
     def _read(self):
@@ -218,6 +222,16 @@ class Store:
                     changes["silent_at"] = row["last_seen"] + inventory.silent_after(interval_s)
             c.execute(devices.update().where(devices.c.id == device_id).values(**changes))
             return row["secret"] is None
+
+    def register_many(self, devices_: list[tuple[str, str]], *, interval_s=None, cohort=None, now=None) -> int:
+        """Register new devices [(id, secret hex)] in one transaction (provisioning a batch, the
+        load generator). Ids already registered are an error (IntegrityError): use register()."""
+        now = time.time() if now is None else now
+        with self._write() as c:
+            for i in range(0, len(devices_), 1000):
+                c.execute(devices.insert(), [inventory.new_device(d, s, now, interval_s=interval_s, cohort=cohort)
+                                             for d, s in devices_[i:i + 1000]])
+        return len(devices_)
 
     def unregister(self, device_id: str, *, forget: bool = False) -> bool:
         """Remove a device's registration (it can report no more). With forget, its inventory and
@@ -424,6 +438,9 @@ class Store:
     def timeline(self, release: str) -> list[dict]:
         """The attempts at one release with their times (for the progress chart)."""
         return self.attempts(release=release)
+
+
+_NO_LOCK = nullcontext()
 
 
 def _first_line(e: Exception) -> str:

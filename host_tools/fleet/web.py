@@ -33,6 +33,9 @@ from .protocol import Refusal
 from .storage import Store
 
 COUNT_FLUSH_S = 1.0
+SECRET_TTL_S = 30.0      # a device's secret is read again after this
+UNKNOWN_TTL_S = 2.0      # an unknown device is asked about again after this
+SECRET_CACHE_SIZE = 200_000
 COOKIE = "mpota_fleet"
 log = logging.getLogger("mpota.fleet")
 
@@ -72,6 +75,21 @@ class Fleet:
         self.counts = Counts()
         self.cookie_value = hmac.new(token.encode(), b"mpota fleet dashboard", hashlib.sha256).hexdigest()
         self._cache: dict = {}
+        self._secrets: dict = {}  # device -> (secret or None, until): see secret()
+
+    def secret(self, device: str) -> str | None:
+        """A device's secret, from a short-lived cache: the MAC check of a flood of reports needs
+        no database read each. Safe: ingest() checks the secret again inside its transaction
+        (a rotated secret is bad-signature, an unregistered device unknown-device)."""
+        now = time.monotonic()
+        hit = self._secrets.get(device)
+        if hit is not None and hit[1] > now:
+            return hit[0]
+        secret = self.store.secret(device)
+        if len(self._secrets) > SECRET_CACHE_SIZE:
+            self._secrets.clear()
+        self._secrets[device] = (secret, now + (SECRET_TTL_S if secret else UNKNOWN_TTL_S))
+        return secret
 
     def snapshot(self, max_age: float = 2.0) -> views.Snapshot:
         """The statistics, computed at most every max_age seconds (they read the whole fleet)."""
@@ -130,7 +148,7 @@ async def post_reports(request: Request) -> Response:
         device = request.headers.get("x-mpota-device")
         if not protocol.valid_device_id(device):
             raise Refusal("bad-report", "X-Mpota-Device is missing or not a device id")
-        secret = await anyio.to_thread.run_sync(fleet.store.secret, device)
+        secret = await anyio.to_thread.run_sync(fleet.secret, device)
         if secret is None:
             raise Refusal("unknown-device")
         if not protocol.mac_ok(bytes.fromhex(secret), body, request.headers.get("x-mpota-signature")):
