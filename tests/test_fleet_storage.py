@@ -103,6 +103,7 @@ def test_filters(store):
     assert ids(version="1.0.0", board="esp32s3") == ["d1"]
     assert ids(cohort="canary") == ["d2"]
     assert ids(seen_before="200") == ["d0"]
+    assert ids(silent_since="200") == ["d0"] and ids(silent_since="300", seen_before="200") == ["d0"]
     assert ids(seen_after="200") == ["d1", "d2"]
     assert ids(seen_after="1970-01-01T00:05:00Z") == ["d2"]
     assert ids(status="ok") == ["d0", "d1", "d2"]

@@ -80,6 +80,12 @@ def cmd_serve(a):
 
     def announce(url, store):
         print(f"{server.FIRST_LINE}{url}", flush=True)
+        if a.host in ("0.0.0.0", "::"):
+            from ..server import urls_for
+            lan = [u.rstrip("/") for u in urls_for(a.host, int(url.rsplit(":", 1)[1]))]
+            if lan:
+                print(f"mpota fleet: devices on the network use fleet.url {lan[0]}"
+                      + (f" (or {', '.join(lan[1:])})" if lan[1:] else ""), flush=True)
         kind = "SQLite, one server process" if store.kind == "sqlite" else "PostgreSQL"
         print(f"mpota fleet: database {describe(a.db)} ({kind}); admin token in {token_file}", flush=True)
         print(f"mpota fleet: devices post to {url}/v1/reports; dashboard {url}/ (sign in with the token); "
@@ -148,7 +154,8 @@ def cmd_unregister(a):
 def cmd_devices(a):
     from . import views
     filters = {"board": a.board, "chip": a.chip, "version": a.version, "status": a.status, "cohort": a.cohort,
-               "seen_before": a.seen_before, "seen_after": a.seen_after, "silent": "1" if a.silent else None}
+               "seen_before": a.seen_before, "seen_after": a.seen_after, "silent": "1" if a.silent else None,
+               "silent_since": a.silent_since}
     t = Target(a)
     try:
         if t.store is not None:
@@ -365,6 +372,7 @@ def add_parser(sub, bounded, tcp_port):
     s.add_argument("--cohort")
     s.add_argument("--seen-before", type=_time, metavar="TIME", help="last seen before TIME (epoch or ISO 8601)")
     s.add_argument("--seen-after", type=_time, metavar="TIME", help="last seen at or after TIME")
+    s.add_argument("--silent-since", type=_time, metavar="TIME", help="heard nothing since TIME (= --seen-before)")
     s.add_argument("--silent", action="store_true", help="only devices silent for longer than their interval allows")
     s.add_argument("--limit", type=bounded("devices", 1, 100000), default=1000, help="at most this many (default 1000)")
     s.add_argument("--json", action="store_true", help='{"now", "count", "offset", "devices": [...]}')

@@ -10,7 +10,7 @@ from .. import MpotaError
 from . import inventory, monitor, protocol
 from .storage import Store
 
-FILTERS = ("board", "chip", "version", "status", "cohort", "seen_before", "seen_after", "silent")
+FILTERS = ("board", "chip", "version", "status", "cohort", "seen_before", "seen_after", "silent", "silent_since")
 FAILURE_EVENTS = ("rolled-back", "refused", "failed", "no-memory")
 
 
@@ -52,8 +52,10 @@ def check_filters(f: dict) -> dict:
             continue
         if k not in FILTERS:
             raise MpotaError(f"unknown filter {k!r}", hint=f"filters: {', '.join(FILTERS)}")
-        if k in ("seen_before", "seen_after"):
+        if k in ("seen_before", "seen_after", "silent_since"):
             v = parse_time(v)
+            if k == "silent_since":  # heard nothing since T: last seen before T
+                k, v = "seen_before", min(v, out.get("seen_before", v))
         elif k == "silent":
             v = str(v).lower() in ("1", "true", "yes")
         elif k == "status" and v not in inventory.STATUSES:
