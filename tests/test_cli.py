@@ -18,7 +18,10 @@ MPOTA = str(Path(sys.executable).parent / "mpota")
 COMMANDS = [["keygen"], ["release"], ["verify"], ["inspect"], ["serve"], ["boards"], ["config"], ["mpy"],
             ["flash"], ["deploy"], ["push"],
             ["sim"], ["sim", "firmware"], ["sim", "create"], ["sim", "run"], ["sim", "status"], ["sim", "list"],
-            ["sim", "delete"], ["sim", "repl"]]
+            ["sim", "delete"], ["sim", "repl"],
+            ["fleet"], ["fleet", "serve"], ["fleet", "register"], ["fleet", "unregister"], ["fleet", "devices"],
+            ["fleet", "device"], ["fleet", "events"], ["fleet", "releases"], ["fleet", "anomalies"],
+            ["fleet", "import-logs"]]
 
 
 def mpota(*args, cwd=None, check=False):
