@@ -78,24 +78,23 @@ def send(q):
 
 
 def _post(s, q, sent):
-    # One signed POST of the reports `sent` (spans of q.data); (status, ack or None).
+    # One signed POST of the reports `sent` (spans of the queue's file); (status, ack or None).
+    # The body is streamed from the file twice, never held: for the HMAC, then to the server.
     from ota import http
     from ota.hmac import HMAC
     from binascii import hexlify
     url, secret, timeout_s, did = s[0], s[1], s[2], s[3]
-    mv = memoryview(q.data)
-    # the body, in parts (never joined): {"device":"<id>","reports":[<line>,<line>]}
+    # {"device":"<id>","reports":[<line>,<line>]}
     head = ('{"device":"%s","reports":[' % did).encode()
-    n = len(head) + 2 + len(sent) - 1 + sum(x[2] - x[1] for x in sent)
+    n = len(head) + 2 + sent[-1][2] - sent[0][1]
     while n > _BODY_MAX and len(sent) > 1:
         x = sent.pop()
         n -= x[2] - x[1] + 1
     mac = HMAC(secret, head)
-    for i in range(len(sent)):
-        if i:
-            mac.update(b",")
-        mac.update(mv[sent[i][1]:sent[i][2]])
+    q.body(sent, mac.update)
     mac.update(b"]}")
+    sig = hexlify(mac.digest()).decode()
+    mac = None
     tls, host, port, path = http.split_url(url + "/v1/reports")
     ca = None
     if tls:
@@ -106,41 +105,35 @@ def _post(s, q, sent):
         dl = http.deadline(timeout_s)  # and never past the whole exchange's (http.limit)
         c.send(("POST %s HTTP/1.0\r\nHost: %s\r\nUser-Agent: mpota/%s\r\nContent-Type: application/json\r\n"
                 "Content-Length: %d\r\nX-Mpota-Device: %s\r\nX-Mpota-Signature: %s\r\nConnection: close\r\n\r\n"
-                % (path, host, ident.AGENT, n, did, hexlify(mac.digest()).decode())).encode(), dl)
-        mac = None
-        c.send(head, dl)
-        for i in range(len(sent)):
-            if i:
-                c.send(b",", dl)
-            c.send(mv[sent[i][1]:sent[i][2]], dl)
+                % (path, host, ident.AGENT, n, did, sig)).encode() + head, dl)
+        q.body(sent, lambda piece: c.send(piece, dl))
         c.send(b"]}", dl)
-        return _answer(c, timeout_s)
+        return _answer(c, timeout_s, q.buf)
     except OSError as e:
         raise http._err("network", "%s: %r" % (host, e))
     finally:
         c.close()
 
 
-def _answer(c, timeout_s):
+def _answer(c, timeout_s, buf):
     # The status and the "ack" of the server's JSON answer (headers skipped, at most 48 lines of
     # at most 512 bytes; the body read up to 512 bytes: anything longer is not an answer of ours).
     from ota import http
     import time
     dl = time.ticks_add(time.ticks_ms(), timeout_s * 1000)
-    buf = bytearray(_ANSWER_MAX)
     line = http._readline(c, buf, dl)
     parts = line.split(None, 2)
     if len(parts) < 2 or not parts[0].startswith(b"HTTP/") or len(parts[1]) != 3 or not parts[1].isdigit():
         raise http._err("bad-response", "bad status line %r" % line[:40])
     status = int(parts[1])
-    length = _ANSWER_MAX
+    length = min(len(buf), _ANSWER_MAX)
     for _ in range(48):
         line = http._readline(c, buf, dl)
         if not line:
             break
         if line[:15].lower() == b"content-length:":
             try:
-                length = min(int(line[15:]), _ANSWER_MAX)  # a server that keeps the connection open
+                length = min(int(line[15:]), length)  # a server that keeps the connection open
             except ValueError:
                 pass
     else:

@@ -23,8 +23,10 @@
 #   later    a report the image on trial leaves for the one that comes back after a failed
 #            health check: a rollback is reported by the image that came back (ota/trial.py)
 #
-# Memory: the file is read once (4 KiB at most) and its report lines are written back as
-# slices of it; a report is built as one string of at most 400 bytes.
+# Memory: the queue is never held in RAM. It is read and copied through a small scratch buffer
+# (512 bytes, or the update's 4 KiB block buffer, free when update() queues its reports): a
+# copy is checked (CRC) and its lines found in one pass, and a save copies the lines it keeps
+# from one file to the other. A report is built as one string of at most 400 bytes.
 from micropython import const
 import os
 import json
@@ -34,7 +36,10 @@ from ota import ident
 PATHS = ("ota_reports.0", "ota_reports.1")
 _MAX = const(4096)        # bytes per copy of the queue
 _LINE_MAX = const(400)    # bytes per report
+_LINES_MAX = const(48)    # lines a copy of at most 4096 bytes can hold (more: not ours)
+_HEAD_MAX = const(1024)   # bytes of the header line
 _DETAIL_MAX = const(160)  # characters of detail (the protocol's bound)
+_SCRATCH = const(512)     # also holds a line of the server's answer (ota/fleet.py)
 _N_MAX = const(0x3FFF0000)  # counters stay small ints (31 bits on an ESP32)
 _INTS = ("gen", "next", "ack", "dropped", "boots")
 
@@ -43,50 +48,62 @@ def _fresh():
     return {"gen": 0, "next": 1, "ack": 0, "dropped": 0, "boots": 0, "rel": None, "later": None}
 
 
-def _n(data, i):
-    # the counter of the report line at data[i:]: every line starts {"n":<digits>,
-    if data[i:i + 5] != b'{"n":':
-        raise ValueError
-    return int(bytes(data[i + 5:data.find(b",", i)]))
-
-
-def _read(path, buf=None):
-    # (header, data, spans) of one copy, or None if it is missing, torn or not ours. data: the
-    # file's bytes, read into `buf` (a 4096-byte bytearray: the update's block buffer, free when
-    # its report is made) if given; spans: [(n, start, end)] of each report line in data, oldest
-    # first (end: its newline).
+def _scan(path, buf):
+    # (header, spans) of one copy, or None if it is missing, torn or not ours. spans: [(n,
+    # start, end)] of each report line in the file, oldest first (end: the offset of its
+    # newline). Streams the file through `buf`.
     try:
-        if os.stat(path)[6] > _MAX:
-            return None
-        with open(path, "rb") as f:
-            if buf is None:
-                data = f.read()
-                size = len(data)
-            else:
-                data = buf
-                size = f.readinto(buf)
+        size = os.stat(path)[6]
     except OSError:
         return None
-    end = data.rfind(b"\n", 0, size)
-    i = data.find(b"\n", 0, size)
-    try:
-        if i < 0 or int(bytes(data[end + 1:size]), 16) != crc32(memoryview(data)[:end + 1]) & 0xFFFFFFFF:
-            return None
-        h = json.loads(bytes(data[:i]))
-        for k in _INTS:
-            if not isinstance(h.get(k), int) or not 0 <= h[k] <= _N_MAX:
-                return None
-        spans = []
-        while i < end:
-            j = data.find(b"\n", i + 1, size)
-            spans.append((_n(data, i + 1), i + 1, j))
-            i = j
-    except (ValueError, AttributeError):
+    if not 10 <= size <= _MAX:
         return None
-    for k, size in (("rel", 2), ("later", 5)):
-        if not (isinstance(h.get(k), list) and len(h[k]) == size):
+    body = size - 8  # then the CRC-32 of everything before it, 8 hex digits
+    mv = memoryview(buf)
+    ends = []  # offsets of the newlines
+    crc = 0
+    try:
+        with open(path, "rb") as f:
+            pos = 0
+            while pos < body:
+                k = f.readinto(mv[:min(len(buf), body - pos)])
+                if not k:
+                    return None
+                crc = crc32(mv[:k], crc)
+                i = buf.find(b"\n", 0, k)
+                while i >= 0:
+                    if len(ends) == _LINES_MAX:
+                        return None
+                    ends.append(pos + i)
+                    i = buf.find(b"\n", i + 1, k)
+                pos += k
+            if f.readinto(mv[:8]) != 8 or int(bytes(mv[:8]), 16) != crc & 0xFFFFFFFF:
+                return None
+            if not ends or ends[-1] != body - 1 or ends[0] > _HEAD_MAX:
+                return None
+            f.seek(0)
+            head = bytearray(ends[0])
+            f.readinto(head)
+            h = json.loads(bytes(head))
+            head = None
+            for k in _INTS:
+                if not isinstance(h.get(k), int) or not 0 <= h[k] <= _N_MAX:
+                    return None
+            spans = []
+            for j in range(1, len(ends)):
+                # every line starts {"n":<digits>,
+                f.seek(ends[j - 1] + 1)
+                k = f.readinto(mv[:16])
+                c = buf.find(b",", 5, k)
+                if c < 0 or bytes(mv[:5]) != b'{"n":':
+                    return None
+                spans.append((int(bytes(mv[5:c])), ends[j - 1] + 1, ends[j]))
+    except (OSError, ValueError, AttributeError):
+        return None
+    for k, n in (("rel", 2), ("later", 5)):
+        if not (isinstance(h.get(k), list) and len(h[k]) == n):
             h[k] = None
-    return h, data, spans
+    return h, spans
 
 
 def _put(f, piece, crc):
@@ -95,20 +112,17 @@ def _put(f, piece, crc):
 
 
 class Queue:
-    # The newer intact copy: h (its header), data (its bytes), spans (its reports), and the
-    # reports this call adds (new: each line without its "dropped" value, set when written).
-    # buf: a 4096-byte bytearray to read the file into (else it is allocated as read).
+    # The newer intact copy: h (its header), path (its file, None for an empty queue), spans
+    # (its reports), and the reports this call adds (new: each line without its "dropped"
+    # value, set when written). buf: the scratch buffer to stream the files through.
     def __init__(self, buf=None):
-        self.buf = buf
-        self.h, self.data, self.spans = _fresh(), b"", []
-        best = None
+        self.buf = buf if buf is not None else bytearray(_SCRATCH)
+        self.h, self.path, self.spans = _fresh(), None, []
         for path in PATHS:
-            got = _read(path, buf)
+            got = _scan(path, self.buf)
             if got is not None and got[0]["gen"] > self.h["gen"]:
-                self.h, self.data, self.spans = got
-                best = path
-        if buf is not None and best is not None and best != PATHS[-1]:
-            self.h, self.data, self.spans = _read(best, buf)  # the buffer holds the other one now
+                self.h, self.spans = got
+                self.path = path
         self.new = []
         self.dirty = False
         import ota
@@ -152,6 +166,8 @@ class Queue:
             return True
         h = self.h
         h["gen"] += 1
+        if PATHS[h["gen"] % 2] == self.path:  # a copy not of our making: never write over what we read
+            h["gen"] += 1
         keep = self.spans
         while True:
             head = json.dumps(h).encode()
@@ -165,12 +181,22 @@ class Queue:
                 self.new.pop(0)
             h["dropped"] += 1
         path = PATHS[h["gen"] % 2]
-        mv = memoryview(self.data)
+        mv = memoryview(self.buf)
         try:
             with open(path, "wb") as f:
                 c = _put(f, head + b"\n", 0)
-                for s in keep:
-                    c = _put(f, mv[s[1]:s[2] + 1], c)  # the line and its newline, as it was
+                head = None
+                if keep:
+                    # the lines kept, as they are: one range of the other copy
+                    with open(self.path, "rb") as g:
+                        g.seek(keep[0][1])
+                        left = keep[-1][2] + 1 - keep[0][1]
+                        while left:
+                            k = g.readinto(mv[:min(len(mv), left)])
+                            if not k:
+                                raise OSError(5)
+                            c = _put(f, mv[:k], c)
+                            left -= k
                 for x in lines:
                     c = _put(f, x, c)
                     c = _put(f, b"\n", c)
@@ -178,16 +204,35 @@ class Queue:
         except OSError as e:
             print("ota: fleet: cannot write %s (%r); the report queue stays as it was" % (path, e))
             return False
-        mv = lines = None
+        lines = None
         # What is on flash is the queue now (read back: this also checks the write).
-        got = _read(path, self.buf)
+        got = _scan(path, self.buf)
         if got is None:
             print("ota: fleet: %s did not read back" % path)
             return False
-        self.h, self.data, self.spans = got
+        self.h, self.spans = got
+        self.path = path
         self.new = []
         self.dirty = False
         return True
+
+    def body(self, sent, fn):
+        # The reports `sent` (spans, in order) as the protocol's list items: fn(piece) for each
+        # piece of their lines, joined by "," (the newlines between them, in the file).
+        mv = memoryview(self.buf)
+        with open(self.path, "rb") as f:
+            f.seek(sent[0][1])
+            left = sent[-1][2] - sent[0][1]
+            while left:
+                k = f.readinto(mv[:min(len(mv), left)])
+                if not k:
+                    raise OSError(5)
+                i = self.buf.find(b"\n", 0, k)
+                while i >= 0:
+                    self.buf[i] = 0x2C  # ","
+                    i = self.buf.find(b"\n", i + 1, k)
+                fn(mv[:k])
+                left -= k
 
 
 def _slots():
