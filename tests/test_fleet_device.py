@@ -22,6 +22,7 @@ import pytest
 
 from conftest import run_micropython, tool
 from fleet_receiver import FleetReceiver
+from test_deploy import bare_device, repl  # noqa: F401 (fixtures: a board with nothing of mpota, its console)
 from mpota import devicepkg, fleetprov
 from mpota.sim import runner
 
@@ -512,6 +513,30 @@ def test_deploy_fleet_dry_run_stages_the_secret_and_says_how_to_register(tmp_pat
                         "--board", "esp32", "--dry-run", "--fleet", "http://h:8470"],
                        capture_output=True, text=True, cwd=tmp_path, env=env)
     assert r.returncode == 2 and "--device-id" in r.stderr
+
+
+def test_deploy_fleet_registers_the_board_and_its_reports_arrive(bare_device, repl, server, firmware, signer,  # noqa: F811
+                                                                 keydir, tmp_path, receiver):
+    # mpota deploy over the simulated board's console (tests/test_deploy.py's bridge), with the
+    # admin token: the board gets the secret, the server its registration, under the board's id
+    server.publish(firmware("1.0.0"), signer)
+    token = tmp_path / "token"
+    token.write_text("the-admin-token\n")
+    r = subprocess.run([tool("mpota"), "deploy", "--port", repl.url, "--pub", str(keydir / "release.pub"),
+                        "--server", server.url, "--fleet", receiver.url, "--fleet-token-file", str(token)],
+                       capture_output=True, text=True, cwd=tmp_path, timeout=180)
+    assert r.returncode == 0, r.stdout + r.stderr
+    uid = bare_device.hardware_env()["MPOTA_UID"]  # machine.unique_id() in hex
+    secret = (tmp_path / "keys" / "fleet" / f"{uid}.secret").read_text().strip()
+    assert receiver.devices[uid]["secret"] == bytes.fromhex(secret) and receiver.devices[uid]["board"] == "esp32"
+    assert secret not in r.stdout + r.stderr and f"registered {uid}" in r.stdout
+    cfg = json.loads((bare_device.fs / "ota_config.json").read_text())
+    assert cfg["fleet"]["secret"] == secret and cfg["device_id"] == uid
+    repl.stop()
+    r = subprocess.run([tool("mpota"), "sim", "run", "dev", "--root", str(bare_device.path.parent)],
+                       capture_output=True, text=True, cwd=tmp_path, timeout=180)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert receiver.events(uid) == ["up-to-date"]
 
 
 def test_a_bad_fleet_entry_turns_reports_off_not_updates(server, firmware, signer, make_device, receiver):
