@@ -269,6 +269,24 @@ def test_a_stalled_server_holds_update_and_confirm_no_longer_than_the_fleet_time
     assert len(lines) == 2  # kept, to be sent again
 
 
+def test_nothing_is_sent_while_wifi_is_not_connected(server, firmware, signer, make_device, receiver):
+    server.publish(firmware("1.0.0"), signer)
+    main = ("import sys\n"
+            "class WLAN:\n"  # the application's network module, as on a board: Wi-Fi on, not connected
+            "    def __init__(self, i): pass\n"
+            "    def active(self): return True\n"
+            "    def isconnected(self): return %s\n"
+            "class network: STA_IF = 0; WLAN = WLAN\n"
+            "sys.modules['network'] = network\n"
+            "import ota\nota.confirm(lambda: True)\nota.update()\n")
+    d = fleet_device(make_device, firmware("1.0.0"), server.url, receiver, main=main % "False")
+    d.run()
+    assert "1 report(s) queued; the network is down" in d.output and receiver.log == []
+    runner.fs_write(d.dev, "main.py", (main % "True").encode())
+    d.run()
+    assert [r["n"] for r in receiver.reports["dev"]] == [1, 2]
+
+
 def test_the_servers_refusals(server, firmware, signer, make_device, receiver):
     # 503 (and 401, 404: a device not registered yet): kept. 400: the batch can never be taken:
     # dropped, and counted in the next report's "dropped".

@@ -16,11 +16,11 @@
 from micropython import const
 import json
 from ota import ident
-_N_MAX = const(0x3FFF0000)  # as ota/report.py: counters stay small ints
 
-_BATCH = const(16)     # reports per request (the protocol's bound)
+_BATCH = const(16)          # reports per request (the protocol's bounds)
 _BODY_MAX = const(4096)
-_ANSWER_MAX = const(512)
+_ANSWER_MAX = const(512)    # bytes of the server's JSON answer read
+_N_MAX = const(0x3FFF0000)  # as ota/report.py: counters stay small ints
 
 
 def _log(msg):
@@ -28,13 +28,18 @@ def _log(msg):
 
 
 def _online():
-    # Wi-Fi switched on but not connected: nothing to try. No network module (the unix port)
-    # or another interface (Ethernet, PPP): try; a network that is down fails fast or times out.
+    # Wi-Fi switched on but not connected: nothing to try. Asked only of a network module the
+    # application loaded (constructing a WLAN would start an ESP32's Wi-Fi driver for a board
+    # on Ethernet). No network module (the unix port) or another interface: try; a network
+    # that is down fails fast or times out.
+    import sys
+    network = sys.modules.get("network")
+    if network is None:
+        return True
     try:
-        import network
         sta = network.WLAN(network.STA_IF)
         return not sta.active() or sta.isconnected()
-    except (ImportError, AttributeError, OSError):
+    except (AttributeError, OSError):
         return True
 
 
@@ -72,7 +77,8 @@ def send(q):
                 _log("%d report(s) kept: the server answered %d" % (len(q.spans), status))
                 break
     except (OtaError, OSError) as e:
-        _log("%d report(s) kept: %s" % (len(q.spans), "%s (%s)" % (e.code, e.detail) if isinstance(e, OtaError) else repr(e)))
+        why = "%s (%s)" % (e.code, e.detail) if isinstance(e, OtaError) else repr(e)
+        _log("%d report(s) kept: %s" % (len(q.spans), why))
     finally:
         http.limit(None)
 
