@@ -174,14 +174,25 @@ def cmd_serve(a):
             else:
                 print("serve: note: this machine has no address other machines can reach (no network?)", flush=True)
 
+    if a.fault and a.access_log:
+        raise MpotaError("--access-log is written by the plain server, not with --fault",
+                         hint="drop one of them")
     try:
         if a.fault:
             from . import faultserver
             faultserver.serve(Path(a.release), a.fault, a.host, a.port, quiet=a.quiet,
                               announce=lambda fs: announce(fs.httpd))
         else:
-            server = srv.make_server(Path(a.release), a.host, a.port, quiet=a.quiet)
+            log = None
+            if a.access_log:
+                try:
+                    log = open(a.access_log, "a", encoding="utf-8")
+                except OSError as e:
+                    raise MpotaError(f"cannot write the access log {a.access_log}: {e.strerror}") from None
+            server = srv.make_server(Path(a.release), a.host, a.port, quiet=a.quiet, access_log=log)
             announce(server)
+            if log:
+                print(f"serve: access log (Combined Log Format) appended to {a.access_log}", flush=True)
             server.serve_forever()
     except KeyboardInterrupt:
         print("serve: stopped")
@@ -238,14 +249,53 @@ def cmd_sim_firmware(a):
     print(f"firmware: {a.out} {a.version} ({a.behavior}, {a.chip}, secure_version {a.secure_version}), {_human(len(data))}")
 
 
+def _fleet_entry(a, device_id: str, secret_file: Path | None) -> tuple[dict | None, Path | None]:
+    """The fleet options checked: (ota_config.json's "fleet" entry, the file keeping its secret), or
+    (None, None) without --fleet. With secret_file None the secret is made here, not kept (the
+    caller keeps it). The admin token is read now, so that a bad one stops us before anything
+    is made."""
+    from . import fleetprov
+    if not a.fleet:
+        if a.fleet_secret or a.fleet_token_file:
+            raise MpotaError("--fleet-secret and --fleet-token-file go with --fleet URL",
+                             hint="add --fleet http://HOST:8470 (the fleet server the device reports to)")
+        return None, None
+    url = fleetprov.check_url(a.fleet)
+    fleetprov.check_device_id(device_id)
+    if a.fleet_token_file:
+        fleetprov.read_token(Path(a.fleet_token_file))
+    if secret_file is None:
+        import secrets
+        secret = secrets.token_hex(fleetprov.SECRET_BYTES)
+    else:
+        secret, _made = fleetprov.secret_at(secret_file)
+    return fleetprov.config_entry(url, secret, interval_s=a.fleet_interval), secret_file
+
+
+def _fleet_register(a, say, prefix: str, device_id: str, fleet: dict, secret_file: Path, board: str) -> None:
+    """Register the device on the fleet server with --fleet-token-file, else say how to."""
+    from . import fleetprov
+    say(f"{prefix}: reports go to {fleet['url']}, signed with the secret in {secret_file} (mode 0600; "
+        "never commit it)")
+    if a.fleet_token_file:
+        fleetprov.register(fleet["url"], Path(a.fleet_token_file), device_id, fleet["secret"], board=board,
+                           interval_s=fleet["interval_s"], secret_file=secret_file)
+        say(f"{prefix}: registered {device_id} on {fleet['url']}")
+    else:
+        say(f"{prefix}: next: register it on the fleet server: "
+            + fleetprov.register_command(device_id, secret_file, fleet["url"]))
+
+
 def cmd_sim_create(a):
     from .sim import device
     hw = {"chip_rev": a.chip_rev, "rollback": a.rollback, "board_confirms": a.board_confirms, "fs": a.fs,
           "erase64": a.erase64}
+    secret_file = Path(a.fleet_secret) if a.fleet_secret else None
+    fleet, _ = _fleet_entry(a, a.name, secret_file)
     dev = device.create(a.name, [Path(p) for p in a.pub], a.server, Path(a.firmware), root=Path(a.root),
                         heap=a.heap, source=a.source, force=a.force, mirrors=a.mirror or [],
                         aes_keys=[Path(k) for k in a.aes_key or []], ca=Path(a.ca) if a.ca else None,
-                        hardware=hw)
+                        hardware=hw, fleet=fleet, announce=a.announce)
     quirks = [f"chip v{a.chip_rev // 100}.{a.chip_rev % 100}"]
     if a.rollback != "on":
         quirks.append("no app rollback in the bootloader" if a.rollback == "bootloader-off"
@@ -260,7 +310,14 @@ def cmd_sim_create(a):
     print(f"sim: flash {dev.flash} with {Path(a.firmware).name} in ota_0; agent in {dev.fs}/lib/ota "
           f"({'.py sources' if a.source else '.mpy'})")
     print(f"sim: server {a.server}" + (f" (checked against {a.ca}, provisioned as ca.der)" if a.ca else "")
+          + (" (the device names itself in its manifest fetches: --announce)" if a.announce else "")
           + f"; next: mpota sim run {a.name}")
+    if fleet:
+        try:
+            _fleet_register(a, print, "sim", a.name, fleet, secret_file or dev.path / device.FLEET_SECRET,
+                            device.board_info(dev.board).get("board_id", dev.board))
+        except MpotaError as e:
+            raise MpotaError(f"created {dev.path}/, but {e}", hint=e.hint) from None
 
 
 def cmd_sim_run(a):
@@ -405,7 +462,22 @@ def cmd_deploy(a):
         ca = deviceconfig.load_ca(Path(a.ca)) if a.ca else None
         cfg = deviceconfig.make([Path(k) for k in a.pub], a.server, board=info.get("board_id", board),
                                 chip=info["chip"], device_id=device_id, timeout_s=a.timeout,
-                                mirrors=a.mirror or [], aes_keys=[Path(k) for k in a.aes_key or []], ca=ca)
+                                mirrors=a.mirror or [], aes_keys=[Path(k) for k in a.aes_key or []], ca=ca,
+                                announce=a.announce)
+    fleet_id = cfg.get("device_id") or (pr.uid if pr else "")
+    if a.fleet and not fleet_id:
+        raise MpotaError("--fleet needs the device's id, and a dry run does not ask the board",
+                         hint="give --device-id (the board's machine.unique_id() in hex, or a name of yours)")
+    secret_file = Path(a.fleet_secret or f"keys/fleet/{fleet_id}.secret") if a.fleet else None
+    fleet, _ = _fleet_entry(a, fleet_id, secret_file)
+    if fleet:
+        if fleet["url"].startswith("https://") and not cfg.get("ca"):
+            raise MpotaError(f"the fleet server {fleet['url']} is https: the device needs the CA certificate",
+                             hint="add --ca ca.pem (the CA that signed the release and fleet servers' certificates)")
+        cfg["fleet"] = fleet
+        cfg["device_id"] = fleet_id
+    if a.announce:
+        cfg["announce"] = True
     if a.no_main:
         main, main_note = None, "main.py: left as it is (--no-main)"
     elif a.main:
@@ -437,6 +509,11 @@ def cmd_deploy(a):
     if a.dry_run:
         say("deploy: dry run, nothing sent to a board; the mpremote command that copies it:")
         say(deploy.shell_line(args))
+        if fleet:
+            from . import fleetprov
+            say(f"deploy: reports go to {fleet['url']}, signed with the secret in {secret_file} (mode 0600; "
+                "never commit it); once copied, register the device: "
+                + fleetprov.register_command(fleet_id, secret_file, fleet["url"]))
         if a.json:
             _print_json({"port": a.port, "board": board, "staged": str(st.dir), "dry_run": True,
                          "command": ["mpremote", *args]})
@@ -458,6 +535,8 @@ def cmd_deploy(a):
     warning = deploy.rollback_warning(pr, status)
     if warning:
         say(f"deploy: warning: {warning}")
+    if fleet:
+        _fleet_register(a, say, "deploy", fleet_id, fleet, secret_file, cfg.get("board") or board)
     if a.json:
         _print_json({"port": a.port, "board": board, "staged": str(st.dir), "frozen_agent": frozen or None,
                      "files": total,
@@ -516,6 +595,23 @@ def _bounded(what: str, lo: int, hi: int):
             raise argparse.ArgumentTypeError(f"{text!r}: give {what} from {lo} to {hi}")
         return n
     return parse
+
+
+def _fleet_args(s, secret_default):
+    g = s.add_argument_group("fleet (docs/fleet.md)")
+    g.add_argument("--fleet", metavar="URL", help="fleet server the device sends its reports to, e.g. "
+                                                  "http://192.168.1.10:8470 (a secret is made for it)")
+    g.add_argument("--fleet-secret", metavar="FILE", help="the device's report secret (hex, mode 0600): made "
+                                                          f"if missing, kept if there (default {secret_default})")
+    g.add_argument("--fleet-token-file", metavar="FILE",
+                   help="the fleet server's admin token: register the device there at once "
+                        "(otherwise the `mpota fleet register` command to run is printed)")
+    g.add_argument("--fleet-interval", type=_bounded("seconds", 10, 30 * 86400), default=3600,
+                   metavar="SECONDS", help="how often the device checks for updates, for the server's "
+                                           "'silent' alarm (default 3600)")
+    g.add_argument("--announce", action="store_true",
+                   help="name the device in its manifest fetches (User-Agent and query string), for "
+                        "fleet inventory from a release server's logs")
 
 
 def _fault(text: str):
@@ -630,6 +726,9 @@ def build_parser() -> argparse.ArgumentParser:
                                                        "them are printed)")
     s.add_argument("--port", type=_tcp_port, default=8000, help="port (default 8000; 0 picks a free one)")
     s.add_argument("--quiet", action="store_true", help="no request log")
+    s.add_argument("--access-log", metavar="FILE",
+                   help="append every request to FILE in the Combined Log Format (with the query string and "
+                        "User-Agent devices announce themselves with: `mpota fleet import-logs`)")
     s.add_argument("--fault", action="append", type=_fault, metavar="FAULT[,path=SUFFIX][,times=N]",
                    help="misbehave, for QA (repeatable; the first that matches a request applies): "
                         + "; ".join(f"{k}{'' if p is None else '=N' if k != 'trickle' else '=SECONDS'}: {h}"
@@ -717,6 +816,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--stage", help="where to stage the files (default build/deploy/BOARD)")
     s.add_argument("--dry-run", action="store_true", help="stage the files and print the mpremote command; "
                                                           "touch no board")
+    _fleet_args(s, "keys/fleet/DEVICE-ID.secret")
     s.set_defaults(func=cmd_deploy)
 
     s = sub.add_parser("push", help="install a signed release over a board's serial link (no network needed)",
@@ -784,6 +884,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="a firmware whose Partition(label, 65536).ioctl(6) erases a 64 KiB block (stock MicroPython "
                         "refuses it, so updates erase 4 KiB sectors); see docs/simulator.md")
     root_arg(s)
+    _fleet_args(s, "DEVICE-DIR/fleet.secret")
     s.set_defaults(func=cmd_sim_create)
 
     s = ssub.add_parser("run", help="boot the device until it is idle, printing every boot")

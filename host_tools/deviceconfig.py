@@ -36,8 +36,11 @@ def load_ca(path: Path) -> bytes:
 
 
 def make(pubkeys: list[Path], server: str, *, board: str, chip: str, device_id: str,
-         timeout_s: int = 10, mirrors: list[str] = (), aes_keys: list[Path] = (), ca: bytes | None = None) -> dict:
-    """The config dict; `ca` is the DER certificate (load_ca) that https servers are checked against."""
+         timeout_s: int = 10, mirrors: list[str] = (), aes_keys: list[Path] = (), ca: bytes | None = None,
+         fleet: dict | None = None, announce: bool = False) -> dict:
+    """The config dict; `ca` is the DER certificate (load_ca) that https servers are checked against;
+    `fleet` the fleet server entry (fleetprov.config_entry), `announce` names the device in its
+    manifest fetches (docs/fleet.md)."""
     for url in [server, *mirrors]:
         if not (url.startswith("http://") or url.startswith("https://")):
             raise MpotaError(f"server {url!r} is not an http(s) URL", hint="e.g. --server http://192.168.1.10:8000")
@@ -60,12 +63,20 @@ def make(pubkeys: list[Path], server: str, *, board: str, chip: str, device_id: 
         cfg["aes_keys"] = [payload.load_aes_key(p).hex() for p in aes_keys]
     if ca is not None:
         cfg["ca"] = CA_FILE
+    if fleet:
+        if fleet["url"].startswith("https://") and ca is None:
+            raise MpotaError(f"the fleet server {fleet['url']} is https: the device needs the CA certificate",
+                             hint="add --ca ca.pem (the CA that signed the release and fleet servers' certificates)")
+        cfg["fleet"] = dict(fleet)
+    if announce:
+        cfg["announce"] = True
     return cfg
 
 
 def holds_secrets(config: dict) -> bool:
-    """AES payload keys are device secrets: a config holding them is written owner-only."""
-    return bool(config.get("aes_keys"))
+    """AES payload keys and the fleet report secret are device secrets: a config holding them
+    is written owner-only."""
+    return bool(config.get("aes_keys")) or bool((config.get("fleet") or {}).get("secret"))
 
 
 def write_file(path: Path, data: bytes, secret: bool = False) -> None:

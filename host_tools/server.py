@@ -20,6 +20,7 @@ import re
 import socket
 import sys
 import threading
+import time
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -148,15 +149,34 @@ def urls_for(host: str, port: int) -> list[str]:
     return [f"http://{'[' + h + ']' if ':' in h else h}:{port}/" for h in hosts]
 
 
+def combined_log_line(host: str, request_line: str, status, size, referer: str | None, agent: str | None,
+                      when: float | None = None) -> str:
+    """One request in the Combined Log Format (Apache's, nginx's default), which log tools and
+    `mpota fleet import-logs` read: a device that announces itself (docs/fleet.md) is named in
+    the request's query string and in its User-Agent."""
+    def q(text):
+        return (text or "-").replace("\\", "\\\\").replace('"', '\\"')
+    stamp = time.strftime("%d/%b/%Y:%H:%M:%S %z", time.localtime(when))
+    return f'{host} - - [{stamp}] "{q(request_line)}" {status} {size} "{q(referer)}" "{q(agent)}"\n'
+
+
 class ReleaseHandler(BaseHTTPRequestHandler):
     server_version = "mpota-serve"
     protocol_version = "HTTP/1.1"
     root: Path = Path(".")
     quiet = False
+    access_log = None  # a text file: one Combined Log Format line per request (serve --access-log)
 
     def log_message(self, fmt, *args):
         if not self.quiet:
             sys.stderr.write("serve: %s %s\n" % (self.address_string(), fmt % args))
+
+    def log_request(self, code="-", size="-"):
+        super().log_request(code, size)
+        if self.access_log is not None:
+            self.access_log.write(combined_log_line(self.client_address[0], self.requestline, int(code), size,
+                                                    self.headers.get("Referer"), self.headers.get("User-Agent")))
+            self.access_log.flush()
 
     def _resolve(self) -> Path | None:
         """The release file the request names, or None (404): anything else in the directory,
@@ -257,11 +277,12 @@ def server_class(host: str) -> type:
     return type("ThreadingHTTPServer6", (_Server,), {"address_family": socket.AF_INET6})
 
 
-def make_server(root: Path, host: str = "127.0.0.1", port: int = 8000, quiet: bool = False):
+def make_server(root: Path, host: str = "127.0.0.1", port: int = 8000, quiet: bool = False, access_log=None):
+    """access_log: a text file for a Combined Log Format line per request (or None)."""
     root = Path(root).resolve()
     if not root.is_dir():
         raise MpotaError(f"{root} is not a directory", hint="pass the release directory made by `mpota release`")
-    handler = type("Handler", (ReleaseHandler,), {"root": root, "quiet": quiet})
+    handler = type("Handler", (ReleaseHandler,), {"root": root, "quiet": quiet, "access_log": access_log})
     try:
         server = server_class(host)((host, port), handler)
     except OSError as e:
@@ -271,8 +292,8 @@ def make_server(root: Path, host: str = "127.0.0.1", port: int = 8000, quiet: bo
     return server
 
 
-def serve_in_thread(root: Path, host="127.0.0.1", port=0, quiet=True):
+def serve_in_thread(root: Path, host="127.0.0.1", port=0, quiet=True, access_log=None):
     """Start a server on a background thread; returns (server, base_url). For tests and the demo."""
-    server = make_server(root, host, port, quiet)
+    server = make_server(root, host, port, quiet, access_log)
     threading.Thread(target=server.serve_forever, daemon=True).start()
     return server, "http://%s:%d/" % server.server_address[:2]

@@ -60,7 +60,32 @@ def _no_memory(what):
         state.save(st)
     except Exception:
         pass
+    _report("event", "no-memory", "no-memory", detail)
     return {"result": "failed", "error": "no-memory", "detail": detail}
+
+
+def _fleet(module, fn, *args):
+    # ota.<module>.<fn>(*args) if the device has a fleet server: "fleet" in ota_config.json, read
+    # once per start (ota/ident.py; the answer stays here as _fl). Loaded for the call and
+    # forgotten after, like everything else; never raises into the caller.
+    try:
+        if globals().get("_fl") is None:
+            _call("ident", "settings")
+        if globals().get("_fl"):
+            _call(module, fn, *args)
+    except Exception as e:  # MemoryError too: a report is not worth an update or an application
+        print("ota: fleet: %r" % (e,))
+
+
+def _report(fn, *args):
+    # Queue a fleet report (ota/report.py; the hooks in ota/updater.py and ota/trial.py).
+    _fleet("report", fn, *args)
+
+
+def _send():
+    # The queued reports, sent as update() and confirm() return, once their own modules and
+    # buffers are gone (ota/report.py, ota/fleet.py: within fleet.timeout_s).
+    _fleet("report", "flush")
 
 
 def guard(watchdog_ms=None):
@@ -68,7 +93,9 @@ def guard(watchdog_ms=None):
 
 
 def confirm(health=None, timeout_ms=30000, watchdog_ms=None):
-    return _call("trial", "confirm", health, timeout_ms, watchdog_ms)
+    r = _call("trial", "confirm", health, timeout_ms, watchdog_ms)
+    _send()
+    return r
 
 
 def status():
@@ -97,7 +124,9 @@ def _buffered(fn, *args):
 
 
 def update(reboot=True, source=None):
-    return _buffered("update", reboot, source) or _no_memory("during the update")
+    r = _buffered("update", reboot, source) or _no_memory("during the update")
+    _send()
+    return r
 
 
 def check():

@@ -2,7 +2,8 @@
 #   ota_config.json  {"server": "http://host:8000/", "mirrors": ["http://backup/rel/"],
 #                     "pubkeys": ["<64 hex>", ...], "board": "esp32", "chip": "esp32",
 #                     "device_id": "dev1", "timeout_s": 10, "ca": "ca.der",
-#                     "progress_every": 16, "aes_keys": ["<64 hex>"]}
+#                     "progress_every": 16, "aes_keys": ["<64 hex>"], "announce": false,
+#                     "fleet": {"url", "secret", "timeout_s", "interval_s"} (read by ota/ident.py)}
 # "server" and each mirror is a release directory URL (manifest.json is fetched from it) or a
 # manifest URL; they are tried in order. "ca" names a DER CA certificate file for https.
 # "progress_every": blocks between saves of the download position (for resuming).
@@ -67,6 +68,8 @@ def load():
     c.chip_id = CHIP_IDS[c.chip]
     c.board = raw.get("board", c.chip)
     c.device_id = raw.get("device_id", "")
+    c.announce = raw.get("announce") is True  # name the device in manifest fetches (ota/ident.py)
+    c.agent = None  # (query, User-Agent) when it does
     c.aes_keys = {}
     aes = raw.get("aes_keys") or []
     if not isinstance(aes, list) or len(aes) > 4:

@@ -247,13 +247,16 @@ def _connect(tls, host, port, timeout_s, ca):
     return _Conn(s, timeout_s, "%s:%d" % (host, port))
 
 
-def get(url, timeout_s, start=0, ca=None):
+def get(url, timeout_s, start=0, ca=None, agent=None):
     # GET `url` (from byte `start` with a Range request). Returns a Response with status 200
     # or 206; redirects are followed (at most 3); anything else raises a transport OtaError
-    # (with .retry_after set from a 503/429 Retry-After header).
+    # (with .retry_after set from a 503/429 Retry-After header). agent: (query, User-Agent) of
+    # a device that names itself ("announce", ota/ident.py), or None.
     if url.startswith("serial:"):
         from ota import link
         return link.get(url, timeout_s, start)
+    if agent:
+        url += ("&" if "?" in url else "?") + agent[0]
     for hop in range(_REDIRECTS_MAX + 1):
         try:
             tls, host, port, path = split_url(url)
@@ -262,7 +265,8 @@ def get(url, timeout_s, start=0, ca=None):
                 raise _err("bad-response", "redirect to a URL we cannot use: %r" % url[:80])
             raise OtaError("bad-url", "cannot use URL %r" % url[:80], DEVICE)
         s = _connect(tls, host, port, timeout_s, ca)
-        req = "GET %s HTTP/1.0\r\nHost: %s\r\nUser-Agent: mpota\r\nConnection: close\r\n" % (path, host)
+        req = "GET %s HTTP/1.0\r\nHost: %s\r\nUser-Agent: %s\r\nConnection: close\r\n" % (
+            path, host, agent[1] if agent else "mpota")
         if start:
             req += "Range: bytes=%d-\r\n" % start
         try:

@@ -25,7 +25,7 @@ def _fetch_manifest(cfg, url, mv):
     # Read the manifest into the block buffer `mv`; returns the filled slice. One byte more
     # than the buffer holds means the manifest is too large: it is refused, not read.
     from ota import http
-    resp = http.get(url, cfg.timeout_s, 0, cfg.ca)
+    resp = http.get(url, cfg.timeout_s, 0, cfg.ca, cfg.agent)
     try:
         n = resp.length
         if n is not None and n > _MANIFEST_MAX:
@@ -90,6 +90,7 @@ def _best_offer(cfg, st, mv, run):
             # each source's manifest through the verifier, loaded for it and dropped after it,
             # then through the manifest's checks
             data = _fetch_manifest(cfg, url, mv)
+            env = hexlify(hashlib.sha256(data).digest()).decode()  # the fleet's name for it
             ota._drop(("ota.http",))  # loaded again for the next source, and the payload
             try:
                 from ota.envelope import open_envelope
@@ -103,6 +104,7 @@ def _best_offer(cfg, st, mv, run):
             o.digest = hexlify(hashlib.sha256(body).digest()).decode()
             body = None
             o.url = url
+            o.env = env
             o.running = running
             o.target = target
             o.install = decide(o.m, cfg, running, floor, target.info()[3])

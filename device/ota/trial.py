@@ -23,6 +23,7 @@
 # image has not booted yet (a soft reset or a wake from deep sleep skips the bootloader's
 # otadata step), the install is left as it is: it boots at the next reset.
 import time
+import ota
 from ota import state, otadata, slots
 
 _POLL_MS = 100
@@ -201,6 +202,7 @@ def confirm(health=None, timeout_ms=30000, watchdog_ms=None):
     st["pending"] = None
     state.record(st, "rolled-back", code, detail)
     state.save_or_log(st)
+    ota._report("later", "rolled-back", code, detail, version, digest)  # for the image that comes back
     _log("health check failed (%s); resetting to roll back" % detail)
     if b.kind != "bootloader":
         _set_back(b)
@@ -222,6 +224,7 @@ def _not_a_trial(b):
             state.record(st, "interrupted", "interrupted",
                          "setting %s to boot did not complete; the next update retries" % pend.get("version"))
             state.save_or_log(st)
+            ota._report("event", "failed", "interrupted", st["detail"], pend.get("version"), pend.get("digest"))
             _log("setting %s to boot was interrupted; will retry" % pend.get("version"))
             return {"result": "interrupted", "error": "interrupted"}
         # We set another slot to boot, yet we run here: it never confirmed itself and it was
@@ -245,6 +248,7 @@ def _not_a_trial(b):
             detail = "%s did not confirm itself (%s); rejected" % (version, _CAUSES.get(cause, "reset %d" % cause))
         state.record(st, "rolled-back", code, detail)
         state.save_or_log(st)
+        ota._report("event", "rolled-back", code, detail, version, digest)
         _log("rolled back: " + detail)
         return {"result": "rolled-back", "error": code}
     if pend and b.run_state == "VALID":
@@ -279,6 +283,7 @@ def _confirmed(st, pend):
         st["floor"] = c
     state.record(st, "confirmed", None, "running %s" % pend.get("version"))
     state.save_or_log(st)
+    ota._report("event", "confirmed", None, st["detail"], pend.get("version"), pend.get("digest"))
 
 
 # Evidence against the environment (power lost during a new image's trial, a health check that

@@ -34,6 +34,8 @@ def _offer(st, mv, source=None):
     finally:
         config = None
         ota._drop(("ota.config",))  # the Config object stays; the parser goes
+    if cfg.announce:  # the device names itself in its manifest fetches (ota/ident.py)
+        cfg.agent = ota._call("ident", "announce", cfg, st)
     from ota import http
     http.limit(_budget_ms(cfg))
     try:
@@ -42,6 +44,14 @@ def _offer(st, mv, source=None):
     finally:
         offer = None
         ota._drop(MANIFEST_STAGE)
+
+
+def _report(*args):
+    # The fleet reports of this call (ota/report.py), if the device has a fleet server; never
+    # raises. Made as it ends: the payload stage's code goes first (if it was loaded).
+    import ota
+    ota._drop(("ota.install", "ota.raw", "ota.payload", "ota.http", "ota.image"))
+    ota._report(*args)
 
 
 def _no_limit():
@@ -98,6 +108,7 @@ def update(buf, reboot, source=None):
     state = None
     result = rec = None
     retry_after = None
+    o = None
     try:
         mv = memoryview(buf)
         try:
@@ -167,6 +178,7 @@ def update(buf, reboot, source=None):
     out = {"result": st["last_result"], "error": st["last_error"], "detail": st["detail"]}
     if retry_after is not None:
         out["retry_after"] = retry_after
+    _report("result", st, o, buf)
     if result == "installed" and reboot:
         import machine
         machine.reset()

@@ -6,6 +6,7 @@ little metadata.
     devices/<name>/flash.bin     4 MiB SPI flash laid out from boards/unix/partitions.csv
     devices/<name>/fs/           the device filesystem: main.py, ota_config.json, lib/ota/
     devices/<name>/lock          held (fcntl) by the command using the device: its PID and name
+    devices/<name>/fleet.secret  its fleet report secret (hex, mode 0600), with `sim create --fleet`
 
 A simulated device is a set of files that one command at a time may use: `sim run`, `sim
 status`, a `sim repl` session, `sim delete` and `sim create --force` take the lock (in_use);
@@ -48,6 +49,7 @@ HARDWARE = {"chip_rev": 300, "rollback": "on", "board_confirms": False, "fs": "h
 ROLLBACK_MODES = ("on", "off", "bootloader-off")
 FS_KINDS = ("host", "littlefs", "fat")
 FS_FILES = ("boot.py", "main.py", "ota_config.json", "ca.der")  # what create puts on the filesystem
+FLEET_SECRET = "fleet.secret"  # the device's fleet report secret, kept for `mpota fleet register`
 
 
 @dataclass
@@ -199,12 +201,16 @@ def layout_flash(path: Path, table: list[partitions.Partition], firmware: bytes,
 def create(name: str, pubkeys: list[Path], server: str, firmware: Path, *, root: Path = DEFAULT_ROOT,
            board: str = "unix", heap: str = "128K", source: bool = False, force: bool = False,
            device_id: str | None = None, mirrors: list[str] = (), aes_keys: list[Path] = (),
-           ca: Path | None = None, hardware: dict | None = None) -> SimDevice:
+           ca: Path | None = None, hardware: dict | None = None, fleet: dict | None = None,
+           announce: bool = False) -> SimDevice:
+    """`fleet`: the fleet server entry of its config (fleetprov.config_entry); its secret is also
+    kept as devices/NAME/fleet.secret (mode 0600), for `mpota fleet register`."""
     check_name(name)
     info = board_info(board)
     ca_der = deviceconfig.load_ca(ca) if ca is not None else None
     config = deviceconfig.make(pubkeys, server, board=info.get("board_id", board), chip=info["chip"],
-                               device_id=device_id or name, mirrors=mirrors, aes_keys=aes_keys, ca=ca_der)
+                               device_id=device_id or name, mirrors=mirrors, aes_keys=aes_keys, ca=ca_der,
+                               fleet=fleet, announce=announce)
     fw = read_input(firmware, "firmware", hint="make one with: mpota sim firmware fw-1.0.0.bin --version 1.0.0")
     img = espimage.parse(fw)
     if img.chip != info["chip"]:
@@ -229,6 +235,9 @@ def create(name: str, pubkeys: list[Path], server: str, firmware: Path, *, root:
             if (dev.board_dir / script).exists():
                 shutil.copyfile(dev.board_dir / script, dev.fs / script)
         deviceconfig.write(dev.fs / "ota_config.json", config, ca=ca_der)
+        if fleet:
+            from ..fleetprov import write_secret
+            write_secret(tmp / FLEET_SECRET, fleet["secret"])
         devicepkg.install_agent(dev.fs / "lib", arch=info.get("mpy_arch"), source=source)
         dev.platform_dir.mkdir()
         for src in sorted(dev.board_dir.glob("*.py")):
