@@ -32,7 +32,8 @@ def update_story(n0: int, frm: str, to: str, outcome: str, *, code=None, boots=1
     if outcome == "confirmed":
         out.append(rep(n0 + 3, "confirmed", version=to, slot="ota_1", boots=boots + 1))
     elif outcome == "rolled-back":
-        out.append(rep(n0 + 3, "rolled-back", version=frm, code=code or "health-failed", boots=boots + 2, reset=3))
+        out.append(rep(n0 + 3, "rolled-back", version=frm, target=to, code=code or "health-failed", boots=boots + 2,
+                       reset=3))
     return out
 
 
