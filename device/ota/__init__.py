@@ -111,13 +111,21 @@ def forget(release=None):
 
 def _buffered(fn, *args):
     # update() and check(): the call's one 4 KiB block buffer is taken first, while the heap is
-    # least fragmented; the updater's code loads after it (many small allocations fit where
-    # 4 KiB would not). An updater that does not fit is an answer, not an exception in the
-    # application. See docs/memory.md.
+    # least fragmented; the agent's code loads after it (many small allocations fit where 4 KiB
+    # would not). update() runs as two calls (ota/updater.py, then ota/apply.py), each forgetting
+    # its modules: the signature check and the download never share the heap. Code that does
+    # not fit is an answer, not an exception in the application. See docs/memory.md.
     import gc
     gc.collect()
     try:
-        return _call("updater", fn, bytearray(4096), *args)
+        buf = bytearray(4096)
+        if fn == "check":
+            return _call("updater", "check", buf)
+        __import__("ota.errors")  # loaded across both stages: one OtaError class for the two
+        try:
+            return _call("apply", "update", buf, _call("updater", "begin", buf, args[1]), *args)
+        finally:
+            _drop(("ota.errors",))
     except MemoryError:
         gc.collect()
         return None

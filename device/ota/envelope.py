@@ -33,9 +33,18 @@ def _b64(s):
 
 
 def open_envelope(data, pubkeys):
-    # The signed body, or OtaError. The envelope is parsed and let go before the verifier is
-    # loaded: its 3 KiB base64 string and Ed25519's code and tables are never in the heap at
-    # once (the caller drops ota.ed25519 and ota.sha512 again: ota._drop).
+    # The signed body, or OtaError: the envelope parsed (signed_parts), then its signatures
+    # checked (ota/signature.py). ota/offer.py makes the same two steps with this module and the
+    # JSON parser forgotten in between, so they and Ed25519 are never in the heap at once.
+    msg, cands = signed_parts(data, pubkeys)
+    from ota.signature import verified
+    return verified(msg, cands)
+
+
+def signed_parts(data, pubkeys):
+    # (PAE as its two parts, [(public key, signature) or None per signature by a provisioned
+    # key]), or OtaError; nothing is verified here. The envelope is let go before this returns:
+    # its 3 KiB base64 string never shares the heap with Ed25519's code and tables.
     try:
         env = jsonfile.loads(data, _ITEMS)
         ptype = env["payloadType"]
@@ -61,11 +70,4 @@ def open_envelope(data, pubkeys):
     sigs = None
     if not cands:
         raise OtaError("unknown-key", "no signature by a provisioned key (device trusts %s)" % ", ".join(ids))
-    import gc
-    gc.collect()
-    from ota.ed25519 import verify
-    msg = pae(ptype, body)
-    for c in cands:
-        if c and verify(c[0], msg, c[1]):
-            return body
-    raise OtaError("bad-signature", "signature by a provisioned key does not verify")
+    return pae(ptype, body), cands

@@ -1,7 +1,7 @@
 # The manifest stage of an update: ask every source for its signed manifest, verify it, check it
 # against this device, and keep the best offer. Loaded by ota.update() and ota.check() for this
-# stage only, with the DSSE envelope, Ed25519, SHA-512 and the manifest's checks: the updater
-# drops all of them (updater.MANIFEST_STAGE) before the payload stage, which gets their heap.
+# stage only, with the DSSE envelope, Ed25519, SHA-512 and the manifest's checks: all of them are
+# forgotten when the stage's call returns (ota/__init__.py), before the payload stage.
 from micropython import const
 import hashlib
 from binascii import hexlify
@@ -65,7 +65,7 @@ def offer(cfg, st, mv):
     return _best_offer(cfg, st, mv, run)
 
 
-_VERIFIER = ("ota.envelope", "ota.ed25519", "ota.sha512")
+_VERIFIER = ("ota.envelope", "ota.signature", "ota.ed25519", "ota.sha512")
 
 
 def _rejected(st, digest):
@@ -93,10 +93,14 @@ def _best_offer(cfg, st, mv, run):
             env = hexlify(hashlib.sha256(data).digest()).decode()  # the fleet's name for it
             ota._drop(("ota.http",))  # loaded again for the next source, and the payload
             try:
-                from ota.envelope import open_envelope
-                body = open_envelope(data, cfg.pubkeys)
+                from ota.envelope import signed_parts
+                msg, cands = signed_parts(data, cfg.pubkeys)
+                signed_parts = data = None
+                ota._drop(("ota.envelope", "ota.jsonfile"))  # parsed: the verifier gets their heap
+                from ota.signature import verified
+                body = verified(msg, cands)
             finally:
-                open_envelope = data = None
+                signed_parts = verified = data = msg = cands = None
                 ota._drop(_VERIFIER)
             from ota.manifest import parse, decide
             o = Offer()

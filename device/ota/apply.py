@@ -1,0 +1,102 @@
+# Stage 2 of ota.update() (stage 1: ota/updater.py): the offer the manifest stage found is
+# installed (ota/install.py), or why not is recorded; the result is saved, reported to the fleet
+# server (if any) and returned; after an install, the reset. Loaded only after stage 1's code
+# (Ed25519, SHA-512, the envelope and manifest parsers) is gone.
+from ota.errors import OtaError, RELEASE, TRANSPORT
+from ota import state
+
+
+def _log(msg):
+    print("ota: " + msg)
+
+
+def _progress_mark(st, digest):
+    # How far the download of `digest` is (chunks, bytes), to tell a failure that got further.
+    p = st.get("progress")
+    if not p or p.get("digest") != digest:
+        return (0, 0)
+    return (p.get("chunk") or 0, p.get("done") or 0)
+
+
+def _report(*args):
+    # The fleet reports of this call (ota/report.py), if the device has a fleet server; never
+    # raises. Made as it ends: the payload stage's code goes first (if it was loaded).
+    import ota
+    ota._drop(("ota.install", "ota.raw", "ota.payload", "ota.http", "ota.image"))
+    ota._report(*args)
+
+
+def update(buf, begun, reboot, source=None):
+    # begun: what stage 1 returned (updater.begin).
+    st, cfg, o, err = begun
+    begun = None
+    result = rec = None
+    retry_after = None
+    try:
+        if err is not None:
+            raise err
+        mv = memoryview(buf)
+        why = o.rejected if o.install else None
+        if why:
+            state.record(st, "skipped", why, "release %s was rejected before (%s); not retrying" % (o.m.version, why))
+            _log("release %s was rejected before (%s); not retrying" % (o.m.version, why))
+        elif not o.install:
+            state.record(st, "up-to-date", None, "running %s" % o.running)
+            _log("up to date (%s)" % o.running)
+        elif state.backoff_skip(st, o.digest):
+            b = st["backoff"]
+            state.record(st, "skipped", "backoff", "release %s failed %d time(s) in a row (last: %s); %d more "
+                         "check(s) skip it" % (o.m.version, b["fails"], b.get("code"), b["skip"]))
+            _log(st["detail"])
+        else:
+            mark = _progress_mark(st, o.digest)
+            from ota.install import install
+            try:
+                install(cfg, st, o, mv)
+            except OtaError as e:
+                # Back off from a release whose attempts fail: a payload that does not verify, a
+                # download that made no progress. A link that breaks while data still comes is not
+                # held against it: the next check resumes where it stopped.
+                if e.kind != TRANSPORT or _progress_mark(st, o.digest) <= mark:
+                    state.backoff_fail(st, o.digest, o.m.version, e.code)
+                raise
+            result = "installed"  # the back-off ends when the image confirms itself (trial.py)
+    except OtaError as e:
+        retry_after = getattr(e, "retry_after", None)
+        if e.code == "reboot-pending":
+            rec = ("installed", e.code, e.detail)
+            _log(e.detail + ("; resetting" if reboot else ""))
+            result = "installed"
+        else:
+            rec = ("refused" if e.kind == RELEASE else "failed", e.code, e.detail)
+            _log("%s: %s (%s)" % (rec[0], e.code, e.detail))
+    except MemoryError as e:
+        # Never let an update take the application down: report it and carry on.
+        import sys
+        sys.print_exception(e)
+        rec = ("failed", "no-memory", "out of heap during the update")
+        _log("failed: no-memory")
+    except Exception as e:  # a bug of ours must not take the application down either
+        import sys
+        sys.print_exception(e)
+        rec = ("failed", "internal-error", repr(e)[:120])
+        _log("failed: internal-error %r" % (e,))
+    import ota
+    ota._until = None  # the call's deadline (http.limit) ends with it
+    if source and source.startswith("serial:"):
+        import micropython
+        micropython.kbd_intr(3)  # ota/link.py switched Ctrl-C off for the binary transfer
+    if rec:
+        state.record(st, *rec)
+    st["retry_after"] = retry_after  # seconds the server asked us to wait, or None
+    e = state.save_or_log(st)  # the result is returned all the same
+    if e and st["last_error"] is None:
+        state.record(st, st["last_result"], e.code, e.detail)
+    out = {"result": st["last_result"], "error": st["last_error"], "detail": st["detail"]}
+    if retry_after is not None:
+        out["retry_after"] = retry_after
+    _report("result", st, o, buf)
+    if result == "installed" and reboot:
+        import machine
+        machine.reset()
+    return out
