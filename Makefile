@@ -9,7 +9,7 @@ STAMP  := $(VENV)/.installed
 help:
 	@echo "make demo   run the whole update story on a simulated ESP32"
 	@echo "make test   run the test suite (real micropython binary, loopback HTTP)"
-	@echo "make bench  print verify time, update throughput, heap and code size; fleet ingest rate (FLEET_DEVICES=100000)"
+	@echo "make bench  print verify time, update throughput, heap, code size and flash time; fleet ingest rate (FLEET_DEVICES=100000)"
 	@echo "make mpy    compile the device agent to .mpy for every board architecture"
 	@echo "make lint   compile-check device code with mpy-cross and host code with Python"
 	@echo "make flash  BOARD=esp32 [PORT=/dev/ttyUSB0] FIRMWARE=fw.bin   MicroPython + OTA partition table (esptool)"
