@@ -123,7 +123,7 @@ def _buffered(fn, *args):
             return _call("updater", "check", buf)
         __import__("ota.errors")  # loaded across both stages: one OtaError class for the two
         try:
-            return _call("apply", "update", buf, _call("updater", "begin", buf, args[1]), *args)
+            return _call("apply", "update", buf, _call("updater", "begin", buf, args[1]), args[0])
         finally:
             _drop(("ota.errors",))
     except MemoryError:
@@ -133,6 +133,9 @@ def _buffered(fn, *args):
 
 def update(reboot=True, source=None):
     r = _buffered("update", reboot, source) or _no_memory("during the update")
+    if source and isinstance(source, str) and source.startswith("serial:"):
+        import micropython
+        micropython.kbd_intr(3)  # ota/link.py switched Ctrl-C off for the binary transfer
     _send()
     return r
 

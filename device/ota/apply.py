@@ -26,7 +26,7 @@ def _report(*args):
     ota._report(*args)
 
 
-def update(buf, begun, reboot, source=None):
+def update(buf, begun, reboot):
     # begun: what stage 1 returned (updater.begin).
     st, cfg, o, err = begun
     begun = None
@@ -83,9 +83,6 @@ def update(buf, begun, reboot, source=None):
         _log("failed: internal-error %r" % (e,))
     import ota
     ota._until = None  # the call's deadline (http.limit) ends with it
-    if source and source.startswith("serial:"):
-        import micropython
-        micropython.kbd_intr(3)  # ota/link.py switched Ctrl-C off for the binary transfer
     if rec:
         state.record(st, *rec)
     st["retry_after"] = retry_after  # seconds the server asked us to wait, or None
