@@ -227,10 +227,10 @@ class FaultServer:
         h.wfile.write(body[:cut])
         h.wfile.flush()
         if f.stall_after is not None:
-            _hold(h.connection, STALL_S)
+            hold_open(h.connection, STALL_S)
 
 
-def _hold(conn, seconds: float) -> None:
+def hold_open(conn, seconds: float) -> None:
     """Keep a connection open, sending nothing, until the client closes it or `seconds` pass."""
     deadline = time.monotonic() + seconds
     while time.monotonic() < deadline:

@@ -21,11 +21,12 @@ import hashlib
 import hmac
 import json
 import re
-import select
 import threading
 import time
 from collections import Counter
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+from mpota.faultserver import hold_open
 
 EVENTS = {"checked", "up-to-date", "downloading", "installed", "confirmed", "rolled-back", "refused",
           "failed", "no-memory", "boot"}
@@ -216,7 +217,7 @@ class FleetReceiver:
             self.highest[device] = top
         if mode == "stall":  # committed; the answer never comes, the connection stays open
             self.log.append({"device": device, "status": None, "ns": ns, "t": time.monotonic()})
-            _hold(h.connection, STALL_S)
+            hold_open(h.connection, STALL_S)
             h.close_connection = True
             return
         if mode == "lost-ack":  # committed; the connection drops before the answer
@@ -275,16 +276,3 @@ def _read_body(h, length: int) -> bytes | None:
         data += chunk
     h.connection.settimeout(None)
     return data
-
-
-def _hold(conn, seconds: float) -> None:
-    """Send nothing until the client closes the connection or `seconds` pass."""
-    deadline = time.monotonic() + seconds
-    while time.monotonic() < deadline:
-        ready, _, _ = select.select([conn], [], [], 0.2)
-        if ready:
-            try:
-                if not conn.recv(4096):
-                    return
-            except OSError:
-                return
