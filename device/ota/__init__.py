@@ -14,9 +14,9 @@
 # function here: importing ota.x sets the package's attribute x to the module, which would
 # replace the function (a second ota.status() would fail).
 #
-# And each call forgets the modules it loaded before it returns: an update check loads about
-# 57 KiB of agent code and data that the application would otherwise lose for good (the next
-# call loads them again, a few ms). ota._sha512_viper stays: it is machine code, which an
+# And each call forgets the modules it loaded before it returns (update() does so between its
+# two stages too): the agent's code and data would otherwise stay in the application's heap for
+# good (the next call loads them again, a few ms). ota._sha512_viper stays: it is machine code, which an
 # ESP32 keeps in executable RAM that the garbage collector does not reclaim.
 import sys
 
