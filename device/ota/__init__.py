@@ -29,7 +29,7 @@ def _unload(keep):
 
 def _drop(names):
     # Forget these modules (and the attributes their import set on the package), then collect:
-    # after every API call (_unload), and between an update's stages (ota/updater.py).
+    # after every API call (_unload), and within a stage (ota/offer.py: the verifier per source).
     g = globals()
     for name in names:
         if name in sys.modules:
@@ -78,7 +78,7 @@ def _fleet(module, fn, *args):
 
 
 def _report(fn, *args):
-    # Queue a fleet report (ota/report.py; the hooks in ota/updater.py and ota/trial.py).
+    # Queue a fleet report (ota/report.py; the hooks in ota/apply.py and ota/trial.py).
     _fleet("report", fn, *args)
 
 

@@ -45,7 +45,7 @@ def resume(step, where):
 
 # The whole update() call has a deadline too (set by the updater, from the config): no wait of
 # any kind goes past it. A ticks_ms value or None, kept on the package: this module is dropped
-# and loaded again between an update's stages (ota/updater.py).
+# and loaded again in the payload stage (ota/__init__.py runs the stages as two calls).
 import ota
 
 

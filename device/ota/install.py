@@ -1,6 +1,6 @@
 # The payload stage of an update: the payload into the inactive slot (ota/raw.py, or
 # ota/payload.py for a chunked one: only the one it needs is loaded), what is in flash verified,
-# the slot made bootable. Loaded after the manifest stage's code is gone (see updater.py).
+# the slot made bootable. Loaded after the manifest stage's code is gone (see apply.py).
 #
 # Memory: the update's one 4096-byte block buffer holds each payload block on its way to flash,
 # then each block read back. Nothing holds a whole image.

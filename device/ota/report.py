@@ -279,7 +279,7 @@ def _line(n, event, code, detail, target, digest, boots):
         d = d[:len(d) - over] if len(d) > over else None
 
 
-# ---- the hooks (ota._report(name, ...): ota/updater.py, ota/trial.py, ota/__init__.py) --------
+# ---- the hooks (ota._report(name, ...): ota/apply.py, ota/trial.py, ota/__init__.py) ----------
 
 
 def event(ev, code=None, detail=None, target=None, digest=None):
