@@ -42,7 +42,8 @@ def sign(body: bytes, keys: list[Ed25519PrivateKey], payload_type: str = PAYLOAD
     return json.dumps(env, indent=1).encode() + b"\n"
 
 
-def verify(envelope: bytes, trusted: list[Ed25519PublicKey]) -> bytes:
+def verify(envelope: bytes, trusted: list[Ed25519PublicKey], payload_type: str = PAYLOAD_TYPE,
+           what: str = "manifest.json") -> bytes:
     """Return the payload bytes if a trusted key signed them; raise EnvelopeError otherwise."""
     try:
         env = json.loads(envelope)
@@ -51,9 +52,9 @@ def verify(envelope: bytes, trusted: list[Ed25519PublicKey]) -> bytes:
         if not isinstance(ptype, str) or not isinstance(sigs, list):
             raise TypeError
     except (ValueError, KeyError, TypeError, binascii.Error):
-        raise EnvelopeError("bad-envelope", "manifest.json is not a DSSE envelope") from None
-    if ptype != PAYLOAD_TYPE:
-        raise EnvelopeError("bad-payload-type", f"payloadType is {ptype!r}, expected {PAYLOAD_TYPE!r}")
+        raise EnvelopeError("bad-envelope", f"{what} is not a DSSE envelope") from None
+    if ptype != payload_type:
+        raise EnvelopeError("bad-payload-type", f"payloadType is {ptype!r}, expected {payload_type!r}")
     by_id = {keyid(k): k for k in trusted}
     msg = pae(ptype, body)
     known = False
@@ -72,4 +73,4 @@ def verify(envelope: bytes, trusted: list[Ed25519PublicKey]) -> bytes:
                             f"trusted: {', '.join(by_id) or 'none'})",
                             hint="pass the public key the release was signed with (--pub)")
     raise EnvelopeError("bad-signature", "signature by a trusted key does not verify: "
-                        "the manifest was changed after signing")
+                        f"{what} was changed after signing")
