@@ -14,6 +14,8 @@ A mirror holds no private key: it can withhold what the upstream publishes, neve
 """
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
 import os
 import posixpath
@@ -29,6 +31,7 @@ from .rollout import ROLLOUT_NAME, release_digest
 
 TMP_PREFIX = ".mirror-"    # temporary files: never *.json, so `mpota serve` never serves one
 TMP_SUFFIX = ".part"
+LOCK_NAME = ".mirror-lock"
 FILE_MODE = 0o644         # published files are public: any web server's user reads them
 BACKOFF_CAP_S = 900        # after failures, wait at most this long (or --every, if longer)
 
@@ -117,8 +120,27 @@ def check_mirror_dir(dest: Path) -> None:
         p.unlink(missing_ok=True)
 
 
+@contextlib.contextmanager
+def _locked(dest: Path):
+    """One sync at a time per mirror directory (an fcntl lock on DIR/.mirror-lock: it ends with
+    the process that holds it; not *.json, so never served)."""
+    fd = os.open(dest / LOCK_NAME, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            pid = os.pread(fd, 32, 0).decode(errors="replace").strip() or "?"
+            raise MirrorError("busy", f"{dest} is being synced by another process (PID {pid})",
+                              hint="run one `mpota mirror sync` per mirror directory (--every keeps one running)") from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, str(os.getpid()).encode(), 0)
+        yield
+    finally:
+        os.close(fd)
+
+
 def sync(upstream: str, dest: Path, release_keys: list, rollout_keys: list | None = None, *,
-         timeout: float = 30, say=lambda line: None) -> SyncResult:
+         timeout: float = 30) -> SyncResult:
     """One sync of the release at `upstream` (an http(s) release directory URL) into `dest`.
     MirrorError for what the mirror refuses, fetch.DownloadError for transport problems; in both
     cases `dest` is left as it was."""
@@ -130,6 +152,12 @@ def sync(upstream: str, dest: Path, release_keys: list, rollout_keys: list | Non
         base = base.rstrip("/")[:-len(MANIFEST_NAME)]
     base = fetch.check_base_url(base)
     dest = Path(dest)
+    dest.mkdir(parents=True, exist_ok=True)
+    with _locked(dest):
+        return _sync(base, dest, release_keys, rollout_keys, timeout)
+
+
+def _sync(base: str, dest: Path, release_keys: list, rollout_keys: list | None, timeout: float) -> SyncResult:
     check_mirror_dir(dest)
     t0 = time.monotonic()
 
@@ -283,10 +311,11 @@ def run(upstream: str, dest: Path, release_keys: list, rollout_keys: list | None
             say(f"mirror: {stamp} {describe(res)}")
             for note in res.notes:
                 say(f"mirror:   note: {note}")
-        except MpotaError as e:
+        except (MpotaError, OSError) as e:
             failures += 1
             total_failed += 1
-            kind = "upstream unreachable" if isinstance(e, fetch.DownloadError) else "refused"
+            kind = ("upstream unreachable" if isinstance(e, fetch.DownloadError) else "refused"
+                    if isinstance(e, MpotaError) else "cannot write the mirror")
             last = (Path(dest) / MANIFEST_NAME).is_file()
             delay = next_delay(every, failures)
             say(f"mirror: {stamp} {kind}: {e}; "

@@ -6,6 +6,7 @@ survives an outage; `mpota serve` serves the mirror, rollout.json included."""
 from __future__ import annotations
 
 import http.client
+import os
 import subprocess
 import sys
 import threading
@@ -45,7 +46,9 @@ def pubs(keydir, rollout_key):
 
 
 def snapshot(d: Path) -> dict:
-    return {p.relative_to(d).as_posix(): p.read_bytes() for p in sorted(d.rglob("*")) if p.is_file()}
+    """The files a mirror serves (its lock file aside)."""
+    return {p.relative_to(d).as_posix(): p.read_bytes() for p in sorted(d.rglob("*"))
+            if p.is_file() and p.name != mirror.LOCK_NAME}
 
 
 def test_sync_copies_release_and_rollout_and_serve_serves_it(tmp_path, upstream, pubs, rollout_key):
@@ -77,12 +80,12 @@ def test_sync_copies_release_and_rollout_and_serve_serves_it(tmp_path, upstream,
 def test_second_sync_downloads_nothing(tmp_path, upstream, pubs):
     dest = tmp_path / "mirror"
     mirror.sync(upstream.url, dest, *pubs)
-    mtimes = {p: p.stat().st_mtime_ns for p in dest.iterdir()}
+    mtimes = {p: p.stat().st_mtime_ns for p in dest.iterdir() if p.name != mirror.LOCK_NAME}
     upstream.requests.clear()
     res = mirror.sync(upstream.url, dest, *pubs)
     assert not res.changed and res.bytes == 0 and "up to date" in mirror.describe(res)
     assert sorted(r.path for r in upstream.requests) == ["/manifest.json", "/rollout.json"]
-    assert {p: p.stat().st_mtime_ns for p in dest.iterdir()} == mtimes
+    assert {p: p.stat().st_mtime_ns for p in dest.iterdir() if p.name != mirror.LOCK_NAME} == mtimes
 
 
 def test_new_release_replaces_the_old_payload_after_the_manifest(tmp_path, upstream, pubs, firmware, signer,
@@ -117,7 +120,7 @@ def refused(tmp_path, upstream, pubs, code, change):
         mirror.sync(upstream.url, dest, *pubs)
     assert e.value.code == code, str(e.value)
     assert snapshot(dest) == before
-    assert not list(dest.glob(".mirror-*"))
+    assert not list(dest.rglob("*.part"))
     return e.value
 
 
@@ -204,7 +207,7 @@ def test_endless_payload_is_cut_at_the_signed_size(tmp_path, upstream, pubs):
         with pytest.raises(mirror.MirrorError) as e:
             mirror.sync("http://127.0.0.1:%d/" % httpd.server_address[1], dest, *pubs)
         assert e.value.code == "too-large"
-        assert sum(p.stat().st_size for p in dest.rglob("*") if p.is_file()) == 0  # nothing kept
+        assert snapshot(dest) == {}  # nothing kept
         assert handler.sent < 64 << 20
     finally:
         httpd.shutdown()
@@ -219,7 +222,18 @@ def test_truncated_and_stalled_upstreams_are_transport_errors(tmp_path, upstream
     upstream.faults = [Fault(path="manifest.json", stall_after=10)]
     with pytest.raises(fetch.DownloadError):
         mirror.sync(upstream.url, dest, *pubs, timeout=1)
-    assert not list(dest.iterdir())
+    assert snapshot(dest) == {}
+
+
+def test_one_sync_at_a_time(tmp_path, upstream, pubs):
+    dest = tmp_path / "mirror"
+    dest.mkdir()
+    with mirror._locked(dest):  # another sync holds the directory
+        with pytest.raises(mirror.MirrorError) as e:
+            mirror.sync(upstream.url, dest, *pubs)
+    assert e.value.code == "busy" and f"PID {os.getpid()}" in str(e.value) and e.value.hint
+    assert snapshot(dest) == {}
+    assert mirror.sync(upstream.url, dest, *pubs).downloaded  # released with the holder
 
 
 def test_every_survives_an_outage(tmp_path, upstream, pubs):
