@@ -278,7 +278,8 @@ def describe(res: SyncResult) -> str:
     else:
         what = "published " + ", ".join(res.downloaded) if res.downloaded else ""
         if res.bytes:
-            what += f" ({res.bytes} payload bytes in {res.seconds:.1f} s)"
+            rate = f", {res.bytes / res.seconds / 1024:.0f} KiB/s" if res.seconds >= 0.05 else ""
+            what += f" (payload {res.bytes / 1024:.1f} KiB in {res.seconds:.1f} s{rate})"
         if res.removed:
             what += ("; " if what else "") + "removed " + ", ".join(res.removed)
     ro = res.rollout
