@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from . import MpotaError, dsse, fetch, rolloutdoc, server
-from .release import MANIFEST_MAX, MANIFEST_NAME, ReleaseError, check_manifest, sha256_file
+from .release import MANIFEST_MAX, MANIFEST_NAME, ReleaseError, check_manifest, compare_versions, parse_version, sha256_file
 from .rollout import ROLLOUT_NAME, release_digest
 
 TMP_PREFIX = ".mirror-"    # temporary files: never *.json, so `mpota serve` never serves one
@@ -239,12 +239,14 @@ def _sync(base: str, dest: Path, release_keys: list, rollout_keys: list | None, 
 
     # 4. publish: payload, manifest, rollout.json, then the payload no longer named
     cur_env = _local_doc(dest / MANIFEST_NAME, MANIFEST_MAX)
-    old_rel = None
+    old_rel = old_version = None
     if cur_env is not None:
         try:
-            old_rel = _payload_path(json.loads(dsse.verify(cur_env, release_keys, dsse.PAYLOAD_TYPE))["payload"]["url"])
+            old_m = json.loads(dsse.verify(cur_env, release_keys, dsse.PAYLOAD_TYPE))
+            old_rel, old_version = _payload_path(old_m["payload"]["url"]), old_m["version"]
+            parse_version(old_version)  # a version a device can order, or no comparison
         except (MpotaError, ValueError, KeyError, TypeError):
-            old_rel = None
+            old_rel = old_version = None
     if staged is not None:
         os.replace(staged, target)
         res.downloaded.append(rel)
@@ -259,6 +261,9 @@ def _sync(base: str, dest: Path, release_keys: list, rollout_keys: list | None, 
         res.removed.append(ROLLOUT_NAME)
         res.notes.append("the upstream has no rollout.json: the mirror's copy is removed (devices with a rollout "
                          "role hold back: rollout-missing)")
+    if old_version is not None and compare_versions(m["version"], old_version) < 0:
+        res.notes.append(f"the upstream's {m['version']} is older than the {old_version} the mirror had: devices "
+                         f"on {old_version} refuse it (downgrade); the mirror follows the upstream")
     if old_rel and old_rel != rel and (dest / old_rel).is_file():
         (dest / old_rel).unlink()
         res.removed.append(old_rel)

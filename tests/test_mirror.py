@@ -100,6 +100,10 @@ def test_new_release_replaces_the_old_payload_after_the_manifest(tmp_path, upstr
     assert res.version == "1.4.0" and res.removed == [first.payload]
     assert res.downloaded[0] == res.payload  # the payload is published before the manifest that names it
     assert snapshot(dest) == snapshot(upstream.root)
+    # the upstream goes back to 1.3.0: mirrored (withholding is all it amounts to), with a note
+    release.build(firmware("1.3.0"), upstream.root, [signer])
+    res = mirror.sync(upstream.url, dest, *pubs)
+    assert res.version == "1.3.0" and any("older than the 1.4.0" in n for n in res.notes)
 
 
 def test_rollout_for_another_release_is_mirrored_with_a_note(tmp_path, upstream, pubs, firmware, signer):
