@@ -584,6 +584,107 @@ def cmd_sim_repl(a):
         srv.close()
 
 
+def _names_arg(values) -> list[str]:
+    """--boards a,b --boards c -> [a, b, c]."""
+    return [n.strip() for v in values or [] for n in v.split(",") if n.strip()]
+
+
+def cmd_rollout_sign(a):
+    from . import keys, rollout
+    key = keys.load_private(Path(a.key))
+    window = None
+    if a.window is not None:
+        window = rollout.make_window(a.window, a.window_duration, a.utc_offset, a.jitter)
+    elif a.window_duration is not None or a.jitter or a.utc_offset:
+        raise MpotaError("--window-duration, --utc-offset and --jitter go with --window CRON",
+                         hint='e.g. --window "0 2 * * *" --window-duration 2h --utc-offset +01:00 --jitter 15m')
+    targets = {k: v for k, v in (("boards", _names_arg(a.boards)), ("groups", _names_arg(a.groups)),
+                                 ("devices", _names_arg(a.devices))) if v}
+    now = int(time.time())
+    s = rollout.sign(Path(a.release), key, now=now, stages=a.stages, share=a.share, valid_for=a.valid_for,
+                     expires=a.expires, halted=a.halt, targets=targets, exclude=_names_arg(a.exclude),
+                     window=window, rollout_id=a.rollout_id)
+    for line in rollout.describe(s.doc, now):
+        print(f"rollout: {line}")
+    print(f"rollout: issued {rollout.iso(s.doc['issued'])}"
+          + (f" (previous document: {rollout.iso(s.previous_issued)})" if s.previous_issued is not None
+             else " (first document here)"))
+    for note in s.notes:
+        print(f"rollout: note: {note}")
+    print(f"rollout: signed by {s.keyid}; wrote {s.path} ({len(s.envelope)} bytes, at most "
+          f"{rollout.rolloutdoc.MAX_BYTES})")
+    print(f"rollout: verified (read back: signature by the rollout key, names {Path(a.release) / 'manifest.json'})")
+
+
+def cmd_rollout_show(a):
+    from . import keys, rollout
+    trusted = [keys.load_public(Path(p)) for p in a.pub or []]
+    now = int(time.time())
+    at = now
+    if a.at is not None:
+        try:
+            at = rollout.parse_time(a.at, now)
+        except ValueError as e:
+            raise MpotaError(f"--at: {e}", hint=f"give {rollout.TIME_FORMS}") from None
+    if (a.board or a.group) and a.device is None:
+        raise MpotaError("--board and --group describe the device given with --device ID",
+                         hint="e.g. --device dev-17 --board esp32 --group canary")
+    sh = rollout.show(a.source, trusted, now=at, device=a.device, board=a.board, groups=_names_arg(a.group),
+                      timeout=a.timeout)
+    if a.json:
+        return _print_json({"source": sh.where, "verified": sh.verified, "release_matches": sh.release_matches,
+                            "at": at, "share_bp_now": sh.share_bp_now, "document": sh.doc, "device": sh.device})
+    print(f"rollout: {sh.where}")
+    for line in rollout.describe(sh.doc, at):
+        print(f"rollout: {line}")
+    if sh.release_matches is None:
+        print("rollout: no manifest.json beside it: which release it names is not checked")
+    elif sh.release_matches:
+        print(f"rollout: names the manifest.json beside it ({(sh.manifest or {}).get('version')})")
+    else:
+        print("rollout: names ANOTHER release than the manifest.json beside it: devices hold back "
+              "(rollout-other-release) until it is re-signed")
+    if sh.verified:
+        print(f"rollout: verified: signed by a rollout key ({', '.join(keys.keyid(k) for k in trusted)})")
+    else:
+        print("rollout: signature NOT checked (give --pub keys/rollout.pub)")
+    d = sh.device
+    if d:
+        print(f"rollout: device {d['id']} (board {d['board'] or '-'}, groups {', '.join(d['groups']) or '-'}) at "
+              f"{rollout.iso(d['at'])}: bucket {d['bucket']} (in any share above {d['bucket_share_bp'] / 100:.2f} %), "
+              + ("in" if d["in_share"] else "not in") + f" the share in force ({sh.share_bp_now / 100:g} %)"
+              + (f", window opens {d['jitter_s']} s late (jitter)" if sh.doc.get("window") else ""))
+        print(f"rollout: device {d['id']}: " + ("installs now" if d["installs"] else f"holds back: {d['decision']}"))
+
+
+def cmd_mirror_sync(a):
+    from . import keys, mirror
+    release_keys = [keys.load_public(Path(p)) for p in a.pub]
+    rollout_keys = [keys.load_public(Path(p)) for p in a.rollout_pub or []]
+    dest = Path(a.dir)
+    if a.every is not None:
+        print(f"mirror: {a.upstream} -> {dest.resolve()} every {a.every} s (Ctrl-C stops); serve it with: "
+              f"mpota serve {a.dir}", flush=True)
+        try:
+            mirror.run(a.upstream, dest, release_keys, rollout_keys, every=a.every, timeout=a.timeout,
+                       say=lambda line: print(line, flush=True))
+        except KeyboardInterrupt:
+            print("mirror: stopped")
+        return 0
+    print(f"mirror: {a.upstream} -> {dest.resolve()}", flush=True)
+    res = mirror.sync(a.upstream, dest, release_keys, rollout_keys, timeout=a.timeout)
+    print(f"mirror: {mirror.describe(res)}")
+    for note in res.notes:
+        print(f"mirror: note: {note}")
+    from . import release
+    release.verify(dest, release_keys)
+    if res.rollout is not None:
+        from . import rolloutdoc
+        rolloutdoc.open_document((dest / "rollout.json").read_bytes(), rollout_keys)
+    print("mirror: verified the copy (manifest signature, payload size and hash"
+          + (", rollout.json signature" if res.rollout is not None else "") + f"); serve it with: mpota serve {a.dir}")
+
+
 # ---- parser ---------------------------------------------------------------------------------
 def _bounded(what: str, lo: int, hi: int):
     def parse(text: str) -> int:
@@ -627,6 +728,27 @@ def _fault_switches() -> dict:
     return SWITCHES
 
 
+def _duration(text: str) -> int:
+    from .rollout import parse_duration
+    try:
+        return parse_duration(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
+def _utc_offset(text: str) -> int:
+    from .rollout import parse_utc_offset
+    try:
+        return parse_utc_offset(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
+def _rollout_time_forms() -> str:
+    from .rollout import TIME_FORMS
+    return TIME_FORMS
+
+
 _timeout = _bounded("seconds", 1, 300)
 _baud = _bounded("a baud rate", 9600, 5000000)
 _tcp_port = _bounded("a TCP port", 0, 65535)
@@ -646,7 +768,9 @@ class _Parser(argparse.ArgumentParser):
             if close:
                 message += f"; did you mean {close[0]!r}?"
         elif "required: COMMAND" in message:
-            example = {"mpota sim": "`mpota sim list`", "mpota fleet": "`mpota fleet devices --db fleet.sqlite`"}.get(
+            example = {"mpota sim": "`mpota sim list`", "mpota fleet": "`mpota fleet devices --db fleet.sqlite`",
+                       "mpota rollout": "`mpota rollout show release/`",
+                       "mpota mirror": "`mpota mirror sync URL mirror/ --pub keys/release.pub`"}.get(
                 self.prog, "`mpota boards` or `mpota sim list`")
             hint = f"give a command, e.g. {example}; `{self.prog} --help` lists them"
         sys.stderr.write(f"{self.prog}: error: {message}\n  hint: {hint}\n")
@@ -658,10 +782,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--version", action="version", version=f"mpota {__version__}")
     sub = p.add_subparsers(dest="verb", metavar="COMMAND", required=True)
 
-    s = sub.add_parser("keygen", help="make an Ed25519 release key pair (or an AES payload key: --aes)",
+    s = sub.add_parser("keygen", help="make an Ed25519 key pair: release key, rollout key (or an AES payload key: --aes)",
                        description="Write PATH (private, PEM, mode 0600) and PATH.pub; print the key id. "
+                                   "One key per role: `mpota keygen keys/release` signs releases (kept offline), "
+                                   "`mpota keygen keys/rollout` signs rollout documents (`mpota rollout sign`, "
+                                   "the fleet server); devices trust each for its role only (docs/rollout.md). "
                                    "With --aes, write an AES-256 payload-encryption key instead.")
-    s.add_argument("path", help="private key file to create, e.g. keys/release")
+    s.add_argument("path", help="private key file to create, e.g. keys/release or keys/rollout")
     s.add_argument("--aes", action="store_true",
                    help="make an AES-256 payload-encryption key (hex, mode 0600) instead")
     s.add_argument("--force", action="store_true", help="replace existing key files")
@@ -736,6 +863,85 @@ def build_parser() -> argparse.ArgumentParser:
                         + ". path=SUFFIX: only requests whose path ends so; times=N: only the first N; "
                           "retry-after=S: a Retry-After header with status=")
     s.set_defaults(func=cmd_serve)
+
+    s = sub.add_parser("rollout", help="sign or show a release's rollout.json: who installs it when (docs/rollout.md)",
+                       description="The rollout document beside a release's manifest.json, signed by the "
+                                   "rollout key (`mpota keygen keys/rollout`; never the release key), for static "
+                                   "hosting without a fleet server: stages, halt, targets, maintenance window.")
+    rsub = s.add_subparsers(dest="rolloutverb", metavar="COMMAND", required=True)
+    s = rsub.add_parser("sign", help="write RELEASE_DIR/rollout.json (signed, atomically) and verify it",
+                        description="Sign the rollout of the release in RELEASE_DIR (its manifest.json names it "
+                                    "by SHA-256) with the rollout key, write RELEASE_DIR/rollout.json atomically, "
+                                    "print a summary and verify what was written. Re-sign to advance, pause or "
+                                    "halt: `issued` stays strictly increasing (one second after the previous "
+                                    "document's, if that is later than now). Times: " + _rollout_time_forms()
+                                    + "; relative times count from now.")
+    s.add_argument("release", metavar="RELEASE_DIR", help="release directory (mpota release --out)")
+    s.add_argument("--key", required=True, help="the rollout private key (make it with `mpota keygen keys/rollout`; "
+                                                "the release key is refused)")
+    g = s.add_argument_group("who may install when (one of --share, --stages; --halt alone is share 0)")
+    g.add_argument("--share", metavar="PERCENT", help="this share of the devices from now on, e.g. 10 or 0.5")
+    g.add_argument("--stages", metavar="P@WHEN,...", help='shares over time, e.g. "1@2026-12-01T00:00Z,10@+1d,100@+3d"')
+    g.add_argument("--halt", metavar="REASON", help="halt the rollout: no device installs (at most 160 characters)")
+    g.add_argument("--boards", action="append", metavar="B,..", help="only devices of these boards (repeatable)")
+    g.add_argument("--groups", action="append", metavar="G,..", help="only devices in these groups, or --devices")
+    g.add_argument("--devices", action="append", metavar="ID,..", help="only these devices, or --groups")
+    g.add_argument("--exclude", action="append", metavar="ID,..", help="devices that may not install (penalty box)")
+    g = s.add_argument_group("expiry (devices refuse an expired document: re-sign before it expires)")
+    e = g.add_mutually_exclusive_group()
+    e.add_argument("--expires", metavar="WHEN", help="a duration after issued (7d, 36h) or a time "
+                                                     "(2026-12-31T00:00Z); default 7d")
+    e.add_argument("--valid-for", type=_duration, metavar="DURATION", help="the same as --expires DURATION")
+    g = s.add_argument_group("maintenance window (installs only while it is open; devices need a set clock)")
+    g.add_argument("--window", metavar="CRON", help='when it opens: "M H DOM MON DOW", e.g. "0 2 * * *"')
+    g.add_argument("--window-duration", type=_duration, metavar="DURATION", help="how long it stays open, e.g. 2h")
+    g.add_argument("--utc-offset", type=_utc_offset, default=0, metavar="+HH:MM",
+                   help="the cron's local time as a fixed offset from UTC (default +00:00)")
+    g.add_argument("--jitter", type=_duration, default=0, metavar="DURATION",
+                   help="each device opens the window up to this much later (default 0), e.g. 15m")
+    s.add_argument("--rollout-id", metavar="ID", help="the rollout's name (default: the previous document's for "
+                                                      "the same release, else r-YYYYMMDD-<release digest>)")
+    s.set_defaults(func=cmd_rollout_sign)
+
+    s = rsub.add_parser("show", help="print a rollout.json, verify it, and say what one device would do",
+                        description="Print the rollout document of a release directory or a release URL "
+                                    "(http/https), verify it with --pub, check it names the manifest.json beside "
+                                    "it, and with --device ID what that device would do (its bucket, the share "
+                                    "in force, targets, window: the device's rules, as with a set clock).")
+    s.add_argument("source", metavar="RELEASE_DIR|URL", help="release directory, rollout.json, or release URL")
+    s.add_argument("--pub", action="append", help="the rollout public key (keys/rollout.pub): verify the signature")
+    s.add_argument("--device", metavar="ID", help="what this device would do")
+    s.add_argument("--board", help="the device's board (default: the manifest's)")
+    s.add_argument("--group", action="append", metavar="G", help="a group the device is in (repeatable)")
+    s.add_argument("--at", metavar="WHEN", help="judge at this time instead of now (" + _rollout_time_forms() + ")")
+    s.add_argument("--timeout", type=_timeout, default=30, metavar="SECONDS", help="for a URL (default 30)")
+    s.add_argument("--json", action="store_true", help='{"source", "verified", "release_matches", "at", '
+                                                       '"share_bp_now", "document", "device": {...} | null}')
+    s.set_defaults(func=cmd_rollout_show)
+
+    s = sub.add_parser("mirror", help="an edge mirror of a release: sync it from upstream, checked (no keys held)",
+                       description="Edge mirrors (a gateway in a plant or on a ship) copy a release and its "
+                                   "rollout.json from upstream, verified, for `mpota serve DIR`.")
+    msub = s.add_subparsers(dest="mirrorverb", metavar="COMMAND", required=True)
+    s = msub.add_parser("sync", help="copy a release (and its rollout.json) from UPSTREAM into DIR, verified",
+                        description="Fetch UPSTREAM/manifest.json and verify it with the release key, fetch the "
+                                    "payload it names (bounded by its signed size; size and SHA-256 checked), "
+                                    "fetch rollout.json if there is one and verify it with the rollout key "
+                                    "(one older than the mirror's copy is refused as a replay), then publish into "
+                                    "DIR by renames: payload, manifest.json, rollout.json; the payload no longer "
+                                    "named is removed. A refused or failed sync changes nothing. Unchanged files "
+                                    "are not downloaded again. Serve DIR with `mpota serve DIR`.")
+    s.add_argument("upstream", metavar="UPSTREAM", help="the release directory's URL, e.g. https://updates.example.com/esp32/")
+    s.add_argument("dir", metavar="DIR", help="the mirror directory (created if missing)")
+    s.add_argument("--pub", action="append", required=True, help="the release public key (repeatable)")
+    s.add_argument("--rollout-pub", action="append", help="the rollout public key (needed when upstream has a "
+                                                          "rollout.json; repeatable)")
+    s.add_argument("--every", type=_bounded("seconds", 10, 7 * 86400), metavar="SECONDS",
+                   help="keep syncing every SECONDS, one line per sync; an upstream outage keeps the last good copy "
+                        "and backs off (to at most 15 min, or SECONDS if longer)")
+    s.add_argument("--timeout", type=_timeout, default=30, metavar="SECONDS",
+                   help="network timeout per request (default 30)")
+    s.set_defaults(func=cmd_mirror_sync)
 
     s = sub.add_parser("boards", help="list the board definitions in boards/")
     s.add_argument("--json", action="store_true", help="a JSON list: each board.json plus its ota_slots")

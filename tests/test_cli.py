@@ -16,7 +16,8 @@ ROOT = Path(__file__).resolve().parents[1]
 MPOTA = str(Path(sys.executable).parent / "mpota")
 
 COMMANDS = [["keygen"], ["release"], ["verify"], ["inspect"], ["serve"], ["boards"], ["config"], ["mpy"],
-            ["flash"], ["deploy"], ["push"],
+            ["flash"], ["deploy"], ["push"], ["rollout"], ["rollout", "sign"], ["rollout", "show"],
+            ["mirror"], ["mirror", "sync"],
             ["sim"], ["sim", "firmware"], ["sim", "create"], ["sim", "run"], ["sim", "status"], ["sim", "list"],
             ["sim", "delete"], ["sim", "repl"],
             ["fleet"], ["fleet", "serve"], ["fleet", "register"], ["fleet", "unregister"], ["fleet", "devices"],

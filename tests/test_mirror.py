@@ -1,0 +1,292 @@
+"""`mpota mirror sync`: a release and its rollout.json copied from a real loopback server, checked,
+published in a safe order; a second sync downloads nothing; what a hostile upstream offers (a
+tampered payload, a manifest signed by another key, a replayed rollout.json, a payload larger
+than signed, endless bytes) is refused and the mirror's last good copy stays as it was; `--every`
+survives an outage; `mpota serve` serves the mirror, rollout.json included."""
+from __future__ import annotations
+
+import http.client
+import os
+import subprocess
+import sys
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import pytest
+from faultserver import Fault, FaultServer
+
+from mpota import fetch, keys, mirror, release, rollout, rolloutdoc, server as srv
+from mpota.server import serve_in_thread
+
+MPOTA = str(Path(sys.executable).parent / "mpota")
+
+
+@pytest.fixture(scope="module")
+def rollout_key(tmp_path_factory):
+    d = tmp_path_factory.mktemp("rk")
+    keys.generate(d / "rollout")
+    return d / "rollout"
+
+
+@pytest.fixture
+def upstream(tmp_path, firmware, signer, rollout_key):
+    """A release with a rollout document, served by the steerable server (it records requests)."""
+    root = tmp_path / "upstream"
+    release.build(firmware("1.3.0"), root, [signer])
+    rollout.sign(root, keys.load_private(rollout_key), share="10")
+    fs = FaultServer(root).start()
+    yield fs
+    fs.stop()
+
+
+@pytest.fixture
+def pubs(keydir, rollout_key):
+    return [keys.load_public(keydir / "release.pub")], [keys.load_public(f"{rollout_key}.pub")]
+
+
+def snapshot(d: Path) -> dict:
+    """The files a mirror serves (its lock file aside)."""
+    return {p.relative_to(d).as_posix(): p.read_bytes() for p in sorted(d.rglob("*"))
+            if p.is_file() and p.name != mirror.LOCK_NAME}
+
+
+def test_sync_copies_release_and_rollout_and_serve_serves_it(tmp_path, upstream, pubs, rollout_key):
+    dest = tmp_path / "mirror"
+    res = mirror.sync(upstream.url, dest, *pubs)
+    assert res.version == "1.3.0" and res.bytes == (upstream.root / "fw-1.3.0-healthy-esp32-0-65536.bin").stat().st_size
+    assert snapshot(dest) == snapshot(upstream.root)
+    assert res.downloaded == ["fw-1.3.0-healthy-esp32-0-65536.bin", "manifest.json", "rollout.json"]
+    assert oct((dest / "manifest.json").stat().st_mode & 0o777) == "0o644"
+    release.verify(dest, pubs[0])
+    srv.check_release_dir(dest)  # `mpota serve` accepts the mirror
+    httpd, url = serve_in_thread(dest)
+    try:
+        host, port = httpd.server_address[:2]
+        for name in ("manifest.json", "rollout.json", res.payload):
+            c = http.client.HTTPConnection(host, port, timeout=5)
+            c.request("GET", "/" + name)
+            r = c.getresponse()
+            assert r.status == 200 and r.read() == (dest / name).read_bytes()
+            c.close()
+        # what a device would see through the mirror: the document verifies and names the release
+        sh = rollout.show(url, pubs[1], device="dev-1")
+        assert sh.verified and sh.release_matches
+    finally:
+        httpd.shutdown()
+        httpd.server_close()
+
+
+def test_second_sync_downloads_nothing(tmp_path, upstream, pubs):
+    dest = tmp_path / "mirror"
+    mirror.sync(upstream.url, dest, *pubs)
+    mtimes = {p: p.stat().st_mtime_ns for p in dest.iterdir() if p.name != mirror.LOCK_NAME}
+    upstream.requests.clear()
+    res = mirror.sync(upstream.url, dest, *pubs)
+    assert not res.changed and res.bytes == 0 and "up to date" in mirror.describe(res)
+    assert sorted(r.path for r in upstream.requests) == ["/manifest.json", "/rollout.json"]
+    assert {p: p.stat().st_mtime_ns for p in dest.iterdir() if p.name != mirror.LOCK_NAME} == mtimes
+
+
+def test_new_release_replaces_the_old_payload_after_the_manifest(tmp_path, upstream, pubs, firmware, signer,
+                                                                 rollout_key):
+    dest = tmp_path / "mirror"
+    first = mirror.sync(upstream.url, dest, *pubs)
+    old_payload = upstream.root / first.payload
+    release.build(firmware("1.4.0"), upstream.root, [signer])
+    old_payload.unlink()
+    rollout.sign(upstream.root, keys.load_private(rollout_key), share="1")
+    res = mirror.sync(upstream.url, dest, *pubs)
+    assert res.version == "1.4.0" and res.removed == [first.payload]
+    assert res.downloaded[0] == res.payload  # the payload is published before the manifest that names it
+    assert snapshot(dest) == snapshot(upstream.root)
+    # the upstream goes back to 1.3.0: mirrored (withholding is all it amounts to), with a note
+    release.build(firmware("1.3.0"), upstream.root, [signer])
+    res = mirror.sync(upstream.url, dest, *pubs)
+    assert res.version == "1.3.0" and any("older than the 1.4.0" in n for n in res.notes)
+
+
+def test_rollout_for_another_release_is_mirrored_with_a_note(tmp_path, upstream, pubs, firmware, signer):
+    dest = tmp_path / "mirror"
+    release.build(firmware("1.4.0"), upstream.root, [signer])  # rollout.json still names 1.3.0
+    res = mirror.sync(upstream.url, dest, *pubs)
+    assert any("rollout-other-release" in n for n in res.notes)
+    assert (dest / "rollout.json").read_bytes() == (upstream.root / "rollout.json").read_bytes()
+
+
+def refused(tmp_path, upstream, pubs, code, change):
+    """Sync, change the upstream with `change`, sync again: refused with `code`, mirror untouched."""
+    dest = tmp_path / "mirror"
+    mirror.sync(upstream.url, dest, *pubs)
+    before = snapshot(dest)
+    change(upstream.root)
+    with pytest.raises(mirror.MirrorError) as e:
+        mirror.sync(upstream.url, dest, *pubs)
+    assert e.value.code == code, str(e.value)
+    assert snapshot(dest) == before
+    assert not list(dest.rglob("*.part"))
+    return e.value
+
+
+def test_tampered_payload_is_refused(tmp_path, upstream, pubs, firmware, signer):
+    def change(root):
+        release.build(firmware("1.4.0"), root, [signer])
+        p = root / "fw-1.4.0-healthy-esp32-0-65536.bin"
+        data = bytearray(p.read_bytes())
+        data[5000] ^= 1
+        p.write_bytes(bytes(data))
+    e = refused(tmp_path, upstream, pubs, "hash-mismatch", change)
+    assert e.hint
+
+
+def test_manifest_signed_by_another_key_is_refused(tmp_path, upstream, pubs, firmware, keydir):
+    foreign = keys.load_private(keydir / "foreign")
+    e = refused(tmp_path, upstream, pubs, "unknown-key",
+                lambda root: release.build(firmware("1.4.0"), root, [foreign]))
+    assert "release key" in e.hint
+
+
+def test_replayed_rollout_is_refused(tmp_path, upstream, pubs, rollout_key):
+    old = (upstream.root / "rollout.json").read_bytes()
+    dest = tmp_path / "mirror"
+    rollout.sign(upstream.root, keys.load_private(rollout_key), halted="boot loops")  # newer: a halt
+    mirror.sync(upstream.url, dest, *pubs)
+    assert rolloutdoc.open_document((dest / "rollout.json").read_bytes(), pubs[1])["halted"] == "boot loops"
+    e = refused(tmp_path, upstream, pubs, "rollout-replayed",
+                lambda root: (root / "rollout.json").write_bytes(old))
+    assert "issued" in str(e)
+
+
+def test_rollout_signed_by_another_key_is_refused(tmp_path, upstream, pubs, keydir):
+    def change(root):
+        doc = rolloutdoc.open_document((root / "rollout.json").read_bytes(), pubs[1])
+        doc["issued"] += 10
+        (root / "rollout.json").write_bytes(rolloutdoc.sign(doc, keys.load_private(keydir / "foreign")))
+    refused(tmp_path, upstream, pubs, "rollout-unknown-key", change)
+
+
+def test_oversized_payload_is_refused(tmp_path, upstream, pubs, firmware, signer):
+    def change(root):
+        release.build(firmware("1.4.0"), root, [signer])
+        with open(root / "fw-1.4.0-healthy-esp32-0-65536.bin", "ab") as f:
+            f.write(b"\0" * 100000)
+    refused(tmp_path, upstream, pubs, "too-large", change)
+
+
+class _Endless(BaseHTTPRequestHandler):
+    """A hostile upstream: a good manifest, then a payload of endless bytes with no Content-Length."""
+    protocol_version = "HTTP/1.0"
+    root: Path = Path(".")
+    sent = 0
+
+    def log_message(self, *a):
+        pass
+
+    def do_GET(self):
+        name = self.path.lstrip("/")
+        if name in ("manifest.json", "rollout.json"):
+            body = (self.root / name).read_bytes()
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+            return
+        self.send_response(200)
+        self.end_headers()
+        try:
+            for _ in range(20000):  # up to 1.3 GB, unless the client stops reading
+                self.wfile.write(b"\xe9" * 65536)
+                type(self).sent += 65536
+        except (BrokenPipeError, ConnectionResetError):
+            pass
+
+
+def test_endless_payload_is_cut_at_the_signed_size(tmp_path, upstream, pubs):
+    handler = type("H", (_Endless,), {"root": upstream.root, "sent": 0})
+    httpd = ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    httpd.daemon_threads = True
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    dest = tmp_path / "mirror"
+    try:
+        with pytest.raises(mirror.MirrorError) as e:
+            mirror.sync("http://127.0.0.1:%d/" % httpd.server_address[1], dest, *pubs)
+        assert e.value.code == "too-large"
+        assert snapshot(dest) == {}  # nothing kept
+        assert handler.sent < 64 << 20
+    finally:
+        httpd.shutdown()
+        httpd.server_close()
+
+
+def test_truncated_and_stalled_upstreams_are_transport_errors(tmp_path, upstream, pubs):
+    dest = tmp_path / "mirror"
+    upstream.faults = [Fault(path=".bin", drop_after=1000)]
+    with pytest.raises(fetch.DownloadError):
+        mirror.sync(upstream.url, dest, *pubs)
+    upstream.faults = [Fault(path="manifest.json", stall_after=10)]
+    with pytest.raises(fetch.DownloadError):
+        mirror.sync(upstream.url, dest, *pubs, timeout=1)
+    assert snapshot(dest) == {}
+
+
+def test_one_sync_at_a_time(tmp_path, upstream, pubs):
+    dest = tmp_path / "mirror"
+    dest.mkdir()
+    with mirror._locked(dest):  # another sync holds the directory
+        with pytest.raises(mirror.MirrorError) as e:
+            mirror.sync(upstream.url, dest, *pubs)
+    assert e.value.code == "busy" and f"PID {os.getpid()}" in str(e.value) and e.value.hint
+    assert snapshot(dest) == {}
+    assert mirror.sync(upstream.url, dest, *pubs).downloaded  # released with the holder
+
+
+def test_every_survives_an_outage(tmp_path, upstream, pubs):
+    dest = tmp_path / "mirror"
+    lines, delays, good = [], [], {}
+
+    def sleep(d):
+        delays.append(d)
+        if len(delays) == 1:  # after the first sync: the upstream goes down for two requests
+            good.update(snapshot(dest))
+            upstream.faults = [Fault(path="manifest.json", status=503, times=2)]
+        else:
+            assert snapshot(dest) == good  # still serving the last good copy
+    failed = mirror.run(upstream.url, dest, *pubs, every=60, iterations=4, sleep=sleep, say=lines.append)
+    assert failed == 2 and len(lines) == 4
+    assert "published" in lines[0] and "up to date" in lines[3]
+    assert all("upstream unreachable" in x and "serving the last good copy" in x for x in lines[1:3])
+    assert "next try in" in lines[1]
+    assert delays[0] == 60 and 60 < delays[1] < delays[2] <= mirror.BACKOFF_CAP_S * 1.1
+    assert mirror.next_delay(60, 50) <= mirror.BACKOFF_CAP_S * 1.1
+    assert mirror.next_delay(3600, 5) >= 3600 * 0.9  # never more often than --every
+
+
+def test_cli_sync_exit_status_and_hints(tmp_path, upstream, keydir, rollout_key):
+    dest = tmp_path / "mirror"
+    r = subprocess.run([MPOTA, "mirror", "sync", upstream.url, dest, "--pub", keydir / "release.pub",
+                        "--rollout-pub", f"{rollout_key}.pub"], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    assert "published" in r.stdout and r.stdout.strip().splitlines()[-1].startswith("mirror: verified")
+    assert f"mpota serve {dest}" in r.stdout
+    # no rollout key, but the upstream has a rollout.json
+    r = subprocess.run([MPOTA, "mirror", "sync", upstream.url, tmp_path / "m2", "--pub", keydir / "release.pub"],
+                       capture_output=True, text=True)
+    assert r.returncode == 2 and "--rollout-pub" in r.stderr and "hint:" in r.stderr
+    # an upstream that is down
+    r = subprocess.run([MPOTA, "mirror", "sync", "http://127.0.0.1:9/", tmp_path / "m3", "--pub",
+                        keydir / "release.pub"], capture_output=True, text=True)
+    assert r.returncode == 2 and "hint:" in r.stderr and "Traceback" not in r.stderr
+    # not a URL; a private key as --pub
+    r = subprocess.run([MPOTA, "mirror", "sync", "/srv/rel", tmp_path / "m4", "--pub", keydir / "release.pub"],
+                       capture_output=True, text=True)
+    assert r.returncode == 2 and "http" in r.stderr and "hint:" in r.stderr
+    r = subprocess.run([MPOTA, "mirror", "sync", upstream.url, tmp_path / "m5", "--pub", keydir / "release"],
+                       capture_output=True, text=True)
+    assert r.returncode == 2 and "private key" in r.stderr
+    # `mpota serve` takes the mirror directory (and refuses it once a key lands in it)
+    assert subprocess.run([MPOTA, "mirror", "sync", upstream.url, dest, "--pub", keydir / "release.pub",
+                           "--rollout-pub", f"{rollout_key}.pub"], capture_output=True).returncode == 0
+    (dest / "oops.pem").write_bytes((keydir / "release").read_bytes())
+    r = subprocess.run([MPOTA, "mirror", "sync", upstream.url, dest, "--pub", keydir / "release.pub",
+                        "--rollout-pub", f"{rollout_key}.pub"], capture_output=True, text=True)
+    assert r.returncode == 2 and "private keys" in r.stderr
