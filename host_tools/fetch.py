@@ -19,6 +19,7 @@ from urllib.parse import urljoin, urlsplit
 from . import MpotaError, __version__
 
 BLOCK = 1 << 16
+MIN_RATE = 4096  # bytes per second a payload download must keep up on average (after 2 timeouts)
 
 
 class DownloadError(MpotaError):
@@ -101,10 +102,14 @@ def get(url: str, limit: int, timeout: float = 30) -> bytes | None:
     return bytes(data)
 
 
-def download(url: str, out, size: int, timeout: float = 30, progress=None) -> str:
+def download(url: str, out, size: int, timeout: float = 30, progress=None, min_rate: int = MIN_RATE) -> str:
     """Stream `url` into the binary file `out`: at most `size` bytes (more is TooLarge, fewer a
-    DownloadError), each read within `timeout` seconds. Returns the SHA-256 (hex) of what was
-    written. `progress(done, size)` is called after each block. A 404 is a DownloadError too."""
+    DownloadError), each read within `timeout` seconds and the whole within 2 timeouts plus
+    `size / min_rate` seconds (a server that trickles a byte per timeout cannot hold a sync for
+    days). Returns the SHA-256 (hex) of what was written. `progress(done, size)` is called after
+    each block. A 404 is a DownloadError too."""
+    allowed = 2 * timeout + size / min_rate
+    deadline = time.monotonic() + allowed
     resp = _open(url, timeout)
     if resp is None:
         raise DownloadError(f"{url}: not found (404)", hint="the upstream's manifest names a payload it does not "
@@ -116,6 +121,10 @@ def download(url: str, out, size: int, timeout: float = 30, progress=None) -> st
         _announced(resp, url, size)
         try:
             while True:
+                if time.monotonic() > deadline:
+                    raise DownloadError(f"{url}: {done} of {size} bytes in {allowed:.0f} s, below "
+                                        f"{min_rate} bytes/s", hint="the upstream is too slow or trickles "
+                                        "data; try again later", code="too-slow")
                 chunk = resp.read1(min(BLOCK, size + 1 - done))
                 if not chunk:
                     break

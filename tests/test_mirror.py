@@ -229,6 +229,16 @@ def test_truncated_and_stalled_upstreams_are_transport_errors(tmp_path, upstream
     assert snapshot(dest) == {}
 
 
+def test_a_trickled_payload_is_too_slow(tmp_path, upstream):
+    # every read comes within the timeout, but the whole would take hours: the download's own
+    # deadline (2 timeouts + size / min_rate) ends it
+    upstream.faults = [Fault(path=".bin", trickle=0.05)]
+    url = upstream.url.rstrip("/") + "/fw-1.3.0-healthy-esp32-0-65536.bin"
+    with open(tmp_path / "out", "wb") as f, pytest.raises(fetch.DownloadError) as e:
+        fetch.download(url, f, 64 * 1024, timeout=0.5, min_rate=4096)
+    assert e.value.code == "too-slow" and e.value.hint
+
+
 def test_one_sync_at_a_time(tmp_path, upstream, pubs):
     dest = tmp_path / "mirror"
     dest.mkdir()
