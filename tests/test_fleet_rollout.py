@@ -13,11 +13,15 @@
 from __future__ import annotations
 
 import hashlib
+import json
+import os
 
 import pytest
 
-from mpota import keys, rolloutdoc
-from mpota.fleet import inventory, rollout
+from fleet_util import batch, new_secret, rep
+from mpota import MpotaError, dsse, keys, rolloutdoc
+from mpota.fleet import inventory, rollout, rollouts
+from mpota.fleet.storage import Store
 
 RELEASE = hashlib.sha256(b"a release").hexdigest()
 VERSION = "2.0.0"
@@ -221,9 +225,155 @@ def test_documents_for_each_state():
 
 
 def test_config_is_checked_with_hints():
-    from mpota import MpotaError
     for bad in ({"stages_bp": [1000, 100]}, {"stages_bp": []}, {"min_devices": 0}, {"max_failure_rate": 1.5},
                 {"silent_after_s": 0}, {"targets": {"boards": ["no spaces"]}},
                 {"window": {"cron": "0 2 * *", "duration_s": 3600}}):
         with pytest.raises(MpotaError):
             config(**bad)
+
+
+# ---- storage and acting on it (SQLite and PostgreSQL) -------------------------------------------
+
+@pytest.fixture(scope="module")
+def rollout_key(tmp_path_factory):
+    d = tmp_path_factory.mktemp("rkeys")
+    keys.generate(d / "rollout")
+    return d / "rollout"
+
+
+def fake_release(path, version=VERSION):
+    """A release directory as far as the fleet server reads it: manifest.json (a DSSE envelope)."""
+    path.mkdir(parents=True, exist_ok=True)
+    env = dsse.sign(json.dumps({"schema": 1, "version": version}).encode(), [keys.Ed25519PrivateKey.generate()])
+    (path / "manifest.json").write_bytes(env)
+    return path, hashlib.sha256(env).hexdigest()
+
+
+def story(device_id, digest, outcome, n0=1, version=VERSION):
+    """The reports of one install of `version` ending in outcome, with the envelope digest."""
+    out = [rep(n0, "downloading", target=version, digest=digest), rep(n0 + 1, "installed", target=version, digest=digest)]
+    if outcome == "confirmed":
+        out.append(rep(n0 + 2, "confirmed", version=version, slot="ota_1", digest=digest))
+    elif outcome == "rolled-back":
+        out.append(rep(n0 + 2, "rolled-back", target=version, code="health-failed", digest=digest))
+    return out
+
+
+def opened(rel_dir, key_path):
+    return rolloutdoc.open_document((rel_dir / "rollout.json").read_bytes(), [keys.load_public(
+        key_path.with_name(key_path.name + ".pub"))])
+
+
+@pytest.fixture
+def store(fleet_db):
+    s = Store(fleet_db)
+    yield s
+    s.close()
+
+
+def test_rollout_storage_ticks_and_admin_actions(store, rollout_key, tmp_path):
+    key = rollouts.load_key(rollout_key)
+    rel, digest = fake_release(tmp_path / "rel")
+    by_stage = ids_by_stage([500, 5000, 10000], 60, digest)
+    secs = {}
+    for d in sorted(sum(by_stage.values(), [])):
+        secs[d] = new_secret()
+        store.register(d, secs[d], board="esp32", interval_s=60, now=NOW - 500)
+    row = rollouts.start(store, key, rel, {"stages_bp": [500, 5000, 10000], "min_devices": 2,
+                                           "max_failure_rate": 0.2, "silent_after_s": 600}, now=NOW)
+    assert row["id"].startswith("r-") and row["state"] == "running" and row["release"] == digest
+    doc = opened(rel, rollout_key)
+    assert (doc["release"], doc["version"], doc["rollout"], doc["issued"]) == (digest, VERSION, row["id"], int(NOW))
+    assert rolloutdoc.share_at(doc["stages"], int(NOW)) == 500 and doc["halted"] is None
+    with pytest.raises(Exception, match="still active"):
+        rollouts.start(store, key, rel, row["config"], now=NOW)
+    holder = "test-a"
+    assert rollouts.tick(store, key, holder=holder, now=NOW + 1) == []  # nothing reported yet: no change
+    # two devices of stage 1 confirm (through the real ingest path, with the digest)
+    first = by_stage[0]
+    assert len(first) >= 2
+    for d in first[:2]:
+        store.ingest(batch(d, story(d, digest, "confirmed")), secs[d], now=NOW + 5)
+    # a device that reported another digest of the same version is not this release's evidence
+    other = by_stage[1][0]
+    store.ingest(batch(other, story(other, "f" * 64, "rolled-back")), secs[other], now=NOW + 5)
+    evs = rollouts.tick(store, key, holder=holder, now=NOW + 10)
+    assert [e["action"] for e in evs] == ["advance", "sign"] and evs[1]["reason"] == "stage"
+    doc2 = opened(rel, rollout_key)
+    assert doc2["issued"] > doc["issued"] and rolloutdoc.share_at(doc2["stages"], doc2["issued"]) == 5000
+    st = rollouts.status(store, row["id"], now=NOW + 10)
+    assert st["rollout"]["stage"] == 2 and st["stages"][0]["confirmed"] == 2 and st["totals"]["failed"] == 0
+    # another process does not evaluate while this one holds the lease
+    assert rollouts.tick(store, key, holder="test-b", now=NOW + 11) == []
+    assert store.claim("rollouts", "test-b", 30, now=NOW + 100) is True  # the lease expired
+    # paused: evidence enough to advance, but the share stays
+    rollouts.act(store, key, row["id"], "pause", "checking the logs", now=NOW + 101)
+    for d in by_stage[1][1:3]:
+        store.ingest(batch(d, story(d, digest, "confirmed")), secs[d], now=NOW + 102)
+    assert rollouts.tick(store, key, holder="test-b", now=NOW + 103) == []
+    assert opened(rel, rollout_key)["issued"] == doc2["issued"]
+    assert store.rollout(row["id"])["state"] == "paused"
+    rollouts.act(store, key, row["id"], "resume", now=NOW + 104)
+    evs = rollouts.tick(store, key, holder="test-b", now=NOW + 105)
+    assert [e["action"] for e in evs] == ["advance", "sign"]
+    doc3 = opened(rel, rollout_key)
+    assert doc3["issued"] > doc2["issued"] and rolloutdoc.share_at(doc3["stages"], doc3["issued"]) == 10000
+    # halted by hand: signed at once, halted with share 0
+    rollouts.act(store, key, row["id"], "halt", "boot loops on line 3", now=NOW + 106)
+    doc4 = opened(rel, rollout_key)
+    assert doc4["issued"] > doc3["issued"] and doc4["halted"] == "boot loops on line 3"
+    assert rolloutdoc.share_at(doc4["stages"], doc4["issued"]) == 0
+    with pytest.raises(Exception, match="halted"):
+        rollouts.act(store, key, row["id"], "resume", now=NOW + 107)
+    # a halted document is refreshed at half-life, and only then
+    assert rollouts.tick(store, key, holder="test-b", now=NOW + 200) == []
+    evs = rollouts.tick(store, key, holder="test-b", now=NOW + 106 + 43200)
+    assert [(e["action"], e["reason"]) for e in evs] == [("sign", "refresh")]
+    assert opened(rel, rollout_key)["halted"] == "boot loops on line 3"
+    hist = store.rollout_history(row["id"])
+    assert [h["action"] for h in reversed(hist)] == ["start", "sign", "advance", "sign", "pause", "resume", "advance",
+                                                     "sign", "halt", "sign", "sign"]
+    assert [r["id"] for r in store.rollouts(states=["halted"])] == [row["id"]]
+    # a stale evaluation (the row moved on) changes nothing
+    assert store.change_rollout(row["id"], 1, lambda cur, last: ({"reason": "x"}, [], None)) is None
+    # a new rollout on the same directory: issued keeps growing over every document signed
+    row2 = rollouts.start(store, key, rel, row["config"], now=NOW + 300)
+    assert row2["id"] != row["id"] and opened(rel, rollout_key)["issued"] > doc4["issued"] + 1
+
+
+def test_a_halt_recorded_without_the_key_is_signed_by_the_next_tick(store, rollout_key, tmp_path):
+    key = rollouts.load_key(rollout_key)
+    rel, _ = fake_release(tmp_path / "rel")
+    row = rollouts.start(store, key, rel, config(), rollout_id="r-test", now=NOW)
+    rollouts.act(store, None, "r-test", "halt", "by hand from another machine", now=NOW + 1)
+    assert opened(rel, rollout_key)["halted"] is None
+    evs = rollouts.tick(store, key, holder="h", now=NOW + 2)
+    assert [(e["action"], e["reason"]) for e in evs] == [("sign", "halted")]
+    doc = opened(rel, rollout_key)
+    assert doc["halted"] == "by hand from another machine" and doc["rollout"] == row["id"]
+
+
+def test_conclusive_failures_halt_and_fill_the_penalty_box(store, rollout_key, tmp_path):
+    key = rollouts.load_key(rollout_key)
+    rel, digest = fake_release(tmp_path / "rel")
+    first = ids_by_stage([2000, 10000], 40, digest)[0]
+    for d in first:
+        store.register(d, "00" * 32, board="esp32", interval_s=60, now=NOW)
+    rollouts.start(store, key, rel, config(stages_bp=[2000, 10000], max_failure_rate=0.05), rollout_id="r-bad",
+                   now=NOW)
+    for d in first[:4]:
+        store.ingest(batch(d, story(d, digest, "rolled-back")), "00" * 32, now=NOW + 5)
+    evs = rollouts.tick(store, key, holder="h", now=NOW + 10)
+    assert [e["action"] for e in evs] == ["halt", "sign"] and "4 of 4 attempts failed" in evs[0]["reason"]
+    doc = opened(rel, rollout_key)
+    assert doc["halted"].startswith("4 of 4 attempts failed") and rolloutdoc.share_at(doc["stages"], doc["issued"]) == 0
+    assert sorted(doc["exclude"]) == sorted(first[:4])
+    assert store.rollout("r-bad")["state"] == "halted"
+
+
+def test_the_rollout_key_must_be_private(tmp_path):
+    keys.generate(tmp_path / "k")
+    os.chmod(tmp_path / "k", 0o644)
+    with pytest.raises(MpotaError, match="may be read by others") as e:
+        rollouts.load_key(tmp_path / "k")
+    assert e.value.hint == f"chmod 600 {tmp_path / 'k'}"
