@@ -15,12 +15,17 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import subprocess
+import sys
+import time
 
 import pytest
 
-from fleet_util import batch, new_secret, rep
+from fleet_util import BASE, batch, new_secret, rep
 from mpota import MpotaError, dsse, keys, rolloutdoc
 from mpota.fleet import inventory, rollout, rollouts
+from mpota.fleet.client import Admin, Reporter
+from mpota.fleet.server import start_subprocess
 from mpota.fleet.storage import Store
 
 RELEASE = hashlib.sha256(b"a release").hexdigest()
@@ -377,3 +382,124 @@ def test_the_rollout_key_must_be_private(tmp_path):
     with pytest.raises(MpotaError, match="may be read by others") as e:
         rollouts.load_key(tmp_path / "k")
     assert e.value.hint == f"chmod 600 {tmp_path / 'k'}"
+
+
+# ---- end to end: a real server, Reporters standing in for devices ------------------------------
+
+class SimDevice:
+    """A device as far as rollouts go: judges rollout.json with the host's reference rules
+    (rolloutdoc.open_document + decide), installs when allowed and reports what happened."""
+
+    def __init__(self, url, device_id, secret, healthy=True):
+        self.id, self.healthy, self.seen, self.done, self.last_held = device_id, healthy, 0, False, None
+        self.reporter = Reporter(url, device_id, bytes.fromhex(secret))
+
+    def check(self, env: bytes, trusted, digest, version):
+        if self.done:
+            return None
+        doc = rolloutdoc.open_document(env, trusted)
+        code = rolloutdoc.decide(doc, self.id, board="esp32", release=digest, now=int(time.time()), clock_known=True,
+                                 seen=self.seen)
+        self.seen = max(self.seen, doc["issued"])
+        base = {**BASE, "digest": digest}
+        if code is not None:
+            if (code, doc["issued"]) != self.last_held:  # held: `checked` with the code, never a failure
+                self.reporter.report("checked", **{**base, "code": code, "target": version})
+                self.last_held = (code, doc["issued"])
+        else:
+            self.reporter.report("downloading", **{**base, "target": version})
+            self.reporter.report("installed", **{**base, "target": version})
+            if self.healthy:
+                self.reporter.report("confirmed", **{**base, "version": version, "slot": "ota_1"})
+            else:
+                self.reporter.report("rolled-back", **{**base, "target": version, "code": "health-failed", "reset": 3})
+            self.done = True
+        assert self.reporter.flush(), self.reporter.last_status
+        return code
+
+
+def drive(devices, rel_dir, trusted, digest, version, admin, rollout_id, until, timeout=120):
+    """Devices check the published document again and again until the rollout's state is one of
+    `until`. Returns (the distinct documents seen in order, the final status)."""
+    seen_docs, deadline = [], time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        env = (rel_dir / "rollout.json").read_bytes()
+        doc = rolloutdoc.open_document(env, trusted)  # every document the server signs opens
+        if not seen_docs or doc["issued"] != seen_docs[-1]["issued"]:
+            seen_docs.append(doc)
+        for dev in devices:
+            dev.check(env, trusted, digest, version)
+        st = admin.rollout(rollout_id)
+        if st["rollout"]["state"] in until:
+            doc = rolloutdoc.open_document((rel_dir / "rollout.json").read_bytes(), trusted)
+            if doc["issued"] != seen_docs[-1]["issued"]:
+                seen_docs.append(doc)
+            return seen_docs, st
+        time.sleep(0.2)
+    raise AssertionError(f"rollout {rollout_id} did not reach {until}: {admin.rollout(rollout_id)['decision']}")
+
+
+def test_rollouts_advance_and_halt_themselves_end_to_end(tmp_path, rollout_key, firmware, signer):
+    from mpota import release
+    trusted = [keys.load_public(rollout_key.with_name("rollout.pub"))]
+    good, bad = tmp_path / "rel-2.0.0", tmp_path / "rel-2.1.0"
+    release.build(firmware("2.0.0"), good, [signer], board="esp32")
+    release.build(firmware("2.1.0", "unhealthy"), bad, [signer], board="esp32")
+    d_good, d_bad = (hashlib.sha256((d / "manifest.json").read_bytes()).hexdigest() for d in (good, bad))
+    with start_subprocess(str(tmp_path / "fleet.sqlite"), tmp_path / "token", log=tmp_path / "server.log",
+                          args=["--rollout-key", str(rollout_key), "--rollout-interval", "0.2"]) as srv:
+        admin = Admin(srv.url, srv.token)
+        devices = []
+        for i in range(120):
+            sec = new_secret()
+            admin.register(f"dev-{i:03d}", sec, board="esp32", interval_s=60)
+            devices.append(SimDevice(srv.url, f"dev-{i:03d}", sec))
+        # 1. healthy: 1 % -> 10 % -> 50 % -> 100 %, by itself, as the devices confirm
+        st = admin.start_rollout(str(good), stages_bp=[100, 1000, 5000, 10000], min_devices=3, max_failure_rate=0.2,
+                                 silent_after_s=600)
+        rid = st["rollout"]["id"]
+        docs, st = drive(devices, good, trusted, d_good, "2.0.0", admin, rid, ("complete", "halted"))
+        assert st["rollout"]["state"] == "complete", st["decision"]
+        shares = [rolloutdoc.share_at(d["stages"], d["issued"]) for d in docs]
+        assert shares == [100, 1000, 5000, 10000], shares
+        issued = [d["issued"] for d in docs]
+        assert issued == sorted(set(issued)), issued  # strictly increasing
+        assert all(d["release"] == d_good and d["halted"] is None and d["rollout"] == rid for d in docs)
+        assert all(dev.done for dev in devices)
+        assert st["totals"]["confirmed"] == 120 and st["totals"]["failed"] == 0
+        acts = [h["action"] for h in reversed(st["history"])]
+        assert acts == ["start", "sign"] + ["advance", "sign"] * 3 + ["complete"], acts
+        # 2. unhealthy: halts in its first stage, the document re-signed halted with share 0
+        for dev in devices:
+            dev.done, dev.healthy, dev.last_held = False, False, None
+        st = admin.start_rollout(str(bad), stages_bp=[500, 5000, 10000], min_devices=3, max_failure_rate=0.2,
+                                 silent_after_s=600, id="r-unhealthy")
+        docs, st = drive(devices, bad, trusted, d_bad, "2.1.0", admin, "r-unhealthy", ("halted", "complete"))
+        assert st["rollout"]["state"] == "halted" and st["rollout"]["stage"] == 1, st["rollout"]
+        final = docs[-1]
+        assert final["halted"] and rolloutdoc.share_at(final["stages"], final["issued"]) == 0
+        assert final["issued"] > issued[-1] and [d["issued"] for d in docs] == sorted({d["issued"] for d in docs})
+        assert set(final["exclude"]) == {f["device"] for f in st["failures"]} and final["exclude"]
+        assert st["stages"][0]["failed"] >= 3 and st["stages"][1]["attempts"] == 0
+        assert st["rollout"]["reason"].startswith(final["halted"][:60])
+        print("halted:", st["rollout"]["reason"])
+        # every device now holds: rollout-halted, reported as `checked` and never a failure
+        assert {dev.check((bad / "rollout.json").read_bytes(), trusted, d_bad, "2.1.0") for dev in devices
+                if not dev.done} == {"rollout-halted"}
+        # the CLI and the dashboard tell the same story
+        out = subprocess.run([sys.executable, "-m", "mpota", "fleet", "rollout", "status", "r-unhealthy", "--server",
+                              srv.url, "--token-file", str(tmp_path / "token")], capture_output=True, text=True)
+        assert out.returncode == 0 and "r-unhealthy: 2.1.0" in out.stdout and "halted" in out.stdout, out.stderr
+        listing = subprocess.run([sys.executable, "-m", "mpota", "fleet", "rollout", "status", "--server", srv.url,
+                                  "--token-file", str(tmp_path / "token")], capture_output=True, text=True).stdout
+        assert rid in listing and "complete" in listing and "r-unhealthy" in listing
+        page = http_get(srv.url + "/rollouts/r-unhealthy", srv.token)
+        assert 'id="halt-reason"' in page and ("binomial" in page or "regression" in page), page
+        assert 'data-rollout="r-unhealthy"' in http_get(srv.url + "/", srv.token)
+
+
+def http_get(url, token):
+    import urllib.request
+    req = urllib.request.Request(url, headers={"Authorization": f"Bearer {token}"})
+    with urllib.request.urlopen(req, timeout=30) as r:
+        return r.read().decode()
