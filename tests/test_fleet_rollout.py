@@ -503,3 +503,98 @@ def http_get(url, token):
     req = urllib.request.Request(url, headers={"Authorization": f"Bearer {token}"})
     with urllib.request.urlopen(req, timeout=30) as r:
         return r.read().decode()
+
+
+# ---- the CLI, offline (--db), and the dashboard in a browser --------------------------------------
+
+def mpota(*args, ok=True):
+    r = subprocess.run([sys.executable, "-m", "mpota", *map(str, args)], capture_output=True, text=True, timeout=120)
+    if ok:
+        assert r.returncode == 0, r.stderr + r.stdout
+    return r
+
+
+def test_rollout_cli_verbs_help_and_errors(tmp_path, rollout_key):
+    assert all(v in mpota("fleet", "rollout", "--help").stdout for v in ("start", "pause", "resume", "halt", "status"))
+    for verb in ("start", "pause", "resume", "halt", "status"):
+        assert "usage: mpota fleet rollout " + verb in mpota("fleet", "rollout", verb, "--help").stdout
+    assert "--rollout-key" in mpota("fleet", "serve", "--help").stdout
+    rel, digest = fake_release(tmp_path / "rel")
+    db = tmp_path / "fleet.sqlite"
+    common = ["--stages", "1,10,50,100", "--min-devices", "5", "--max-failure-rate", "5%", "--silent-after", "2h"]
+    r = mpota("fleet", "rollout", "start", rel, *common, "--db", db, ok=False)
+    assert r.returncode == 2 and "give --key FILE" in r.stderr, r.stderr
+    r = mpota("fleet", "rollout", "start", rel, "--stages", "10,1", *common[2:], "--db", db, ok=False)
+    assert r.returncode == 2 and "stages must grow" in r.stderr, r.stderr
+    r = mpota("fleet", "rollout", "start", rel, *common[:6], "--silent-after", "soon", "--db", db, ok=False)
+    assert "a duration such as 90s" in r.stderr
+    r = mpota("fleet", "rollout", "start", tmp_path, *common, "--db", db, "--key", rollout_key, ok=False)
+    assert r.returncode == 2 and "manifest.json" in r.stderr
+    out = mpota("fleet", "rollout", "start", rel, *common, "--window", "0 2 * * *,2h,60,15m", "--targets",
+                "boards=esp32", "groups=canary", "--valid-for", "12h", "--id", "r-cli", "--db", db, "--key",
+                rollout_key).stdout
+    assert "rollout r-cli of 2.0.0 started: stage 1 of 4 (1 % of the fleet)" in out
+    doc = opened(rel, rollout_key)
+    assert doc["window"] == {"cron": "0 2 * * *", "duration_s": 7200, "utc_offset_min": 60, "jitter_s": 900}
+    assert doc["targets"] == {"boards": ["esp32"], "groups": ["canary"]} and doc["expires"] - doc["issued"] == 43200
+    assert "paused" in mpota("fleet", "rollout", "pause", "r-cli", "--reason", "lunch", "--db", db).stdout
+    assert "running" in mpota("fleet", "rollout", "resume", "r-cli", "--db", db).stdout
+    r = mpota("fleet", "rollout", "halt", "r-cli", "--db", db, ok=False)
+    assert r.returncode == 2 and "--reason" in r.stderr
+    out = mpota("fleet", "rollout", "halt", "r-cli", "--reason", "wrong image", "--db", db, "--key", rollout_key).stdout
+    assert "halted (wrong image)" in out and opened(rel, rollout_key)["halted"] == "wrong image"
+    st = json.loads(mpota("fleet", "rollout", "status", "r-cli", "--json", "--db", db).stdout)
+    assert st["rollout"]["state"] == "halted" and [h["action"] for h in st["history"]][:3] == ["sign", "halt", "resume"]
+    assert "r-cli" in mpota("fleet", "rollout", "status", "--db", db).stdout
+    r = mpota("fleet", "rollout", "status", "r-nope", "--db", db, ok=False)
+    assert r.returncode == 2 and "no rollout r-nope" in r.stderr
+
+
+def test_rollout_pages_in_a_browser(tmp_path, rollout_key):
+    from test_fleet_dashboard import Browser, Dom, _chromium
+    if _chromium() is None:
+        pytest.skip("no chromium: apt-get install chromium (.ci/run installs it as root)")
+    from mpota.fleet.server import start_in_thread
+    key = rollouts.load_key(rollout_key)
+    srv = start_in_thread(str(tmp_path / "fleet.sqlite"))
+    try:
+        store, now = srv.store, time.time()
+        rel, digest = fake_release(tmp_path / "good")
+        bad, d_bad = fake_release(tmp_path / "bad", "2.1.0")
+        stage_good = ids_by_stage([1000, 10000], 200, digest)
+        stage_bad = ids_by_stage([1000, 10000], 200, d_bad)
+        for d in sorted(sum(stage_good.values(), [])):
+            store.register(d, "00" * 32, board="esp32", interval_s=60, now=now - 100)
+        rollouts.start(store, key, rel, config(stages_bp=[1000, 10000], min_devices=3), rollout_id="r-good", now=now - 50)
+        rollouts.start(store, key, bad, config(stages_bp=[1000, 10000], min_devices=3, max_failure_rate=0.05),
+                       rollout_id="r-bad", now=now - 40)
+        for d in stage_good[0][:3]:
+            store.ingest(batch(d, story(d, digest, "confirmed")), "00" * 32, now=now - 30)
+        for d in [x for x in stage_bad[0] if x not in stage_good[0][:3]][:4]:
+            store.ingest(batch(d, story(d, d_bad, "rolled-back", version="2.1.0")), "00" * 32, now=now - 30)
+        rollouts.tick(store, key, holder="t", now=now - 20)
+        assert store.rollout("r-good")["stage"] == 1 and store.rollout("r-bad")["state"] == "halted"
+        b = Browser(tmp_path / "profile")
+        b.dom(srv.url + f"/?token={srv.token}")
+        dom = Dom(b.dom(srv.url + "/"))
+        assert {e["attrs"]["data-rollout"] for e in dom.by() if "data-rollout" in e["attrs"]} == {"r-good", "r-bad"}
+        assert dom.by(id="rollouts-link")
+        dom = Dom(b.dom(srv.url + "/rollouts"))
+        states = {e["attrs"]["data-rollout"]: e["attrs"]["data-state"] for e in dom.found if "data-rollout" in e["attrs"]}
+        assert states == {"r-good": "running", "r-bad": "halted"}
+        dom = Dom(b.dom(srv.url + "/rollouts/r-bad"))
+        assert dom.section("rollout-state") == "halted"
+        assert "4 of 4 attempts failed" in dom.section("halt-reason") and dom.section("share").startswith("0 %")
+        rows = [" ".join(e["text"].split()) for e in dom.found if e["attrs"].get("class", "").startswith("stage")]
+        assert rows[0].startswith("1 10 % ") and " 4 0 100% " in rows[0] + " ", rows
+        assert [e["attrs"]["data-action"] for e in dom.found if e["attrs"].get("class") == "history"] == [
+            "sign", "halt", "sign", "start"]
+        assert len([e for e in dom.found if e["attrs"].get("class") == "rollout-failure"]) == 4
+        b.screenshot(srv.url + "/rollouts/r-bad", tmp_path / "rollout-halted.png", size=(1280, 1100))
+        dom = Dom(b.dom(srv.url + "/rollouts/r-good"))
+        assert dom.section("rollout-state") == "running" and dom.section("share").startswith("100 %")
+        assert dom.by(data_action="hold") or dom.by(data_action="complete")
+        b.screenshot(srv.url + "/rollouts/r-good", tmp_path / "rollout-running.png", size=(1280, 1100))
+        print(f"screenshots: {tmp_path / 'rollout-halted.png'}, {tmp_path / 'rollout-running.png'}")
+    finally:
+        srv.stop()

@@ -307,9 +307,10 @@ def cmd_rollout_start(a):
     cfg = {"stages_bp": a.stages, "min_devices": a.min_devices, "max_failure_rate": a.max_failure_rate,
            "silent_after_s": a.silent_after, "valid_for_s": a.valid_for, "targets": _targets(a.targets),
            "window": a.window}
+    key = _rollout_key(a, needed=True)
+    a.create = True
     t = Target(a)
     try:
-        key = _rollout_key(a, needed=True)
         release_dir = str(Path(a.release_dir).resolve())
         if t.store is not None:
             row = rollouts.start(t.store, key, release_dir, cfg, rollout_id=a.id)
@@ -336,9 +337,9 @@ def _iso(t):
 def cmd_rollout_act(action):
     def cmd(a):
         from . import rollouts
+        key = _rollout_key(a, needed=False)
         t = Target(a)
         try:
-            key = _rollout_key(a, needed=False)
             if t.store is not None:
                 if t.store.rollout(a.id) is None:
                     raise MpotaError(f"no rollout {a.id}", hint="`mpota fleet rollout status` lists them")
