@@ -479,7 +479,8 @@ def test_rollouts_advance_and_halt_themselves_end_to_end(tmp_path, rollout_key, 
         final = docs[-1]
         assert final["halted"] and rolloutdoc.share_at(final["stages"], final["issued"]) == 0
         assert final["issued"] > issued[-1] and [d["issued"] for d in docs] == sorted({d["issued"] for d in docs})
-        assert set(final["exclude"]) == {f["device"] for f in st["failures"]} and final["exclude"]
+        # the penalty box as of the halt (devices that read the document before it may fail later)
+        assert final["exclude"] and set(final["exclude"]) <= {f["device"] for f in st["failures"]}
         assert st["stages"][0]["failed"] >= 3 and st["stages"][1]["attempts"] == 0
         assert st["rollout"]["reason"].startswith(final["halted"][:60])
         print("halted:", st["rollout"]["reason"])
