@@ -18,6 +18,7 @@ import os
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 
@@ -599,3 +600,19 @@ def test_rollout_pages_in_a_browser(tmp_path, rollout_key):
         print(f"screenshots: {tmp_path / 'rollout-halted.png'}, {tmp_path / 'rollout-running.png'}")
     finally:
         srv.stop()
+
+
+def test_false_alarm_rate_of_the_halting_rule():
+    """scripts/rollout_false_alarms.py, smaller: the critical counts are binomtest's decisions; one
+    test at p = R halts at most about ALPHA of the time; evaluated after every attempt, a release
+    at R/2 is still rarely halted, and at R clearly more often than ALPHA (docs/rollout.md has the
+    full table)."""
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
+    import rollout_false_alarms as fa
+    k = fa.halt_thresholds(300, 0.05, check=True)
+    # 2 of 3 failed at R = 5 %: P(X >= 2) = 0.0073 < 0.01; of 20, 4 give 0.0159 and 5 give 0.0026
+    assert k[1] == 301 and k[3] == 2 and k[20] == 5  # one failure of one attempt never halts (p = R)
+    one = fa.false_alarm_rate(0.05, 0.05, 300, None, 4000, thresholds=k)
+    every = fa.false_alarm_rate(0.05, 0.05, 300, 1, 4000, thresholds=k)
+    half = fa.false_alarm_rate(0.025, 0.05, 300, 1, 4000, thresholds=k)
+    assert one <= 0.01 + 0.005 and every > 2 * one and half < 0.01, (one, every, half)
