@@ -280,7 +280,7 @@ def store(fleet_db):
 def test_rollout_storage_ticks_and_admin_actions(store, rollout_key, tmp_path):
     key = rollouts.load_key(rollout_key)
     rel, digest = fake_release(tmp_path / "rel")
-    by_stage = ids_by_stage([500, 5000, 10000], 60, digest)
+    by_stage = {k: v[:4] for k, v in ids_by_stage([500, 5000, 10000], 400, digest).items()}  # 4 per stage
     secs = {}
     for d in sorted(sum(by_stage.values(), [])):
         secs[d] = new_secret()
@@ -362,7 +362,7 @@ def test_a_halt_recorded_without_the_key_is_signed_by_the_next_tick(store, rollo
 def test_conclusive_failures_halt_and_fill_the_penalty_box(store, rollout_key, tmp_path):
     key = rollouts.load_key(rollout_key)
     rel, digest = fake_release(tmp_path / "rel")
-    first = ids_by_stage([2000, 10000], 40, digest)[0]
+    first = ids_by_stage([2000, 10000], 200, digest)[0][:8]
     for d in first:
         store.register(d, "00" * 32, board="esp32", interval_s=60, now=NOW)
     rollouts.start(store, key, rel, config(stages_bp=[2000, 10000], max_failure_rate=0.05), rollout_id="r-bad",
@@ -450,11 +450,17 @@ def test_rollouts_advance_and_halt_themselves_end_to_end(tmp_path, rollout_key, 
     with start_subprocess(str(tmp_path / "fleet.sqlite"), tmp_path / "token", log=tmp_path / "server.log",
                           args=["--rollout-key", str(rollout_key), "--rollout-interval", "0.2"]) as srv:
         admin = Admin(srv.url, srv.token)
+        # 120 devices, at least 5 of them in the unhealthy release's first stage (the buckets
+        # depend on the release's digest, which differs from run to run)...
+        # and 2 in the healthy one's first stage, so that every document waits for devices
+        first = ids_by_stage([500, 10000], 2000, d_bad)[0][:5]
+        first += [d for d in ids_by_stage([100, 10000], 2000, d_good)[0] if d not in first][:2]
+        names = first + [f"dev-{i:04d}" for i in range(2000) if f"dev-{i:04d}" not in first][:120 - len(first)]
         devices = []
-        for i in range(120):
+        for name in names:
             sec = new_secret()
-            admin.register(f"dev-{i:03d}", sec, board="esp32", interval_s=60)
-            devices.append(SimDevice(srv.url, f"dev-{i:03d}", sec))
+            admin.register(name, sec, board="esp32", interval_s=60)
+            devices.append(SimDevice(srv.url, name, sec))
         # 1. healthy: 1 % -> 10 % -> 50 % -> 100 %, by itself, as the devices confirm
         st = admin.start_rollout(str(good), stages_bp=[100, 1000, 5000, 10000], min_devices=3, max_failure_rate=0.2,
                                  silent_after_s=600)
@@ -563,9 +569,9 @@ def test_rollout_pages_in_a_browser(tmp_path, rollout_key):
         store, now = srv.store, time.time()
         rel, digest = fake_release(tmp_path / "good")
         bad, d_bad = fake_release(tmp_path / "bad", "2.1.0")
-        stage_good = ids_by_stage([1000, 10000], 200, digest)
-        stage_bad = ids_by_stage([1000, 10000], 200, d_bad)
-        for d in sorted(sum(stage_good.values(), [])):
+        stage_good = ids_by_stage([1000, 10000], 400, digest)
+        stage_bad = ids_by_stage([1000, 10000], 400, d_bad)
+        for d in sorted(sum(stage_good.values(), [])):  # dev-0000 .. dev-0399
             store.register(d, "00" * 32, board="esp32", interval_s=60, now=now - 100)
         rollouts.start(store, key, rel, config(stages_bp=[1000, 10000], min_devices=3), rollout_id="r-good", now=now - 50)
         rollouts.start(store, key, bad, config(stages_bp=[1000, 10000], min_devices=3, max_failure_rate=0.05),
@@ -616,3 +622,33 @@ def test_false_alarm_rate_of_the_halting_rule():
     every = fa.false_alarm_rate(0.05, 0.05, 300, 1, 4000, thresholds=k)
     half = fa.false_alarm_rate(0.025, 0.05, 300, 1, 4000, thresholds=k)
     assert one <= 0.01 + 0.005 and every > 2 * one and half < 0.01, (one, every, half)
+
+
+def test_two_server_processes_on_postgresql_act_once(pg_cluster, tmp_path, rollout_key):
+    """Two `mpota fleet serve --rollout-key` on one PostgreSQL, both evaluating every 0.1 s: every
+    advance happens once, issued only grows, and only the lease holder acts."""
+    db = pg_cluster.new_database("rollout2p")
+    rel, digest = fake_release(tmp_path / "rel")
+    trusted = [keys.load_public(rollout_key.with_name("rollout.pub"))]
+    args = ["--rollout-key", str(rollout_key), "--rollout-interval", "0.1"]
+    logs = [tmp_path / "a.log", tmp_path / "b.log"]
+    with start_subprocess(db, tmp_path / "token", log=logs[0], args=args) as a, \
+            start_subprocess(db, tmp_path / "token", log=logs[1], args=args) as b:
+        admin = Admin(a.url, a.token)
+        by_stage = ids_by_stage([500, 2000, 10000], 2000, digest)
+        names = by_stage[0][:3] + by_stage[1][:6] + by_stage[2][:51]  # no stage empty
+        devices = []
+        for i, name in enumerate(names):
+            sec = new_secret()
+            admin.register(name, sec, board="esp32", interval_s=60)
+            devices.append(SimDevice((a, b)[i % 2].url, name, sec))
+        rid = admin.start_rollout(str(rel), stages_bp=[500, 2000, 10000], min_devices=2, max_failure_rate=0.2,
+                                  silent_after_s=600)["rollout"]["id"]
+        docs, st = drive(devices, rel, trusted, digest, VERSION, Admin(b.url, b.token), rid, ("complete", "halted"))
+    assert st["rollout"]["state"] == "complete", st["decision"]
+    acts = [h["action"] for h in reversed(st["history"])]
+    assert acts == ["start", "sign", "advance", "sign", "advance", "sign", "complete"], acts
+    issued = [h["issued"] for h in reversed(st["history"]) if h["action"] == "sign"]
+    assert issued == sorted(set(issued)) and set(d["issued"] for d in docs) <= set(issued) and len(issued) == 3
+    said = [sum(1 for line in p.read_text().splitlines() if ": advance" in line) for p in logs]
+    assert sorted(said) == [0, 2], said  # one process evaluated (the lease), the other never acted
