@@ -171,8 +171,9 @@ def act(store, key, rollout_id: str, action: str, reason: str | None = None, *, 
 
 # ---- evaluation --------------------------------------------------------------------------------
 
-def _regressions(store, devices: list[dict], now: float) -> list[dict]:
-    by_id = {d["id"]: d for d in devices}
+def _regressions(store, now: float) -> list[dict]:
+    """monitor.regressions over the whole fleet (as the dashboard's anomalies have them)."""
+    by_id = {d["id"]: d for d in store.fleet_rows()}
     return monitor.regressions(monitor.outcomes(store.attempts(), by_id, now))
 
 
@@ -181,7 +182,7 @@ def evaluate(store, row: dict, now: float | None = None, *, regressions=None) ->
     now = time.time() if now is None else now
     devices, attempts = store.rollout_inputs(row["version"], row["release"])
     if regressions is None:
-        regressions = _regressions(store, devices, now)
+        regressions = _regressions(store, now)
     return rollout.evaluate(row, devices, attempts, now, regressions=regressions)
 
 
@@ -243,7 +244,7 @@ def tick(store, key, *, holder: str, ttl: float = 30.0, now: float | None = None
     out = []
     for r in newest.values():
         if r["state"] in rollout.ACTIVE and regressions is None:
-            regressions = _regressions(store, store.rollout_inputs(r["version"], r["release"])[0], now)
+            regressions = _regressions(store, now)
         out += step(store, key, r, now, regressions=regressions)
     return out
 
