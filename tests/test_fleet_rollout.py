@@ -652,3 +652,15 @@ def test_two_server_processes_on_postgresql_act_once(pg_cluster, tmp_path, rollo
     assert issued == sorted(set(issued)) and set(d["issued"] for d in docs) <= set(issued) and len(issued) == 3
     said = [sum(1 for line in p.read_text().splitlines() if ": advance" in line) for p in logs]
     assert sorted(said) == [0, 2], said  # one process evaluated (the lease), the other never acted
+
+
+def test_a_document_always_fits_a_device():
+    long_ids = [f"device-{i:02d}-" + "x" * 50 for i in range(64)]
+    with pytest.raises(MpotaError, match="would not fit"):
+        config(targets={"devices": long_ids})
+    cfg = config(targets={"devices": long_ids[:30]})
+    st = {**state(cfg, stage=1), "state": "halted", "reason": "r" * 160}
+    body = rollout.document(st, int(NOW), [f"failed-{i:02d}-" + "y" * 50 for i in range(64)])
+    env = rolloutdoc.sign(body, keys.Ed25519PrivateKey.generate())
+    assert len(env) <= rolloutdoc.MAX_BYTES and 0 < len(body["exclude"]) < 64
+    assert body["exclude"][0] == "failed-00-" + "y" * 50  # the first to fail stay in

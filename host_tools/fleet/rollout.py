@@ -54,11 +54,33 @@ def check_config(cfg: dict) -> dict:
         raise MpotaError("valid_for_s must be whole seconds from 60 to a year", hint="e.g. --valid-for 1d")
     out = {"stages_bp": list(stages), "min_devices": n, "max_failure_rate": float(r), "silent_after_s": float(t),
            "valid_for_s": v, "targets": cfg.get("targets") or None, "window": cfg.get("window") or None}
-    # the document's own rules for targets and window (rolloutdoc.check), on a stand-in body
-    rolloutdoc.check({"schema": rolloutdoc.SCHEMA, "release": "0" * 64, "version": "x", "rollout": "x",
-                      "issued": 1, "expires": 2, "stages": [{"at": 1, "share_bp": 0}], "halted": None,
-                      "targets": out["targets"], "exclude": [], "window": out["window"]})
+    # the document's own rules for targets and window (rolloutdoc.check), and its size, on a
+    # stand-in body as large as this rollout's can be without a penalty box
+    stand_in = {"schema": rolloutdoc.SCHEMA, "release": "0" * 64, "version": "x" * 64, "rollout": "x" * 64,
+                "issued": 2 ** 39, "expires": 2 ** 39 + 1, "halted": None, "targets": out["targets"], "exclude": [],
+                "stages": [{"at": 2 ** 39, "share_bp": 10000}] * len(stages), "window": out["window"]}
+    rolloutdoc.check(stand_in)
+    if not _fits(stand_in):
+        raise MpotaError(f"the rollout document would not fit in the {rolloutdoc.MAX_BYTES} bytes a device reads",
+                         hint="name fewer devices in --targets (use groups)")
     return out
+
+
+_SIZER = None
+
+
+def _fits(body: dict) -> bool:
+    """Whether the signed envelope of body fits a device's buffer (signed with a stand-in key:
+    every Ed25519 signature and key id has the same size)."""
+    global _SIZER
+    if _SIZER is None:
+        from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+        _SIZER = Ed25519PrivateKey.from_private_bytes(bytes(32))
+    try:
+        rolloutdoc.sign(body, _SIZER)
+    except rolloutdoc.RolloutError:
+        return False
+    return True
 
 
 # ---- one attempt, one device -------------------------------------------------------------------
@@ -239,9 +261,16 @@ def document(rollout: dict, issued: int, exclude: list[str]) -> dict:
         stages = [{"at": issued, "share_bp": 0}]
     else:
         stages = [{"at": int(t), "share_bp": bp} for t, bp in zip(rollout["stage_at"], cfg["stages_bp"])]
-    return rolloutdoc.build(rollout["release"], rollout["version"], rollout["id"], issued,
+    body = rolloutdoc.build(rollout["release"], rollout["version"], rollout["id"], issued,
                             issued + cfg["valid_for_s"], stages, halted=halted and halted[:160],
                             targets=cfg.get("targets"), exclude=exclude, window=cfg.get("window"))
+    # a penalty box of 64 long ids may not fit beside long targets: keep the devices that failed
+    # first (a halt must always be signable)
+    n = len(body["exclude"])
+    while n and not _fits(body):
+        n -= 1
+        body["exclude"] = body["exclude"][:n]
+    return body
 
 
 def content(body: dict | None) -> tuple | None:
