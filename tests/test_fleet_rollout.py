@@ -664,3 +664,19 @@ def test_a_document_always_fits_a_device():
     env = rolloutdoc.sign(body, keys.Ed25519PrivateKey.generate())
     assert len(env) <= rolloutdoc.MAX_BYTES and 0 < len(body["exclude"]) < 64
     assert body["exclude"][0] == "failed-00-" + "y" * 50  # the first to fail stay in
+
+
+def test_a_rollout_that_cannot_be_written_does_not_stop_the_others(store, rollout_key, tmp_path):
+    key = rollouts.load_key(rollout_key)
+    gone, _ = fake_release(tmp_path / "gone")
+    rel, _ = fake_release(tmp_path / "rel", "3.0.0")
+    rollouts.start(store, key, gone, config(stages_bp=[10000]), rollout_id="r-gone", now=NOW)
+    rollouts.start(store, key, rel, config(stages_bp=[5000, 10000]), rollout_id="r-ok", now=NOW)
+    (gone / "rollout.json").unlink()
+    (gone / "manifest.json").unlink()
+    gone.rmdir()
+    rollouts.act(store, None, "r-gone", "halt", "pulled", now=NOW + 1)  # needs a signature now
+    evs = rollouts.tick(store, key, holder="h", now=NOW + 2)  # r-ok: no device in stage 1 -> advances
+    assert {(e["rollout"], e["action"]) for e in evs} == {("r-gone", "error"), ("r-ok", "advance"), ("r-ok", "sign")}
+    assert "cannot write" in next(e["reason"] for e in evs if e["action"] == "error")
+    assert store.rollout("r-ok")["stage"] == 1 and store.rollout("r-gone")["document"]["halted"] is None

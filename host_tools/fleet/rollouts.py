@@ -232,7 +232,8 @@ def holder_id() -> str:
 
 def tick(store, key, *, holder: str, ttl: float = 30.0, now: float | None = None) -> list[dict]:
     """One round over every rollout that still writes its document (the newest on each
-    release directory), if this process holds the lease. Returns the events recorded."""
+    release directory), if this process holds the lease. Returns the events recorded, and an
+    `error` entry for a rollout that could not be acted on (the rest go on)."""
     now = time.time() if now is None else now
     rows = store.rollouts()
     if not rows or not store.claim(LEASE, holder, ttl, now):
@@ -245,7 +246,10 @@ def tick(store, key, *, holder: str, ttl: float = 30.0, now: float | None = None
     for r in newest.values():
         if r["state"] in rollout.ACTIVE and regressions is None:
             regressions = _regressions(store, now)
-        out += step(store, key, r, now, regressions=regressions)
+        try:
+            out += step(store, key, r, now, regressions=regressions)
+        except (MpotaError, OSError) as e:  # e.g. its directory is gone: the others go on
+            out.append({"rollout": r["id"], "action": "error", "by": "policy", "reason": str(e)})
     return out
 
 
