@@ -9,7 +9,7 @@ STAMP  := $(VENV)/.installed
 help:
 	@echo "make demo   run the whole update story on a simulated ESP32"
 	@echo "make test   run the test suite (real micropython binary, loopback HTTP)"
-	@echo "make bench  print verify time, update throughput, heap, code size and flash time; fleet ingest rate (FLEET_DEVICES=100000)"
+	@echo "make bench  print verify time, update throughput, heap, code size and flash time; fleet ingest rate (FLEET_DEVICES=100000); a rollout of ROLLOUT_DEVICES=1000"
 	@echo "make mpy    compile the device agent to .mpy for every board architecture"
 	@echo "make lint   compile-check device code with mpy-cross and host code with Python"
 	@echo "make flash  BOARD=esp32 [PORT=/dev/ttyUSB0] FIRMWARE=fw.bin   MicroPython + OTA partition table (esptool)"
@@ -35,9 +35,11 @@ test: $(STAMP)
 	$(BIN)/python -m pytest
 
 FLEET_DEVICES ?= 2000
+ROLLOUT_DEVICES ?= 1000
 bench: $(STAMP)
 	$(BIN)/python scripts/bench.py
 	$(BIN)/python scripts/bench_fleet.py --devices $(FLEET_DEVICES)
+	$(BIN)/python scripts/bench_rollout.py --devices $(ROLLOUT_DEVICES)
 
 mpy: $(STAMP)
 	$(BIN)/python -m mpota mpy --out build/mpy

@@ -77,6 +77,10 @@ def cmd_serve(a):
         raise MpotaError("--db postgresql://... needs --token-file FILE (the admin token, shared by every "
                          "server process)", hint="e.g. --token-file fleet.token (written with a random token if absent)")
     token = server.load_token(token_file)
+    rollout_key = None
+    if a.rollout_key:
+        from . import rollouts
+        rollout_key = rollouts.load_key(a.rollout_key)
 
     def announce(url, store):
         print(f"{server.FIRST_LINE}{url}", flush=True)
@@ -88,11 +92,15 @@ def cmd_serve(a):
                       + (f" (or {', '.join(lan[1:])})" if lan[1:] else ""), flush=True)
         kind = "SQLite, one server process" if store.kind == "sqlite" else "PostgreSQL"
         print(f"mpota fleet: database {describe(a.db)} ({kind}); admin token in {token_file}", flush=True)
+        if rollout_key is not None:
+            from ..keys import keyid
+            print(f"mpota fleet: rollouts evaluated every {a.rollout_interval:g} s, rollout.json signed by rollout "
+                  f"key {keyid(rollout_key.public_key())}", flush=True)
         print(f"mpota fleet: devices post to {url}/v1/reports; dashboard {url}/ (sign in with the token); "
               "Ctrl-C stops", flush=True)
     try:
         server.serve(a.db, a.host, a.port, token, access_log=not a.quiet, body_timeout=a.body_timeout,
-                     announce=announce)
+                     announce=announce, rollout_key=rollout_key, rollout_interval=a.rollout_interval)
     except KeyboardInterrupt:
         pass
     print("mpota fleet: stopped", flush=True)
@@ -278,6 +286,193 @@ def _simple(name):
     return cmd
 
 
+# ---- rollouts (docs/rollout.md "Fleet server") --------------------------------------------------
+def _rollout_key(a, *, needed: bool):
+    from . import rollouts
+    if a.server:
+        if a.key:
+            raise MpotaError("--key goes with --db: through --server, the server signs with its --rollout-key",
+                             hint="drop --key")
+        return None
+    if a.key:
+        return rollouts.load_key(a.key)
+    if needed:
+        raise MpotaError("with --db, starting a rollout writes its first rollout.json here: give --key FILE (the "
+                         "rollout key)", hint="or go through the server: --server URL --token-file T")
+    return None
+
+
+def cmd_rollout_start(a):
+    from . import rollouts
+    cfg = {"stages_bp": a.stages, "min_devices": a.min_devices, "max_failure_rate": a.max_failure_rate,
+           "silent_after_s": a.silent_after, "valid_for_s": a.valid_for, "targets": _targets(a.targets),
+           "window": a.window}
+    key = _rollout_key(a, needed=True)
+    a.create = True
+    t = Target(a)
+    try:
+        release_dir = str(Path(a.release_dir).resolve())
+        if t.store is not None:
+            row = rollouts.start(t.store, key, release_dir, cfg, rollout_id=a.id)
+            doc = rollouts.status(t.store, row["id"])
+        else:
+            doc = t.admin.start_rollout(release_dir, id=a.id, **cfg)
+    finally:
+        t.close()
+    if a.json:
+        return _print_json(doc)
+    r = doc["rollout"]
+    print(f"fleet: rollout {r['id']} of {r['version']} started: stage 1 of {r['stages']} "
+          f"({r['share_bp'] / 100:g} % of the fleet); {Path(r['path']) / 'rollout.json'} signed (issued "
+          f"{r['issued']}, expires {_iso(r['expires'])})")
+    if t.store is not None:
+        print("fleet: a `mpota fleet serve --rollout-key ...` on this database advances it")
+
+
+def _iso(t):
+    from .views import iso
+    return iso(t) or "-"
+
+
+def cmd_rollout_act(action):
+    def cmd(a):
+        from . import rollouts
+        key = _rollout_key(a, needed=False)
+        t = Target(a)
+        try:
+            if t.store is not None:
+                if t.store.rollout(a.id) is None:
+                    raise MpotaError(f"no rollout {a.id}", hint="`mpota fleet rollout status` lists them")
+                rollouts.act(t.store, key, a.id, action, getattr(a, "reason", None))
+                doc = rollouts.status(t.store, a.id)
+            else:
+                doc = t.admin.rollout_action(a.id, action, getattr(a, "reason", None))
+        finally:
+            t.close()
+        if a.json:
+            return _print_json(doc)
+        r = doc["rollout"]
+        print(f"fleet: rollout {r['id']} is {r['state']}" + (f" ({r['reason']})" if r["reason"] else "")
+              + f", stage {r['stage']} of {r['stages']}")
+        if action == "halt" and t.store is not None and key is None:
+            print("fleet: recorded; the server signs the halted rollout.json at its next evaluation "
+                  "(give --key to sign it now)")
+    return cmd
+
+
+def cmd_rollout_status(a):
+    from . import rollouts
+    t = Target(a)
+    try:
+        if a.id is None:
+            doc = rollouts.list_rollouts(t.store) if t.store is not None else t.admin.rollouts()
+        else:
+            doc = rollouts.status(t.store, a.id) if t.store is not None else t.admin.rollout(a.id)
+            if doc is None:
+                raise MpotaError(f"no rollout {a.id}", hint="`mpota fleet rollout status` lists them")
+    finally:
+        t.close()
+    if a.json:
+        return _print_json(doc)
+    if a.id is None:
+        if not doc["rollouts"]:
+            print("fleet: no rollouts (mpota fleet rollout start RELEASE_DIR ...)")
+        for r in doc["rollouts"]:
+            print(f"{r['id']:20} {r['version']:12} {r['state']:9} stage {r['stage']}/{r['stages']} "
+                  f"{r['share_bp'] / 100:>6g} %  {r['path']}" + (f"  ({r['reason']})" if r["reason"] else ""))
+        return
+    r = doc["rollout"]
+    print(f"{r['id']}: {r['version']} ({r['release'][:16]}…) in {r['path']}: {r['state']}, stage {r['stage']} of "
+          f"{r['stages']}, {r['share_bp'] / 100:g} % of the fleet; document issued {r['issued']}, expires "
+          f"{_iso(r['expires'])}, {r['exclude']} device(s) excluded")
+    if r["reason"]:
+        print(f"  reason: {r['reason']}")
+    print(f"  {'STAGE':6} {'SHARE':>7} {'DEVICES':>8} {'CONFIRMED':>10} {'FAILED':>7} {'PENDING':>8} {'RATE':>7}")
+    for k, s in enumerate(doc["stages"]):
+        mark = "*" if k + 1 == r["stage"] else " "
+        rate = "-" if s["rate"] is None else f"{s['rate']:.1%}"
+        print(f" {mark}{k + 1:<6} {s['share_bp'] / 100:>6g}% {s['devices']:>8} {s['confirmed']:>10} {s['failed']:>7} "
+              f"{s['pending']:>8} {rate:>7}")
+    print(f"  now: {doc['decision']['action']}: {doc['decision']['reason']}")
+    print(f"  halting test: {doc['test']['reason']}")
+    for h in doc["history"][:a.limit]:
+        print(f"  {_iso(h['at'])} {h['action']:9} {h['by']:7} stage {(h['stage'] or 0) + 1}"
+              + (f" issued {h['issued']}" if h.get("issued") else "") + (f": {h['reason']}" if h["reason"] else ""))
+
+
+def _stages(text: str) -> list[int]:
+    """--stages 1,10,50,100 (percent of the fleet) -> share_bp."""
+    out = []
+    for part in text.split(","):
+        try:
+            pct = float(part)
+        except ValueError:
+            pct = -1.0
+        bp = round(pct * 100)
+        if not 0 < pct <= 100 or abs(pct * 100 - bp) > 1e-6:
+            raise argparse.ArgumentTypeError(f"{part!r}: each stage is a percent of the fleet from 0.01 to 100 "
+                                             "(steps of 0.01), e.g. 1,10,50,100")
+        out.append(bp)
+    if any(b <= a for a, b in zip(out, out[1:])):
+        raise argparse.ArgumentTypeError(f"{text!r}: stages must grow, e.g. 1,10,50,100")
+    return out
+
+
+_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+
+
+def _duration(text: str) -> int:
+    """45s, 30m, 2h, 1d, or plain seconds."""
+    t = text.strip().lower()
+    try:
+        n = float(t[:-1]) * _UNITS[t[-1]] if t and t[-1] in _UNITS else float(t)
+    except ValueError:
+        n = -1
+    if not 0 < n <= 366 * 86400:
+        raise argparse.ArgumentTypeError(f"{text!r}: a duration such as 90s, 30m, 2h or 1d")
+    return int(n)
+
+
+def _rate(text: str) -> float:
+    t = text.strip()
+    try:
+        r = float(t[:-1]) / 100 if t.endswith("%") else float(t)
+    except ValueError:
+        r = -1
+    if not 0 < r < 1:
+        raise argparse.ArgumentTypeError(f"{text!r}: a failure rate above 0 and below 1, e.g. 0.05 or 5%")
+    return r
+
+
+def _window(text: str) -> dict:
+    """CRON,DURATION[,UTC_OFFSET_MIN[,JITTER]]"""
+    from .. import rolloutdoc
+    parts = [p.strip() for p in text.split(",")]
+    if not 2 <= len(parts) <= 4:
+        raise argparse.ArgumentTypeError(f"{text!r}: give 'CRON,DURATION[,UTC_OFFSET_MIN[,JITTER]]', "
+                                         "e.g. '0 2 * * *,2h,60,15m'")
+    try:
+        w = {"cron": parts[0], "duration_s": _duration(parts[1])}
+        if len(parts) > 2:
+            w["utc_offset_min"] = int(parts[2])
+        if len(parts) > 3:
+            w["jitter_s"] = _duration(parts[3]) if parts[3] not in ("0", "0s") else 0
+        return rolloutdoc.check_window(w)
+    except (ValueError, MpotaError) as e:
+        raise argparse.ArgumentTypeError(f"{text!r}: {e}") from None
+
+
+def _targets(items) -> dict | None:
+    out = {}
+    for item in items or ():
+        kind, _, names = item.partition("=")
+        if kind not in ("boards", "groups", "devices") or not names:
+            raise MpotaError(f"--targets {item!r}: give boards=A,B groups=C devices=D (any of them)",
+                             hint="e.g. --targets boards=esp32 groups=canary,line-3")
+        out.setdefault(kind, []).extend(n for n in names.split(",") if n)
+    return out or None
+
+
 # ---- parser ---------------------------------------------------------------------------------
 def _needs_extra(func):
     def run(a):
@@ -304,6 +499,87 @@ def _time(text: str) -> float:
         return parse_time(text)
     except MpotaError as e:
         raise argparse.ArgumentTypeError(f"{e} ({e.hint})") from None
+
+
+def _interval(text: str) -> float:
+    try:
+        v = float(text)
+    except ValueError:
+        v = -1.0
+    if not 0.05 <= v <= 3600:
+        raise argparse.ArgumentTypeError(f"{text!r}: give seconds from 0.05 to 3600")
+    return v
+
+
+def _rollout_parsers(fsub):
+    from .. import rolloutdoc
+    ro = fsub.add_parser("rollout", help="phased rollouts that advance and halt themselves",
+                         description="A rollout publishes RELEASE_DIR/rollout.json, signed by the rollout key: "
+                                     "which share of the fleet may install the release now. The server (mpota "
+                                     "fleet serve --rollout-key) advances it stage by stage as devices confirm, "
+                                     "halts it when failures are conclusive, and re-signs the document. "
+                                     "docs/rollout.md \"Fleet server\".")
+    rsub = ro.add_subparsers(dest="rolloutverb", metavar="COMMAND", required=True)
+
+    def verb(name, func, **kw):
+        s = rsub.add_parser(name, **kw)
+        s.set_defaults(func=_needs_extra(func))
+        return s
+
+    s = verb("start", cmd_rollout_start, help="start a rollout of a release directory",
+             description="Record a rollout of the release in RELEASE_DIR and write its first rollout.json "
+                         "(stage 1). A stage advances when --min-devices of its devices confirmed (or all of "
+                         "them, if fewer exist) with a failure rate below --max-failure-rate; the rollout halts "
+                         "when a one-sided exact binomial test finds the failure rate above it (p < 0.01), or "
+                         "the monitor finds the release a regression.")
+    s.add_argument("release_dir", metavar="RELEASE_DIR", help="the release directory (manifest.json; rollout.json "
+                                                              "is written there: the server needs write access)")
+    s.add_argument("--stages", type=_stages, required=True, metavar="PCT,...",
+                   help="shares of the fleet in percent, growing, e.g. 1,10,50,100")
+    s.add_argument("--min-devices", type=_positive, required=True, metavar="N",
+                   help="confirmations a stage needs before the next (all its devices if fewer exist)")
+    s.add_argument("--max-failure-rate", type=_rate, required=True, metavar="R",
+                   help="a stage advances only below this failure rate; the rollout halts when the evidence "
+                        "says the rate is above it (e.g. 0.05 or 5%%)")
+    s.add_argument("--silent-after", type=_duration, required=True, metavar="T",
+                   help="an install followed by this long without a word is a failure (e.g. 2h)")
+    s.add_argument("--window", type=_window, metavar="CRON,DURATION[,UTC_OFFSET_MIN[,JITTER]]",
+                   help="maintenance window in the document, e.g. '0 2 * * *,2h,60,15m' (docs/rollout.md)")
+    s.add_argument("--targets", nargs="+", metavar="KIND=NAMES",
+                   help=f"only these: boards=A,B groups=C devices=D (groups: the devices' cohorts on the "
+                        f"server; at most {rolloutdoc.MAX_NAMES} names)")
+    s.add_argument("--valid-for", type=_duration, default=86400, metavar="DURATION",
+                   help="each document expires this long after it is signed; re-signed at half-life (default 1d)")
+    s.add_argument("--id", help="the rollout's id (default r-YYYYMMDD-N)")
+    s.add_argument("--key", metavar="FILE", help="with --db: the rollout key that signs the first document")
+    s.add_argument("--json", action="store_true", help="the rollout's status as JSON")
+    _target_args(s)
+
+    for name, what in (("pause", "freeze the share (evidence is still judged: a conclusive failure halts)"),
+                       ("resume", "let a paused rollout advance again"),
+                       ("halt", "stop the rollout: rollout.json says halted, no device installs")):
+        s = verb(name, cmd_rollout_act(name), help=what, description=what[0].upper() + what[1:] + ".")
+        s.add_argument("id", metavar="ID", help="the rollout (mpota fleet rollout status lists them)")
+        s.add_argument("--reason", required=name == "halt", metavar="TEXT",
+                       help="why (shown on the dashboard" + (" and in the document)" if name == "halt" else ")"))
+        if name == "halt":
+            s.add_argument("--key", metavar="FILE", help="with --db: sign the halted document now (else the "
+                                                         "server does at its next evaluation)")
+        s.set_defaults(key=None)
+        s.add_argument("--json", action="store_true", help="the rollout's status as JSON")
+        _target_args(s)
+
+    s = verb("status", cmd_rollout_status, help="rollouts, or one rollout's stages, decision and history")
+    s.add_argument("id", nargs="?", metavar="ID", help="one rollout (default: list them)")
+    s.add_argument("--limit", type=_positive, default=20, help="history lines shown (default 20)")
+    s.add_argument("--json", action="store_true", help='{"now", "rollouts"} or one rollout\'s full status')
+    _target_args(s)
+
+
+def _positive(text: str) -> int:
+    if not text.isdigit() or not 1 <= int(text) <= 10 ** 6:
+        raise argparse.ArgumentTypeError(f"{text!r}: give a whole number from 1")
+    return int(text)
 
 
 def add_parser(sub, bounded, tcp_port):
@@ -339,6 +615,11 @@ def add_parser(sub, bounded, tcp_port):
     s.add_argument("--quiet", action="store_true", help="no request log")
     s.add_argument("--body-timeout", type=bounded("seconds", 1, 300), default=int(protocol.BODY_TIMEOUT_S),
                    metavar="SECONDS", help="a report body must arrive within this (default 10; 408 otherwise)")
+    s.add_argument("--rollout-key", metavar="FILE", help="the rollout role's private key (mode 0600): with it the "
+                                                         "server advances and halts rollouts and signs their "
+                                                         "rollout.json (docs/rollout.md)")
+    s.add_argument("--rollout-interval", type=_interval, default=10.0, metavar="SECONDS",
+                   help="evaluate the rollouts this often (default 10; one process does it among several)")
     s.set_defaults(func=cmd_serve)
 
     s = fsub.add_parser("register", help="register a device (or rotate its secret)",
@@ -403,6 +684,8 @@ def add_parser(sub, bounded, tcp_port):
     s.add_argument("--json", action="store_true", help='{"now", "alpha", "anomalies": [...]}')
     _target_args(s)
     s.set_defaults(func=_simple("anomalies"))
+
+    _rollout_parsers(fsub)
 
     s = fsub.add_parser("import-logs", help="read web server access logs (Common/Combined) into the inventory",
                         description="Devices with announce=true name themselves in manifest fetches (query "

@@ -166,6 +166,22 @@ class Admin:
     def stats(self) -> dict:
         return self.call("GET", "/v1/admin/stats")
 
+    # rollouts (docs/rollout.md "Fleet server")
+    def start_rollout(self, release_dir: str, **config) -> dict:
+        return self.call("POST", "/v1/admin/rollouts", {"release_dir": release_dir,
+                                                        **{k: v for k, v in config.items() if v is not None}})
+
+    def rollouts(self) -> dict:
+        return self.call("GET", "/v1/admin/rollouts")
+
+    def rollout(self, rollout_id: str) -> dict | None:
+        doc = self.call("GET", f"/v1/admin/rollouts/{quote(rollout_id, safe='')}", ok=(200, 404))
+        return None if doc.get("error") == "unknown-rollout" else doc
+
+    def rollout_action(self, rollout_id: str, action: str, reason: str | None = None) -> dict:
+        return self.call("POST", f"/v1/admin/rollouts/{quote(rollout_id, safe='')}/{action}",
+                         {"reason": reason} if reason is not None else {})
+
 
 def raw_request(url: str, data: bytes, timeout: float = 10.0) -> bytes:
     """Send bytes as they are to the server and read what comes back until it closes (for

@@ -18,6 +18,8 @@ _env.filters["pct"] = lambda r: "-" if r is None else f"{r:.0%}" if r >= 0.1 or 
 _env.filters["secs"] = lambda s: "-" if s is None else f"{s:.0f} s" if s < 120 else f"{s / 60:.0f} min" \
     if s < 7200 else f"{s / 3600:.1f} h"
 
+_env.filters["bp"] = lambda bp: f"{bp / 100:g} %"
+
 SERIES = (("installed", "installed", "#2f6fb0"), ("confirmed", "confirmed", "#2e8b57"),
           ("rolled_back", "rolled back", "#c0392b"), ("failed_silent", "failed-silent", "#d68910"))
 
@@ -47,6 +49,19 @@ def chart(prog: dict, width: int = 640, height: int = 220) -> dict | None:
             "start": t0, "end": t1, "lines": lines}
 
 
+def rollouts_page(doc: dict) -> HTMLResponse:
+    return _html("rollouts.html", doc=doc, snap=None)
+
+
+def rollout_page(st: dict | None) -> HTMLResponse:
+    if st is None:
+        return _html("missing.html", 404, what="rollout", snap=None)
+    from .rollout import MAX_EXCLUDE
+    return _html("rollout.html", r=st["rollout"], cfg=st["config"], stages=st["stages"], totals=st["totals"],
+                 test=st["test"], regression=st["regression"], decision=st["decision"], failures=st["failures"],
+                 history=st["history"], cfg_exclude=MAX_EXCLUDE, snap=None)
+
+
 def overview(snap: views.Snapshot, store, release: str | None = None) -> HTMLResponse:
     rel = snap.releases()
     names = [r["release"] for r in rel["releases"]]
@@ -57,7 +72,7 @@ def overview(snap: views.Snapshot, store, release: str | None = None) -> HTMLRes
     return _html("overview.html", snap=snap, matrix=monitor.fleet_matrix(snap.devices), releases=rel,
                  chosen=chosen, chart=chart(monitor.progress(rows, snap.by_id, snap.now)),
                  failures=failures, anomalies=snap.anomalies()["anomalies"], status_counts=snap.status_counts(),
-                 stats=stats, total=len(snap.devices))
+                 stats=stats, total=len(snap.devices), rollouts=store.rollouts()[:10])
 
 
 def release_page(snap: views.Snapshot, version: str) -> HTMLResponse:

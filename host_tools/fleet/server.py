@@ -93,13 +93,16 @@ def _uvicorn_server(app, *, access_log: bool, on_started=None):
 
 
 def serve(db: str, host: str, port: int, token: str, *, access_log: bool = True,
-          body_timeout: float = protocol.BODY_TIMEOUT_S, announce=None) -> None:
-    """Serve until SIGINT/SIGTERM (graceful: requests in flight finish, counters are saved)."""
-    from .web import create_app
+          body_timeout: float = protocol.BODY_TIMEOUT_S, announce=None, rollout_key=None,
+          rollout_interval: float | None = None) -> None:
+    """Serve until SIGINT/SIGTERM (graceful: requests in flight finish, counters are saved).
+    With rollout_key (the rollout role's private key) the rollouts advance and halt themselves."""
+    from .web import ROLLOUT_INTERVAL_S, create_app
     store = Store(db)
     sock = bind(host, port)
     try:
-        app = create_app(store, token, body_timeout=body_timeout)
+        app = create_app(store, token, body_timeout=body_timeout, rollout_key=rollout_key,
+                         rollout_interval=rollout_interval or ROLLOUT_INTERVAL_S)
         server = _uvicorn_server(app, access_log=access_log,
                                  on_started=(lambda: announce(url_of(sock), store)) if announce else None)
         server.run(sockets=[sock])
@@ -112,13 +115,15 @@ class InProcess:
     """A fleet server running in a thread of this process: .url, .token, .store, .stop()."""
 
     def __init__(self, db: str, *, token: str | None = None, host: str = "127.0.0.1", port: int = 0,
-                 body_timeout: float = protocol.BODY_TIMEOUT_S, store: Store | None = None):
-        from .web import create_app
+                 body_timeout: float = protocol.BODY_TIMEOUT_S, store: Store | None = None, rollout_key=None,
+                 rollout_interval: float | None = None):
+        from .web import ROLLOUT_INTERVAL_S, create_app
         self.store = store or Store(db)
         self.token = token or secrets.token_urlsafe(24)
         self.sock = bind(host, port)
         self.url = url_of(self.sock)
-        self.app = create_app(self.store, self.token, body_timeout=body_timeout)
+        self.app = create_app(self.store, self.token, body_timeout=body_timeout, rollout_key=rollout_key,
+                              rollout_interval=rollout_interval or ROLLOUT_INTERVAL_S)
         started = threading.Event()
         self.server = _uvicorn_server(self.app, access_log=False, on_started=started.set)
         self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.sock]}, daemon=True,

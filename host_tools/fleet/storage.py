@@ -113,6 +113,39 @@ meta = sa.Table(
     sa.Column("key", sa.String(32), primary_key=True),
     sa.Column("value", sa.String(256), nullable=False),
 )
+rollouts = sa.Table(
+    "rollouts", metadata,
+    sa.Column("id", sa.String(64), primary_key=True),          # the document's `rollout`
+    sa.Column("release", sa.String(64), nullable=False, index=True),  # manifest envelope SHA-256
+    sa.Column("version", sa.String(64), nullable=False),
+    sa.Column("path", sa.String(1024), nullable=False),        # the release directory: rollout.json goes there
+    sa.Column("config", sa.JSON, nullable=False),              # rollout.check_config()
+    sa.Column("stage", sa.Integer, nullable=False),            # index into config.stages_bp
+    sa.Column("stage_at", sa.JSON, nullable=False),            # when each stage reached began
+    sa.Column("state", sa.String(16), nullable=False, index=True),  # running | paused | halted | complete
+    sa.Column("reason", sa.String(400)),                       # of the halt or pause, as shown
+    sa.Column("document", sa.JSON),                            # the body signed last
+    sa.Column("issued", sa.BigInteger),                        # its issued (= document.issued)
+    sa.Column("rev", sa.Integer, nullable=False),              # +1 at every change (optimistic check)
+    sa.Column("created_at", _T, nullable=False),
+    sa.Column("updated_at", _T, nullable=False),
+    sa.Column("ended_at", _T),
+)
+rollout_events = sa.Table(
+    "rollout_events", metadata,
+    sa.Column("id", sa.BigInteger().with_variant(sa.Integer, "sqlite"), primary_key=True, autoincrement=True),
+    sa.Column("rollout", sa.String(64), nullable=False),
+    sa.Column("at", _T, nullable=False),
+    sa.Column("action", sa.String(16), nullable=False),        # start advance hold halt pause resume complete sign
+    sa.Column("stage", sa.Integer),
+    sa.Column("by", sa.String(16), nullable=False),            # policy | admin
+    sa.Column("reason", sa.String(400)),
+    sa.Column("issued", sa.BigInteger),                        # sign: the document's issued
+    sa.Index("rollout_events_rollout_id", "rollout", "id"),
+)
+EVENT_DIGEST_INDEX = sa.Index("events_digest_device", events.c.digest, events.c.device)
+ROLLOUT_ISSUED = "rollout_issued"   # meta: the last `issued` signed, over every rollout
+ROLLOUT_SEQ = "rollout_seq"         # meta: rollouts started (their ids' serial)
 EVENT_FIELDS = ("n", "event", "code", "detail", "version", "slot", "slots", "board", "chip", "target", "digest",
                 "boots", "reset", "heap", "dropped")
 
@@ -192,6 +225,9 @@ class Store:
             if self.kind == "postgresql":  # two processes starting at once: one creates the tables
                 c.execute(sa.text("SELECT pg_advisory_xact_lock(84700001)"))
             metadata.create_all(c, checkfirst=True)
+            # added with rollouts: a database made before gets the index too (create_all adds
+            # missing tables, not indexes of existing ones)
+            EVENT_DIGEST_INDEX.create(c, checkfirst=True)
             v = c.execute(sa.select(meta.c.value).where(meta.c.key == "schema")).scalar()
             if v is None:
                 c.execute(meta.insert().values(key="schema", value=str(SCHEMA_VERSION)))
@@ -434,6 +470,130 @@ class Store:
              .where(e.received_at >= since, e.source == "report").group_by(e.device))
         with self._read() as c:
             return [dict(r) for r in c.execute(q).mappings()]
+
+    # ---- rollouts (policy: rollout.py; acting on it: rollouts.py) ---------------------------
+    def rollout_inputs(self, version: str, digest: str) -> tuple[list[dict], list[dict]]:
+        """What the policy needs for one release: every device (id, board, cohort, registered,
+        version, pending, last_seen) and the attempts at `version` by devices that reported the
+        release's envelope `digest` in some report (attempts are keyed by version; the digest
+        says which release of that version a device was offered)."""
+        d, a, e = devices.c, attempts.c, events.c
+        cols = [d.id, d.board, d.cohort, d.version, d.pending, d.last_seen, d.silent_at,
+                d.secret.isnot(None).label("registered")]
+        saw = sa.select(e.device).where(e.digest == digest).distinct()
+        with self._read() as c:
+            devs = [dict(r) for r in c.execute(sa.select(*cols)).mappings()]
+            rows = [dict(r) for r in c.execute(sa.select(attempts).where(
+                (a.release == version) & a.device.in_(saw)).order_by(a.device)).mappings()]
+        return devs, rows
+
+    def next_rollout_seq(self) -> int:
+        with self._write() as c:
+            return self._bump(c, ROLLOUT_SEQ, lambda n: n + 1)
+
+    def _bump(self, c, key: str, f) -> int:
+        row = c.execute(sa.select(meta.c.value).where(meta.c.key == key).with_for_update()).scalar()
+        n = f(int(row) if row is not None else 0)
+        if row is None:
+            c.execute(meta.insert().values(key=key, value=str(n)))
+        else:
+            c.execute(meta.update().where(meta.c.key == key).values(value=str(n)))
+        return n
+
+    def create_rollout(self, row: dict, sign) -> dict:
+        """Insert a rollout, sign its first document in the same transaction: sign(row,
+        last_issued) returns (issued, body) after writing the file (rollouts.py)."""
+        with self._write() as c:
+            if c.execute(sa.select(rollouts.c.id).where(rollouts.c.id == row["id"])).first() is not None:
+                raise MpotaError(f"a rollout {row['id']} exists already", hint="give another --id")
+            busy = c.execute(sa.select(rollouts.c.id).where(
+                (rollouts.c.path == row["path"]) & rollouts.c.state.in_(("running", "paused")))).scalar()
+            if busy is not None:
+                raise MpotaError(f"rollout {busy} is still active on {row['path']}",
+                                 hint=f"halt it first: mpota fleet rollout halt {busy} --reason ...")
+            row = {**row, "rev": 1}
+            last = int(c.execute(sa.select(meta.c.value).where(meta.c.key == ROLLOUT_ISSUED)
+                                 .with_for_update()).scalar() or 0)
+            issued, body = sign(row, last)
+            row.update(document=body, issued=issued)
+            self._bump(c, ROLLOUT_ISSUED, lambda n: max(n, issued))
+            c.execute(rollouts.insert().values(**row))
+            c.execute(rollout_events.insert(), [
+                {"rollout": row["id"], "at": row["created_at"], "action": "start", "stage": 0, "by": "admin",
+                 "reason": None, "issued": None},
+                {"rollout": row["id"], "at": row["created_at"], "action": "sign", "stage": 0, "by": "policy",
+                 "reason": "first document", "issued": issued}])
+            return row
+
+    def change_rollout(self, rollout_id: str, rev: int | None, change) -> dict | None:
+        """One change of a rollout, atomic: change(row, last_issued) returns None (nothing to
+        do) or (changes, events, issued or None), having signed and written the document if it
+        did. Skipped (None) when rev is given and the row moved on since it was read: whoever
+        changed it decides with what it saw. Returns the new row."""
+        with self._write() as c:
+            row = c.execute(sa.select(rollouts).where(rollouts.c.id == rollout_id).with_for_update()).mappings().first()
+            if row is None:
+                raise MpotaError(f"no rollout {rollout_id}", hint="`mpota fleet rollout status` lists them")
+            if rev is not None and row["rev"] != rev:
+                return None
+            last = int(c.execute(sa.select(meta.c.value).where(meta.c.key == ROLLOUT_ISSUED)
+                                 .with_for_update()).scalar() or 0)
+            done = change(dict(row), last)
+            if done is None:
+                return None
+            changes, evs, issued = done
+            if issued is not None:
+                self._bump(c, ROLLOUT_ISSUED, lambda n: max(n, issued))
+            changes = {**changes, "rev": row["rev"] + 1}
+            c.execute(rollouts.update().where(rollouts.c.id == rollout_id).values(**changes))
+            if evs:
+                c.execute(rollout_events.insert(), [{"rollout": rollout_id, "stage": None, "reason": None,
+                                                     "issued": None, **e} for e in evs])
+            return {**dict(row), **changes}
+
+    def rollouts(self, *, states=None) -> list[dict]:
+        """Newest first."""
+        r = rollouts.c
+        q = sa.select(rollouts).order_by(r.created_at.desc(), r.id.desc())
+        if states:
+            q = q.where(r.state.in_(states))
+        with self._read() as c:
+            return [dict(x) for x in c.execute(q).mappings()]
+
+    def rollout(self, rollout_id: str) -> dict | None:
+        with self._read() as c:
+            r = c.execute(sa.select(rollouts).where(rollouts.c.id == rollout_id)).mappings().first()
+            return dict(r) if r else None
+
+    def rollout_history(self, rollout_id: str, limit: int = 200) -> list[dict]:
+        """Newest first."""
+        e = rollout_events.c
+        with self._read() as c:
+            return [dict(x) for x in c.execute(sa.select(rollout_events).where(e.rollout == rollout_id)
+                                               .order_by(e.id.desc()).limit(limit)).mappings()]
+
+    def claim(self, name: str, holder: str, ttl: float, now: float | None = None) -> bool:
+        """A lease in meta: True if `holder` holds `name` for the next ttl seconds (it was free,
+        expired or already its own). With several server processes on one PostgreSQL, only the
+        holder evaluates the rollouts."""
+        now = time.time() if now is None else now
+        key = "lease:" + name
+        with self._write() as c:
+            cur = c.execute(sa.select(meta.c.value).where(meta.c.key == key).with_for_update()).scalar()
+            if cur is not None:
+                who, _, until = cur.rpartition(" ")
+                if who != holder and float(until) > now:
+                    return False
+            value = f"{holder} {now + ttl:.3f}"
+            if cur is None:
+                try:
+                    with c.begin_nested():
+                        c.execute(meta.insert().values(key=key, value=value))
+                except sa.exc.IntegrityError:  # another process claimed it just now
+                    return False
+            else:
+                c.execute(meta.update().where(meta.c.key == key).values(value=value))
+            return True
 
     def timeline(self, release: str) -> list[dict]:
         """The attempts at one release with their times (for the progress chart)."""

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import hmac
+import json
 import logging
 import math
 import threading
@@ -28,11 +29,12 @@ from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
 
 from .. import MpotaError
-from . import dashboard, protocol, views
+from . import dashboard, protocol, rollouts, views
 from .protocol import Refusal
 from .storage import Store
 
 COUNT_FLUSH_S = 1.0
+ROLLOUT_INTERVAL_S = 10.0  # how often the rollouts are evaluated (mpota fleet serve --rollout-interval)
 SECRET_TTL_S = 30.0      # a device's secret is read again after this
 UNKNOWN_TTL_S = 2.0      # an unknown device is asked about again after this
 SECRET_CACHE_SIZE = 200_000
@@ -70,8 +72,10 @@ class Counts:
 class Fleet:
     """What the handlers share: the store, the admin token, the body deadline, the counters."""
 
-    def __init__(self, store: Store, token: str, body_timeout: float = protocol.BODY_TIMEOUT_S):
+    def __init__(self, store: Store, token: str, body_timeout: float = protocol.BODY_TIMEOUT_S, rollout_key=None):
         self.store, self.token, self.body_timeout = store, token, body_timeout
+        self.rollout_key = rollout_key  # the rollout role's private key (signs rollout.json), or None
+        self.holder = rollouts.holder_id()
         self.counts = Counts()
         self.cookie_value = hmac.new(token.encode(), b"mpota fleet dashboard", hashlib.sha256).hexdigest()
         self._cache: dict = {}
@@ -278,6 +282,68 @@ async def get_stats(request: Request, fleet: Fleet) -> Response:
     return _json(await anyio.to_thread.run_sync(work))
 
 
+# ---- rollouts (docs/rollout.md "Fleet server") --------------------------------------------------
+ROLLOUT_FIELDS = {"release_dir", "id", "stages_bp", "min_devices", "max_failure_rate", "silent_after_s",
+                  "valid_for_s", "targets", "window"}
+
+
+async def _json_body(request: Request, what: str) -> dict:
+    fleet: Fleet = request.app.state.fleet
+    try:
+        body = await _read_body(request, 64 * 1024, fleet.body_timeout)
+        doc = json.loads(body or b"{}")
+    except (Refusal, ValueError):
+        raise MpotaError(f"the body is a JSON object: {what}") from None
+    if not isinstance(doc, dict):
+        raise MpotaError(f"the body is a JSON object: {what}")
+    return doc
+
+
+async def post_rollout(request: Request, fleet: Fleet) -> Response:
+    what = ('{"release_dir": PATH on the server, "stages_bp": [100, 1000, ...], "min_devices": N, '
+            '"max_failure_rate": R, "silent_after_s": T, opt. "valid_for_s", "targets", "window", "id"}')
+    doc = await _json_body(request, what)
+    extra = set(doc) - ROLLOUT_FIELDS
+    if extra:
+        raise MpotaError(f"unknown field {sorted(extra)[0]!r}", hint=what)
+    if not isinstance(doc.get("release_dir"), str):
+        raise MpotaError('"release_dir" is the release directory\'s path on the server', hint=what)
+    cfg = {k: v for k, v in doc.items() if k not in ("release_dir", "id")}
+
+    def work():
+        row = rollouts.start(fleet.store, fleet.rollout_key, doc["release_dir"], cfg, rollout_id=doc.get("id"))
+        log.warning("fleet: rollout %s of %s started (%s)", row["id"], row["version"], row["path"])
+        return rollouts.status(fleet.store, row["id"])
+    return _json(await anyio.to_thread.run_sync(work), 201)
+
+
+async def get_rollouts(request: Request, fleet: Fleet) -> Response:
+    return _json(await anyio.to_thread.run_sync(lambda: rollouts.list_rollouts(fleet.store)))
+
+
+async def get_rollout(request: Request, fleet: Fleet) -> Response:
+    out = await anyio.to_thread.run_sync(lambda: rollouts.status(fleet.store, request.path_params["id"]))
+    return _json(out) if out is not None else _json({"error": "unknown-rollout"}, 404)
+
+
+async def post_rollout_action(request: Request, fleet: Fleet) -> Response:
+    rid, action = request.path_params["id"], request.path_params["action"]
+    if action not in ("pause", "resume", "halt"):
+        return _json({"error": "not-found"}, 404)
+    doc = await _json_body(request, '{"reason": TEXT} (a halt needs one)')
+    reason = doc.get("reason")
+    if reason is not None and not (isinstance(reason, str) and len(reason) <= 400 and reason.isprintable()):
+        raise MpotaError("reason is printable text of at most 400 characters")
+    if await anyio.to_thread.run_sync(fleet.store.rollout, rid) is None:
+        return _json({"error": "unknown-rollout"}, 404)
+
+    def work():
+        rollouts.act(fleet.store, fleet.rollout_key, rid, action, reason)
+        log.warning("fleet: rollout %s: %s by hand%s", rid, action, f" ({reason})" if reason else "")
+        return rollouts.status(fleet.store, rid)
+    return _json(await anyio.to_thread.run_sync(work))
+
+
 async def healthz(request: Request) -> Response:
     fleet: Fleet = request.app.state.fleet
     try:
@@ -331,6 +397,14 @@ def _release_page(request, fleet):
     return dashboard.release_page(fleet.snapshot(), request.path_params["version"])
 
 
+def _rollouts_page(request, fleet):
+    return dashboard.rollouts_page(rollouts.list_rollouts(fleet.store))
+
+
+def _rollout_page(request, fleet):
+    return dashboard.rollout_page(rollouts.status(fleet.store, request.path_params["id"]))
+
+
 def _device_page(request, fleet):
     d = views.device_detail(fleet.store, request.path_params["id"])
     return dashboard.device_page(d)
@@ -345,8 +419,12 @@ async def _not_found(request, exc):
     return Response(f"{exc.status_code} {exc.detail}\n", status_code=exc.status_code, media_type="text/plain")
 
 
-def create_app(store: Store, token: str, *, body_timeout: float = protocol.BODY_TIMEOUT_S) -> Starlette:
-    fleet = Fleet(store, token, body_timeout)
+def create_app(store: Store, token: str, *, body_timeout: float = protocol.BODY_TIMEOUT_S, rollout_key=None,
+               rollout_interval: float = ROLLOUT_INTERVAL_S) -> Starlette:
+    """rollout_key: the rollout role's private key; with it the app evaluates the rollouts every
+    rollout_interval seconds (one process among several: the lease in the database) and re-signs
+    their documents."""
+    fleet = Fleet(store, token, body_timeout, rollout_key)
 
     @asynccontextmanager
     async def lifespan(app):
@@ -357,11 +435,28 @@ def create_app(store: Store, token: str, *, body_timeout: float = protocol.BODY_
                     await anyio.to_thread.run_sync(fleet.counts.flush, store)
                 except Exception as e:
                     log.warning("fleet: could not save the counters: %s", e)
-        task = asyncio.create_task(flusher())
+        async def roller():
+            ttl = 3 * rollout_interval + 5  # a holder that died is replaced after this
+            while True:
+                await asyncio.sleep(rollout_interval)
+                try:
+                    done = await anyio.to_thread.run_sync(lambda: rollouts.tick(
+                        store, fleet.rollout_key, holder=fleet.holder, ttl=ttl))
+                except Exception as e:  # the database or the release directory is away: next round
+                    log.warning("fleet: rollout evaluation failed: %s", e)
+                    continue
+                for e in done:
+                    log.warning("fleet: rollout %s: %s%s%s", e["rollout"], e["action"],
+                                f" (issued {e['issued']})" if e.get("issued") else "",
+                                f": {e['reason']}" if e.get("reason") else "")
+        tasks = [asyncio.create_task(flusher())]
+        if fleet.rollout_key is not None:
+            tasks.append(asyncio.create_task(roller()))
         try:
             yield
         finally:
-            task.cancel()
+            for task in tasks:
+                task.cancel()
             try:
                 fleet.counts.flush(store)
             except Exception as e:
@@ -377,11 +472,17 @@ def create_app(store: Store, token: str, *, body_timeout: float = protocol.BODY_
         Route("/v1/admin/releases", _admin(get_releases), methods=["GET"]),
         Route("/v1/admin/anomalies", _admin(get_anomalies), methods=["GET"]),
         Route("/v1/admin/stats", _admin(get_stats), methods=["GET"]),
+        Route("/v1/admin/rollouts", _admin(get_rollouts), methods=["GET"]),
+        Route("/v1/admin/rollouts", _admin(post_rollout, cookie_ok=False), methods=["POST"]),
+        Route("/v1/admin/rollouts/{id}", _admin(get_rollout), methods=["GET"]),
+        Route("/v1/admin/rollouts/{id}/{action}", _admin(post_rollout_action, cookie_ok=False), methods=["POST"]),
         Route("/healthz", healthz, methods=["GET"]),
         Route("/", _page(_overview), methods=["GET"]),
         Route("/login", post_login, methods=["POST"]),
         Route("/releases/{version}", _page(_release_page), methods=["GET"]),
         Route("/devices/{id}", _page(_device_page), methods=["GET"]),
+        Route("/rollouts", _page(_rollouts_page), methods=["GET"]),
+        Route("/rollouts/{id}", _page(_rollout_page), methods=["GET"]),
         Mount("/static", StaticFiles(directory=str(Path(__file__).parent / "static")), name="static"),
     ]
     app = Starlette(routes=routes, lifespan=lifespan, exception_handlers={HTTPException: _not_found})
