@@ -119,18 +119,25 @@ def test_halt_on_conclusive_evidence_only():
     atts = [attempt(d, "confirmed") for d in stage[:8]] + [attempt(d, "rolled-back") for d in stage[8:10]]
     ev = rollout.evaluate(state(stage=1), fleet(), atts, NOW)
     assert ev["decision"]["action"] == "hold" and not ev["test"]["halt"] and 0.2 < ev["test"]["p_value"] < 0.3
-    # 6 of 15: P(X >= 6 | 15, 0.1) = 0.0022 < 0.01
+    # 6 of 15: P(X >= 6 | 15, 0.1) = 0.0022, below 0.01 but not below the level spent on 15
+    # attempts, 0.01 / (15 * 16) = 4.2e-5: not yet conclusive
     atts = [attempt(d, "confirmed") for d in stage[:9]] + [attempt(d, "rolled-back") for d in stage[9:15]]
     ev = rollout.evaluate(state(stage=1), fleet(), atts, NOW)
-    assert ev["decision"]["action"] == "halt", ev["decision"]
-    assert "6 of 15 attempts failed" in ev["decision"]["reason"] and "binomial" in ev["decision"]["reason"]
+    assert ev["decision"]["action"] == "hold" and not ev["test"]["halt"], ev["decision"]
     assert ev["test"]["p_value"] == pytest.approx(0.00225, rel=0.05)
+    assert ev["test"]["level"] == pytest.approx(0.01 / 240)
+    # 10 of 15: P(X >= 10 | 15, 0.1) = 1.9e-7 < 4.2e-5
+    atts = [attempt(d, "confirmed") for d in stage[:5]] + [attempt(d, "rolled-back") for d in stage[5:15]]
+    ev = rollout.evaluate(state(stage=1), fleet(), atts, NOW)
+    assert ev["decision"]["action"] == "halt", ev["decision"]
+    assert "10 of 15 attempts failed" in ev["decision"]["reason"] and "binomial" in ev["decision"]["reason"]
     # a paused rollout still halts on conclusive evidence
     assert rollout.evaluate(state(stage=1, st="paused"), fleet(), atts, NOW)["decision"]["action"] == "halt"
-    # the evidence of every stage counts: failures in stage 1 and 2 together
-    atts = [attempt(d, "rolled-back") for d in STAGES[0][:3]] + [attempt(d, "rolled-back") for d in stage[:3]]
-    ev = rollout.evaluate(state(stage=1), fleet(), atts + [attempt(d, "confirmed") for d in stage[3:12]], NOW)
-    assert ev["totals"]["failed"] == 6 and ev["decision"]["action"] == "halt"
+    # the evidence of every stage counts: 4 failures in stage 1 and 4 in stage 2, 4 confirmed:
+    # P(X >= 8 | 12, 0.1) = 3.4e-6 < 0.01 / (12 * 13) = 6.4e-5
+    atts = [attempt(d, "rolled-back") for d in STAGES[0][:4]] + [attempt(d, "rolled-back") for d in stage[:4]]
+    ev = rollout.evaluate(state(stage=1), fleet(), atts + [attempt(d, "confirmed") for d in stage[4:8]], NOW)
+    assert ev["totals"]["failed"] == 8 and ev["decision"]["action"] == "halt"
 
 
 def test_the_binomial_test_is_scipys():
@@ -609,19 +616,20 @@ def test_rollout_pages_in_a_browser(tmp_path, rollout_key):
 
 
 def test_false_alarm_rate_of_the_halting_rule():
-    """scripts/rollout_false_alarms.py, smaller: the critical counts are binomtest's decisions; one
-    test at p = R halts at most about ALPHA of the time; evaluated after every attempt, a release
-    at R/2 is still rarely halted, and at R clearly more often than ALPHA (docs/rollout.md has the
-    full table)."""
+    """scripts/rollout_false_alarms.py, smaller: the critical counts are halt_test's decisions at
+    the level spent on n attempts, ALPHA / (n (n + 1)); evaluated after every single attempt, a
+    release failing exactly at R is halted at most ALPHA of the time, one at 4R nearly always
+    (docs/rollout.md has the full table)."""
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
     import rollout_false_alarms as fa
+    assert sum(rollout.alpha_at(n) for n in range(1, 100000)) == pytest.approx(rollout.ALPHA, rel=1e-4)
     k = fa.halt_thresholds(300, 0.05, check=True)
-    # 2 of 3 failed at R = 5 %: P(X >= 2) = 0.0073 < 0.01; of 20, 4 give 0.0159 and 5 give 0.0026
-    assert k[1] == 301 and k[3] == 2 and k[20] == 5  # one failure of one attempt never halts (p = R)
-    one = fa.false_alarm_rate(0.05, 0.05, 300, None, 4000, thresholds=k)
+    # at R = 5 %: 2 of 2 never halt (p = 0.0025 > 0.01/6); 3 of 3 do (1.25e-4 < 0.01/12); of 20,
+    # 8 give p = 2.9e-6 < 0.01/420 = 2.4e-5, 7 give 3.4e-5 (not below)
+    assert k[1] == 301 and k[2] == 301 and k[3] == 3 and k[20] == 8
     every = fa.false_alarm_rate(0.05, 0.05, 300, 1, 4000, thresholds=k)
-    half = fa.false_alarm_rate(0.025, 0.05, 300, 1, 4000, thresholds=k)
-    assert one <= 0.01 + 0.005 and every > 2 * one and half < 0.01, (one, every, half)
+    bad = fa.false_alarm_rate(0.20, 0.05, 300, 1, 2000, thresholds=k)
+    assert every <= rollout.ALPHA and bad > 0.95, (every, bad)
 
 
 def test_two_server_processes_on_postgresql_act_once(pg_cluster, tmp_path, rollout_key):

@@ -9,7 +9,8 @@ re-signs rollout.json); the tests and scripts/bench_rollout.py drive these funct
   i.e. not one of rolloutdoc.HELD; installed and then silent for more than silent_after_s) or
   pending (downloading, installed and still within silent_after_s, a transport failure).
 - Halt: a one-sided exact binomial test of "failure rate > max_failure_rate" over every attempt
-  of the rollout (failed against failed + confirmed) gives p < ALPHA, or monitor.regressions()
+  of the rollout (failed against failed + confirmed, n of them) gives p < ALPHA / (n (n + 1))
+  (alpha spending: at most ALPHA false alarms in all, however often it is evaluated), or monitor.regressions()
   raised an alarm for the release against its predecessor.
 - Advance: the current stage has min_devices confirmations (or every registered, targeted device
   of the stage confirmed, when fewer exist; so a stage without devices advances) and its failure
@@ -21,7 +22,7 @@ from __future__ import annotations
 from .. import MpotaError, rolloutdoc
 from . import monitor
 
-ALPHA = monitor.ALPHA          # 0.01: the halting test's level at each evaluation
+ALPHA = monitor.ALPHA          # 0.01: the halting rule's false-alarm bound, spent over n (alpha_at)
 MAX_EXCLUDE = rolloutdoc.MAX_NAMES
 STATES = ("running", "paused", "halted", "complete")
 ACTIVE = ("running", "paused")
@@ -126,20 +127,31 @@ def _rate(failed: int, confirmed: int) -> float | None:
     return failed / (failed + confirmed) if failed + confirmed else None
 
 
+def alpha_at(n: int, alpha: float = ALPHA) -> float:
+    """The level of the halting test on n ended attempts: alpha / (n (n + 1)). These sum to
+    alpha over n = 1, 2, ... (an alpha-spending sequence), so however often the server looks,
+    and whatever it saw before, the chance that a release failing at exactly the limit is ever
+    halted is at most alpha (a union bound over the n it looked at); below the limit, less."""
+    return alpha / (n * (n + 1)) if n else 0.0
+
+
 def halt_test(failed: int, confirmed: int, max_rate: float, alpha: float = ALPHA) -> dict:
     """One-sided exact binomial test of "the failure rate is above max_rate" on failed of
-    failed + confirmed attempts: {"p_value", "halt", "reason"}."""
+    failed + confirmed attempts, at the level alpha_at(n): {"p_value", "level", "halt", "reason"}."""
     n = failed + confirmed
     if n == 0 or failed == 0:
         p = 1.0
     else:
         from scipy import stats  # half a second to import: only when there is something to test
         p = float(stats.binomtest(failed, n, max_rate, alternative="greater").pvalue)
-    halt = p < alpha
+    level = alpha_at(n, alpha)
+    halt = p < level
     reason = (f"{failed} of {n} attempts failed ({failed / n:.1%}): one-sided exact binomial test of a failure "
-              f"rate above {max_rate:.1%} gives p = {p:.2g}, {'below' if halt else 'not below'} {alpha}"
+              f"rate above {max_rate:.1%} gives p = {p:.2g}, {'below' if halt else 'not below'} "
+              f"{alpha}/(n(n+1)) = {level:.2g}"
               if n else "no attempt has ended yet")
-    return {"failed": failed, "attempts": n, "p_value": p, "alpha": alpha, "halt": halt, "reason": reason}
+    return {"failed": failed, "attempts": n, "p_value": p, "alpha": alpha, "level": level, "halt": halt,
+            "reason": reason}
 
 
 # ---- the whole rollout ---------------------------------------------------------------------
