@@ -87,5 +87,8 @@ def check(buf):
     if o.install and o.rejected:
         return {"update": False, "version": o.m.version, "running": o.running, "error": "rejected",
                 "detail": "release %s was rejected before: %s" % (o.m.version, o.rejected)}
+    if o.install and o.hold:  # held back by its rollout document (docs/rollout.md)
+        return {"update": False, "version": o.m.version, "running": o.running, "error": o.hold[0],
+                "detail": o.hold[1]}
     return {"update": o.install, "version": o.m.version, "running": o.running, "error": None,
             "detail": "" if o.install else "up to date"}
