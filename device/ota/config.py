@@ -76,6 +76,8 @@ def load():
         c.pubkeys = _role(roles, "release")
         if roles.get("rollout") is not None:
             c.rollout_keys = _role(roles, "rollout")
+            if any(k in c.pubkeys for k in c.rollout_keys):  # else the fleet server signs releases
+                raise _bad("a key of the rollout role is also a release key; a key holds one role")
     c.groups = raw.get("groups") or []
     if not isinstance(c.groups, list) or len(c.groups) > 8 or \
             not all(isinstance(g, str) and 0 < len(g) <= 64 for g in c.groups):
