@@ -8,13 +8,8 @@
 # stopped (a second WDT() only changes the timeout); feed() must come within the timeout or the
 # simulator resets the board. The simulator watches the file MPOTA_WDT names: its content is the
 # timeout, its modification time the last feed.
-# RTC().datetime() is ports/esp32/machine_rtc.c's: the 8-tuple (year, month, day, weekday,
-# hours, minutes, seconds, microseconds) of the system time, which ESP-IDF keeps in the RTC
-# timer across every reset and deep sleep and loses at power-on only ("System Time", ESP-IDF
-# API reference). The simulator keeps it in the file MPOTA_RTC: the RTC's offset from the
-# host's clock in seconds. runner.py writes it at power-on (the clock starts again at
-# 2000-01-01, the ESP32 port's epoch) and leaves it as it is across resets, soft resets and
-# deep sleep; datetime(tuple), as ntptime.settime() calls it, rewrites it.
+# RTC() is ports/esp32/machine_rtc.c's, kept across resets and deep sleep and lost at power-on
+# (simrtc.py).
 import os
 import sys
 
@@ -74,57 +69,10 @@ class WDT:
                 f.write(str(self._timeout))
 
 
-_EPOCH_2000 = 946684800  # 2000-01-01T00:00:00Z in Unix seconds: an ESP32's clock at power-on
-
-
-def _days(y, m, d):
-    # days from 1970-01-01 (H. Hinnant's days_from_civil)
-    y -= m <= 2
-    era = y // 400
-    yoe = y - era * 400
-    doy = (153 * (m - 3 if m > 2 else m + 9) + 2) // 5 + d - 1
-    return era * 146097 + yoe * 365 + yoe // 4 - yoe // 100 + doy - 719468
-
-
-class RTC:
-    def __init__(self, id=0):
-        pass
-
-    def _path(self):
-        return os.getenv("MPOTA_RTC")
-
-    def _host_now(self):
-        import time
-        return time.time_ns() / 1e9
-
-    def _offset(self):
-        path = self._path()
-        try:
-            with open(path) as f:
-                return float(f.read())
-        except (OSError, ValueError, TypeError):
-            # no clock file: a board just powered on (outside `mpota sim run`)
-            off = _EPOCH_2000 - self._host_now()
-            self._write(off)
-            return off
-
-    def _write(self, off):
-        path = self._path()
-        if path:
-            with open(path, "w") as f:
-                f.write(repr(off))
-
-    def datetime(self, dt=None):
-        import time
-        if dt is None:
-            t = self._host_now() + self._offset()
-            s = int(t)
-            tm = time.gmtime(s)  # the unix port's epoch is 1970
-            # weekday 0 = Monday, as timeutils_seconds_since_epoch_to_struct_time() gives it
-            return (tm[0], tm[1], tm[2], tm[6], tm[3], tm[4], tm[5], int((t - s) * 1000000))
-        # (year, month, day, weekday (ignored), hours, minutes, seconds, microseconds)
-        secs = _days(dt[0], dt[1], dt[2]) * 86400 + dt[4] * 3600 + dt[5] * 60 + dt[6] + dt[7] / 1e6
-        self._write(secs - self._host_now())
-
-    def init(self, dt):
-        self.datetime(dt)
+def RTC(id=0):
+    # machine.RTC (ports/esp32/machine_rtc.c), emulated in simrtc.py: loaded when asked for and
+    # not kept in sys.modules, so that it costs the heap nothing between uses (on a board it is
+    # C, outside the heap).
+    import simrtc
+    del sys.modules["simrtc"]
+    return simrtc.RTC(id)

@@ -71,20 +71,20 @@ def load():
     if roles is None:
         c.pubkeys = _keys(raw.get("pubkeys"), "pubkeys")
     elif not isinstance(roles, dict) or not isinstance(roles.get("release"), dict):
-        raise _bad("roles must be an object with a \"release\" role: {\"keys\": [...], \"threshold\": 1}")
+        raise _bad("roles must have a release role: {\"keys\": [...]}")
     else:
         c.pubkeys = _role(roles, "release")
         if roles.get("rollout") is not None:
             c.rollout_keys = _role(roles, "rollout")
             if any(k in c.pubkeys for k in c.rollout_keys):  # else the fleet server signs releases
-                raise _bad("a key of the rollout role is also a release key; a key holds one role")
+                raise _bad("a key holds one role: a rollout key is also a release key")
     c.groups = raw.get("groups") or []
     if not isinstance(c.groups, list) or len(c.groups) > 8 or \
             not all(isinstance(g, str) and 0 < len(g) <= 64 for g in c.groups):
-        raise _bad("groups must list at most 8 names of 1 to 64 characters")
+        raise _bad("groups: at most 8 names")
     c.ntp = raw.get("ntp")
     if c.ntp is not None and not (isinstance(c.ntp, str) and 0 < len(c.ntp) <= 253):
-        raise _bad("ntp must be a host name, e.g. \"pool.ntp.org\"")
+        raise _bad("ntp must be a host name")
     c.window = raw.get("window")
     if c.window is not None:
         from ota.window import check
@@ -131,7 +131,7 @@ def _keys(keys, what):
 def _role(roles, name):
     r = roles[name]
     if not isinstance(r, dict):
-        raise _bad("roles.%s must be {\"keys\": [...], \"threshold\": 1}" % name)
+        raise _bad("roles.%s must be {\"keys\": [...]}" % name)
     if r.get("threshold", 1) != 1 or r.get("threshold") is True:
         raise _bad("roles.%s.threshold is %r: this agent takes 1 (one signature by a key of the role)"
                    % (name, r.get("threshold")))

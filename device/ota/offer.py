@@ -57,27 +57,28 @@ def _rollout(cfg, st, o, mv):
         data = _fetch_manifest(cfg, url, mv, "rollout-bad", False)
     except OtaError as e:
         if e.code == "http-404" or e.code == "http-410":
-            return "rollout-missing", "no rollout document at %s (the rollout role needs one)" % url[:80]
+            return "rollout-missing", url[:80]
         raise
     finally:
         http = None
         ota._drop(("ota.http",))
     try:
         from ota.envelope import signed_parts
-        from ota.rollout import PAYLOAD_TYPE, BAD
-        msg, cands = signed_parts(data, cfg.rollout_keys, PAYLOAD_TYPE, "rollout.json")
+        msg, cands = signed_parts(data, cfg.rollout_keys, _ROLLOUT_TYPE, "rollout.json")
         signed_parts = data = None
-        ota._drop(("ota.envelope", "ota.jsonfile", "ota.rollout"))
+        ota._drop(("ota.envelope", "ota.jsonfile"))
         from ota.signature import verified
-        body = verified(msg, cands)
+        box = [verified(msg, cands)]  # judge() takes the body out: this frame does not keep it
     except OtaError as e:
-        raise OtaError(BAD.get(e.code, "rollout-bad"), "rollout.json: " + e.detail)
+        c = e.code
+        raise OtaError("rollout-" + c if c == "unknown-key" or c == "bad-signature" else "rollout-bad",
+                       "rollout.json: " + e.detail)
     finally:
         signed_parts = verified = data = msg = cands = None
         ota._drop(_VERIFIER)
     from ota.rollout import judge
     try:
-        return judge(cfg, st, o, body)
+        return judge(cfg, st, o, box)
     finally:
         judge = None
         ota._drop(("ota.rollout", "ota.window", "ota.ident", "ota.jsonfile"))
@@ -112,6 +113,7 @@ def offer(cfg, st, mv):
 
 
 _VERIFIER = ("ota.envelope", "ota.signature", "ota.ed25519", "ota.sha512")
+_ROLLOUT_TYPE = "application/vnd.mpota.rollout+json"  # ota/rollout.py's PAYLOAD_TYPE, not loaded for it
 
 
 def _rejected(st, digest):
@@ -160,6 +162,8 @@ def _best_offer(cfg, st, mv, run):
             o.install = decide(o.m, cfg, running, floor, target.info()[3])
             o.rejected = _rejected(st, o.digest)
             if o.install and not o.rejected and cfg.rollout_keys is not None:
+                parse = decide = None
+                ota._drop(("ota.manifest",))  # loaded again for the next source: not at this peak
                 o.hold = _rollout(cfg, st, o, mv)
         except OtaError as e:
             if len(cfg.manifest_urls) > 1:

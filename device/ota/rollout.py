@@ -10,17 +10,17 @@
 from micropython import const
 from ota.errors import OtaError
 
-PAYLOAD_TYPE = "application/vnd.mpota.rollout+json"
+PAYLOAD_TYPE = "application/vnd.mpota.rollout+json"  # checked by ota/offer.py (_ROLLOUT_TYPE)
 _FULL_BP = const(10000)   # share_bp of the whole fleet
 _PRIME = const(1000003)   # jitter = (bucket mod _PRIME) mod (jitter_s + 1)
 _STAGES_MAX = const(16)
 _NAMES_MAX = const(64)
-# a signature check's codes -> the rollout document's (anything else there is rollout-bad)
-BAD = {"unknown-key": "rollout-unknown-key", "bad-signature": "rollout-bad-signature"}
 
 
-def _bad(detail):
-    return OtaError("rollout-bad", "rollout.json: " + detail)
+def _bad(field):
+    # Short on purpose: every string constant of a loaded .mpy is interned for good (the qstr
+    # pool is never freed), and this module is loaded on every install with a rollout role.
+    return OtaError("rollout-bad", "rollout.json: bad " + field + " (docs/rollout.md)")
 
 
 def _int(v):
@@ -29,50 +29,56 @@ def _int(v):
 
 def _names(v, what):
     if not isinstance(v, list) or not all(isinstance(n, str) and 0 < len(n) <= 64 for n in v):
-        raise _bad(what + " must be a list of names of 1-64 characters")
+        raise _bad(what)
     return len(v)
 
 
-def check(doc):
+def check(doc, window=True):
     # The body of schema 1 (docs/rollout.md, "The document"), else OtaError rollout-bad.
+    # window=False: all but the window (judge() checks it once the names are let go).
     if not isinstance(doc, dict) or doc.get("schema") != 1:
-        raise _bad("not a rollout document of schema 1")
+        raise _bad("schema")
     rel = doc.get("release")
     if not isinstance(rel, str) or len(rel) != 64 or not all(c in "0123456789abcdef" for c in rel):
-        raise _bad("release must be 64 lower-case hex digits")
+        raise _bad("release")
     for k in ("version", "rollout"):
         if not isinstance(doc.get(k), str) or not 0 < len(doc[k]) <= 64:
-            raise _bad(k + " must be text of 1-64 characters")
+            raise _bad(k)
     i, e = doc.get("issued"), doc.get("expires")
     if not (_int(i) and _int(e) and 0 < i < e < 1 << 40):
-        raise _bad("issued and expires must be Unix seconds with issued < expires")
+        raise _bad("issued/expires")
     st = doc.get("stages")
     if not isinstance(st, list) or not 0 < len(st) <= _STAGES_MAX:
-        raise _bad("stages must list 1 to 16 stages")
+        raise _bad("stages")
     last = 0
     for s in st:
         if not (isinstance(s, dict) and _int(s.get("at")) and _int(s.get("share_bp"))
                 and 0 <= s["share_bp"] <= _FULL_BP and s["at"] >= last):
-            raise _bad("each stage is {at, share_bp} with at non-decreasing and share_bp 0-10000")
+            raise _bad("stages")
         last = s["at"]
     h = doc.get("halted")
     if h is not None and not (isinstance(h, str) and len(h) <= 160):
-        raise _bad("halted must be null or a reason of at most 160 characters")
+        raise _bad("halted")
     t = doc.get("targets")
     if t is not None:
         if not isinstance(t, dict):
-            raise _bad("targets must be null or an object")
-        if sum(_names(t[k], "targets." + k) for k in ("boards", "groups", "devices") if k in t) > _NAMES_MAX:
-            raise _bad("targets name more than 64 names")
+            raise _bad("targets")
+        if sum(_names(t[k], "targets") for k in ("boards", "groups", "devices") if k in t) > _NAMES_MAX:
+            raise _bad("targets")
     if _names(doc.get("exclude") or [], "exclude") > _NAMES_MAX:
-        raise _bad("exclude names more than 64 devices")
+        raise _bad("exclude")
+    if window and doc.get("window") is not None:
+        _window_check(doc)
+    return doc
+
+
+def _window_check(doc):
     if doc.get("window") is not None:
         from ota.window import check as window_check
         try:
             window_check(doc["window"])
         except ValueError as e:
             raise _bad("window: %s" % e)
-    return doc
 
 
 def bucket(device_id, release):
@@ -100,9 +106,10 @@ def targeted(doc, device_id, board, groups):
     return True
 
 
-def decide(doc, device_id, board, groups, release, now, clock_known, seen=0, device_window=None):
+def decide(doc, device_id, board, groups, release, now, clock_known, seen=0, device_window=None, member=None):
     # None if the device installs `release` now under `doc` (its signature checked), else the
     # held code, in docs/rollout.md's order. `now`: the clock's Unix time (0 if unknown).
+    # member: targeted and not excluded, if judged already (judge() lets the names go first).
     if doc["release"] != release:
         return "rollout-other-release"
     if doc["issued"] < seen:
@@ -114,8 +121,9 @@ def decide(doc, device_id, board, groups, release, now, clock_known, seen=0, dev
     if doc.get("halted") is not None:
         return "rollout-halted"
     b = bucket(device_id, release)
-    if not targeted(doc, device_id, board, groups) or device_id in (doc.get("exclude") or []) \
-            or not b * _FULL_BP < share_at(doc["stages"], now) << 32:
+    if member is None:
+        member = targeted(doc, device_id, board, groups) and device_id not in (doc.get("exclude") or [])
+    if not member or not b * _FULL_BP < share_at(doc["stages"], now) << 32:
         return "not-in-rollout"
     windows = [w for w in (doc.get("window"), device_window) if w]
     if windows and not clock_known:
@@ -128,38 +136,44 @@ def decide(doc, device_id, board, groups, release, now, clock_known, seen=0, dev
     return None
 
 
-_WHY = {"rollout-other-release": "the rollout document names another release (%s)",
-        "rollout-replayed": "rollout %s is older than the newest document seen",
-        "rollout-expired": "rollout %s has expired",
-        "rollout-halted": "rollout %s is halted",
-        "not-in-rollout": "this device is not in rollout %s (yet)",
-        "no-clock": "rollout %s has a maintenance window and the device has no clock",
-        "outside-window": "outside the maintenance window of rollout %s"}
-
-
-def judge(cfg, st, o, body):
-    # The signed body of o's rollout document: None (install), or (held code, detail). Raises
-    # OtaError rollout-bad. An accepted document (not another release's, not a replay) raises
+def judge(cfg, st, o, box):
+    # The signed body of o's rollout document (box: [body], emptied here so that no caller's
+    # frame keeps the bytes): None (install), or (held code, detail). Raises OtaError
+    # rollout-bad. An accepted document (not another release's, not a replay) raises
     # st["rollout_seen"], which the payload stage saves with the update's result.
-    from ota.jsonfile import loads
-    try:
-        doc = loads(body)
-    except ValueError:
-        raise _bad("the signed body is not JSON")
-    body = None
-    check(doc)
+    # Memory: the parsed document is this stage's largest data (up to 128 names), so the clock
+    # comes first (its module dropped after it); the names are judged and let go before the
+    # window's code loads.
+    import ota
     t = getattr(cfg, "now", False)
     if t is False:  # once per stage: the NTP request is made for the first document only
         from ota import clock
         t = cfg.now = clock.now(cfg.ntp, min(cfg.timeout_s, 3))
-        import ota
+        clock = None
         ota._drop(("ota.clock",))
-    from ota.ident import device_id
-    did = device_id(cfg.device_id or None) or cfg.device_id
+    did = cfg.device_id  # ota/ident.py's rule: the configured id, else machine.unique_id() in hex
+    if not did:
+        import machine
+        from binascii import hexlify
+        did = hexlify(machine.unique_id()).decode()
+    from ota.jsonfile import loads
+    try:
+        doc = loads(box.pop())
+    except ValueError:
+        raise _bad("JSON")
+    finally:
+        loads = None
+        ota._drop(("ota.jsonfile",))
+    check(doc, False)
+    member = targeted(doc, did, cfg.board, cfg.groups) and did not in (doc.get("exclude") or [])
+    doc["targets"] = doc["exclude"] = None
+    import gc
+    gc.collect()
+    _window_check(doc)
     seen = st.get("rollout_seen") or 0
-    code = decide(doc, did, cfg.board, cfg.groups, o.env, t or 0, t is not None, seen, cfg.window)
+    code = decide(doc, did, cfg.board, cfg.groups, o.env, t or 0, t is not None, seen, cfg.window, member)
     if code not in ("rollout-other-release", "rollout-replayed") and doc["issued"] > seen:
         st["rollout_seen"] = doc["issued"]
     if code is None:
         return None
-    return code, _WHY[code] % (doc["release"][:16] if code == "rollout-other-release" else doc["rollout"])
+    return code, "rollout %s, release %s" % (doc["rollout"], doc["release"][:16])
