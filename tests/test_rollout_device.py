@@ -191,11 +191,14 @@ def test_maintenance_windows_agree_with_the_host(agent, tmp_path):
 
 BAD_CRONS = ["", "0 2 * *", "0 2 * * * *", "60 * * * *", "* 24 * * *", "* * 0 * *", "* * 32 * *", "* * * 0 *",
              "* * * 13 *", "* * * * 7", "*/0 * * * *", "5-1 * * * *", "a * * * *", "1,,2 * * * *", "1- * * * *",
-             "-1 * * * *", "1-2-3 * * * *", "1/2/3 * * * *", "* * * * MON", 5]
+             "-1 * * * *", "1-2-3 * * * *", "1/2/3 * * * *", "* * * * MON", 5, "\u0665 * * * *",
+             "0\u00a02 * * *", "0x5 * * * *"]
+# spelled as Python's int() spells numbers, on both sides
+ODD_CRONS = ["+5 * * * *", "1_0 * * * *", "05 02 * * 0", "*/+5 * * * *"]
 
 
 def test_windows_both_refuse(agent, tmp_path):
-    good = [random_window(random.Random(i)) for i in range(200)]
+    good = [random_window(random.Random(i)) for i in range(200)] + [{"cron": c, "duration_s": 60} for c in ODD_CRONS]
     bad = [{"cron": c, "duration_s": 3600} for c in BAD_CRONS]
     bad += [{"cron": "0 2 * * *", "duration_s": d} for d in (59, 86401, "3600", None, True, 1.5)]
     bad += [{"cron": "0 2 * * *", "duration_s": 3600, "utc_offset_min": v} for v in (-721, 841, False)]

@@ -13,11 +13,12 @@ _RANGES = ((0, 59), (0, 23), (1, 31), (1, 12), (0, 6))
 
 
 def _num(s):
-    # a decimal number of ASCII digits (the host's int() takes a few more spellings, which its
-    # check refuses to sign anyway: none of them reach a device in a signed document)
-    if not s or not s.isdigit():
-        raise ValueError("cron field part %r is not a number" % s)
-    return int(s)
+    # int() as the host's parse_cron() has it ("+5" and "1_0" are numbers there and here; both
+    # refuse what is not ASCII)
+    try:
+        return int(s)
+    except ValueError:
+        raise ValueError("cron: %r is not a number" % s)
 
 
 def _field(f, lo, hi):
