@@ -455,3 +455,23 @@ def test_a_config_with_a_bad_role_is_bad_config(rollout_device, server, rollout_
     d.run()
     st = d.status()
     assert st["last_error"] == "bad-config" and "threshold" in st["detail"], st
+
+
+def test_a_held_release_is_reported_as_checked_with_its_code(rollout_device, server, rollout_keys):
+    from fleet_receiver import FleetReceiver
+    from mpota import fleetprov
+    import secrets
+    receiver = FleetReceiver(token="t").start()
+    try:
+        secret = secrets.token_hex(32)
+        d = rollout_device(fleet=fleetprov.config_entry(receiver.url, secret, 3))
+        receiver.register("dev", secret)
+        put_doc(server, rollout_keys[1], share_bp=0)
+        d.run()
+        held(d, "not-in-rollout")
+        reps = receiver.reports["dev"]
+        assert [(r["event"], r["code"], r["target"]) for r in reps] == [("checked", "not-in-rollout", "2.0.0")], reps
+        assert reps[0]["digest"] == envelope_digest(server)
+        assert receiver.refused == {}
+    finally:
+        receiver.stop()
