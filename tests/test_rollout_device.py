@@ -410,6 +410,10 @@ def test_outside_the_window_it_downloads_then_installs_inside_without_downloadin
     for f in server.root.iterdir():
         if f.name not in ("manifest.json", "rollout.json"):
             f.unlink()
+    net_time(monkeypatch, "2026-12-01T23:59Z")  # still outside: nothing downloaded, nothing read
+    d.run()
+    held(d, "outside-window")
+    assert d.otadata() == otadata and "checking it again" not in d.output
     net_time(monkeypatch, "2026-12-02T01:30Z")
     d.run()
     st = d.status()

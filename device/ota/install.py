@@ -98,7 +98,10 @@ def install(cfg, st, o, mv):
     p = st.get("progress")
     if p and p.get("verified") and p.get("digest") == o.digest and p.get("slot") == label:
         # Downloaded and verified by an earlier check (held by its maintenance window, or a
-        # set_boot() that a power cut stopped): only the slot is read and hashed again below.
+        # set_boot() that a power cut stopped): only the slot is read and hashed again below,
+        # when it is to be set to boot.
+        if o.hold:
+            return
         _log("%s is in %s already: checking it again" % (m.version, label))
     else:
         o.big = block_eraser(target)

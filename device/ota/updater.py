@@ -60,11 +60,13 @@ def begin(buf, source=None):
 
 def _budget_ms(cfg):
     # The whole update() call's deadline, from the config: each source's manifest within 4
-    # timeouts (connect and TLS handshake: 2, headers: 1, body: 1), and a payload as large as the
-    # slot at the minimum rate (4 KiB per 2 timeouts) with room for one interruption.
+    # timeouts (connect and TLS handshake: 2, headers: 1, body: 1), and its rollout document
+    # within 4 more (with a rollout role), and a payload as large as the slot at the minimum
+    # rate (4 KiB per 2 timeouts) with room for one interruption.
     from ota import slots
     blocks = slots.running().get_next_update().info()[3] // 4096
-    return (len(cfg.manifest_urls) * 4 + blocks * 2 + 8) * cfg.timeout_s * 1000
+    per = 4 if cfg.rollout_keys is None else 8
+    return (len(cfg.manifest_urls) * per + blocks * 2 + 8) * cfg.timeout_s * 1000
 
 
 def check(buf):
