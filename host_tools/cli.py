@@ -316,6 +316,10 @@ def cmd_sim_create(a):
     print(f"sim: server {a.server}" + (f" (checked against {a.ca}, provisioned as ca.der)" if a.ca else "")
           + (" (the device names itself in its manifest fetches: --announce)" if a.announce else "")
           + f"; next: mpota sim run {a.name}")
+    if a.rollout_pub:
+        print(f"sim: rollout role: {len(a.rollout_pub)} key(s); every install needs a rollout.json signed by one"
+              + (", judged at the time NTP gives it (`sim run --net-time`)" if a.ntp else ", and the board has no "
+                 "clock at power-on (--ntp HOST gives it one)") + " (docs/rollout.md)")
     if fleet:
         try:
             _fleet_register(a, print, "sim", a.name, fleet, secret_file or dev.path / device.FLEET_SECRET,

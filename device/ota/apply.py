@@ -66,9 +66,9 @@ def update(buf, begun, reboot):
                     state.backoff_fail(st, o.digest, o.m.version, e.code)
                 raise
             if o.hold:  # outside-window: in the slot and verified; set to boot by a check inside it
-                state.record(st, "skipped", o.hold[0], "%s downloaded and verified in %s: %s"
-                             % (o.m.version, o.target.info()[4], o.hold[1]))
-                _log(st["detail"])
+                state.record(st, "skipped", o.hold[0], "%s is verified in %s and boots at a check inside the "
+                             "maintenance window (%s)" % (o.m.version, o.target.info()[4], o.hold[1]))
+                _log("%s: %s" % (o.hold[0], st["detail"]))
             else:
                 result = "installed"  # the back-off ends when the image confirms itself (trial.py)
     except OtaError as e:
