@@ -221,10 +221,14 @@ def cmd_config(a):
     ca = deviceconfig.load_ca(Path(a.ca)) if a.ca else None
     cfg = deviceconfig.make([Path(p) for p in a.pub], a.server, board=info.get("board_id", a.board),
                             chip=info["chip"], device_id=a.device_id, timeout_s=a.timeout,
-                            mirrors=a.mirror or [], aes_keys=[Path(k) for k in a.aes_key or []], ca=ca)
+                            mirrors=a.mirror or [], aes_keys=[Path(k) for k in a.aes_key or []], ca=ca,
+                            rollout=_rollout_of(a))
     files = deviceconfig.write(Path(a.out), cfg, ca=ca)
     print(f"config: wrote {' and '.join(str(f) for f in files)} (board {cfg['board']}, chip {cfg['chip']}, "
           f"{len(cfg['pubkeys'])} key(s), server {cfg['server']})")
+    if cfg.get("roles"):
+        print(f"config: rollout role: {len(cfg['roles']['rollout']['keys'])} key(s); every install needs a "
+              "rollout.json signed by one (docs/rollout.md)")
     if deviceconfig.holds_secrets(cfg):
         print(f"config: {files[0]} holds AES keys: mode 0600; never commit it or copy it anywhere but the device")
     copy = " + ".join(f"fs cp {f} :{'ota_config.json' if i == 0 else f.name}" for i, f in enumerate(files))
@@ -295,7 +299,7 @@ def cmd_sim_create(a):
     dev = device.create(a.name, [Path(p) for p in a.pub], a.server, Path(a.firmware), root=Path(a.root),
                         heap=a.heap, source=a.source, force=a.force, mirrors=a.mirror or [],
                         aes_keys=[Path(k) for k in a.aes_key or []], ca=Path(a.ca) if a.ca else None,
-                        hardware=hw, fleet=fleet, announce=a.announce)
+                        hardware=hw, fleet=fleet, announce=a.announce, rollout=_rollout_of(a))
     quirks = [f"chip v{a.chip_rev // 100}.{a.chip_rev % 100}"]
     if a.rollback != "on":
         quirks.append("no app rollback in the bootloader" if a.rollback == "bootloader-off"
@@ -312,6 +316,10 @@ def cmd_sim_create(a):
     print(f"sim: server {a.server}" + (f" (checked against {a.ca}, provisioned as ca.der)" if a.ca else "")
           + (" (the device names itself in its manifest fetches: --announce)" if a.announce else "")
           + f"; next: mpota sim run {a.name}")
+    if a.rollout_pub:
+        print(f"sim: rollout role: {len(a.rollout_pub)} key(s); every install needs a rollout.json signed by one"
+              + (", judged at the time NTP gives it (`sim run --net-time`)" if a.ntp else ", and the board has no "
+                 "clock at power-on (--ntp HOST gives it one)") + " (docs/rollout.md)")
     if fleet:
         try:
             _fleet_register(a, print, "sim", a.name, fleet, secret_file or dev.path / device.FLEET_SECRET,
@@ -330,7 +338,8 @@ def cmd_sim_run(a):
         cut = runner.PowerCut(a.cut_at, a.tear, ops_file=ops.resolve())
         t0 = time.monotonic()
         try:
-            boots = runner.run(dev, heap=a.heap, max_boots=a.max_boots, hang_s=a.hang_after, cut=cut, echo=echo)
+            boots = runner.run(dev, heap=a.heap, max_boots=a.max_boots, hang_s=a.hang_after, cut=cut, echo=echo,
+                               net_time=a.net_time)
         finally:
             ops.unlink(missing_ok=True)
         seconds = time.monotonic() - t0
@@ -464,6 +473,9 @@ def cmd_deploy(a):
                                 chip=info["chip"], device_id=device_id, timeout_s=a.timeout,
                                 mirrors=a.mirror or [], aes_keys=[Path(k) for k in a.aes_key or []], ca=ca,
                                 announce=a.announce)
+    rollout = _rollout_of(a)
+    if rollout:
+        deviceconfig.add_rollout(cfg, rollout)
     fleet_id = cfg.get("device_id") or (pr.uid if pr else "")
     if a.fleet and not fleet_id:
         raise MpotaError("--fleet needs the device's id, and a dry run does not ask the board",
@@ -715,6 +727,27 @@ def _fleet_args(s, secret_default):
                         "fleet inventory from a release server's logs")
 
 
+def _rollout_args(s):
+    g = s.add_argument_group("rollouts (docs/rollout.md)")
+    g.add_argument("--rollout-pub", action="append", metavar="FILE",
+                   help="public key of the rollout role (repeatable): the device then installs a release only "
+                        "as the rollout.json beside it, signed by this key, allows (a release key cannot sign "
+                        "one, nor this key a release)")
+    g.add_argument("--group", action="append", metavar="NAME",
+                   help="a group the device belongs to, for a rollout's targets (repeatable, at most 8)")
+    g.add_argument("--ntp", metavar="HOST", help="NTP server the device sets its clock from before judging a "
+                                                 "rollout (e.g. pool.ntp.org)")
+    g.add_argument("--window", metavar="CRON,DURATION_S[,UTC_OFFSET_MIN[,JITTER_S]]",
+                   help="the device's own maintenance window, e.g. \"0 2 * * *,7200\" (02:00-04:00 UTC every "
+                        "day); a rollout's window applies as well")
+
+
+def _rollout_of(a) -> dict:
+    from . import deviceconfig
+    window = deviceconfig.parse_window(a.window) if a.window else None
+    return deviceconfig.rollout_settings([Path(p) for p in a.rollout_pub or []], a.group or [], a.ntp, window)
+
+
 def _fault(text: str):
     from .faultserver import parse_fault
     try:
@@ -747,6 +780,14 @@ def _utc_offset(text: str) -> int:
 def _rollout_time_forms() -> str:
     from .rollout import TIME_FORMS
     return TIME_FORMS
+
+def _net_time(text: str) -> str:
+    from .sim.runner import net_time_offset
+    try:
+        net_time_offset(text)
+    except MpotaError as e:
+        raise argparse.ArgumentTypeError(f"{e}; {e.hint}") from None
+    return text
 
 
 _timeout = _bounded("seconds", 1, 300)
@@ -957,6 +998,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--device-id", default="", help="name the device reports")
     s.add_argument("--timeout", type=_timeout, default=10, metavar="SECONDS",
                    help="network timeout on the device (default 10)")
+    _rollout_args(s)
     s.add_argument("--out", default="build/device/ota_config.json",
                    help="file to write (default build/device/ota_config.json; git ignores build/). With "
                         "--aes-key it holds device secrets and is written with mode 0600")
@@ -1022,6 +1064,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--stage", help="where to stage the files (default build/deploy/BOARD)")
     s.add_argument("--dry-run", action="store_true", help="stage the files and print the mpremote command; "
                                                           "touch no board")
+    _rollout_args(s)
     _fleet_args(s, "keys/fleet/DEVICE-ID.secret")
     s.set_defaults(func=cmd_deploy)
 
@@ -1090,6 +1133,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="a firmware whose Partition(label, 65536).ioctl(6) erases a 64 KiB block (stock MicroPython "
                         "refuses it, so updates erase 4 KiB sectors); see docs/simulator.md")
     root_arg(s)
+    _rollout_args(s)
     _fleet_args(s, "DEVICE-DIR/fleet.secret")
     s.set_defaults(func=cmd_sim_create)
 
@@ -1105,6 +1149,11 @@ def build_parser() -> argparse.ArgumentParser:
                         "across the bootloader and the firmware; the power comes back and the run goes on. "
                         "A run without it prints how many operations it did")
     s.add_argument("--tear", action="store_true", help="with --cut-at: that operation is torn (half of it happens)")
+    s.add_argument("--net-time", type=_net_time, metavar="WHEN",
+                   help="what NTP answers the board (ntptime): host (the host's clock, default), off (no NTP "
+                        "server answers), a UTC time such as 2026-12-01T02:00Z (running on from there) or "
+                        "+/-SECONDS from the host's clock; also $MPOTA_NET_TIME. The board's RTC starts at "
+                        "2000-01-01 at every power-on (docs/simulator.md)")
     s.add_argument("--expect-version", metavar="V", help="exit 1 unless the device ends running version V")
     s.add_argument("--json", action="store_true",
                    help="print the summary as JSON on stdout (the boot log goes to stderr)")

@@ -62,6 +62,9 @@ def release_files(release: Path) -> dict[str, Path]:
     payload = Path(release) / name
     if "/" not in name and payload.is_file():
         files["/" + name] = payload
+    rollout = Path(release) / "rollout.json"  # a device with a rollout role asks for it (docs/rollout.md)
+    if rollout.is_file():
+        files["/rollout.json"] = rollout
     return files
 
 

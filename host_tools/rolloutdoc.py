@@ -176,7 +176,9 @@ _CRON_RANGES = ((0, 59), (0, 23), (1, 31), (1, 12), (0, 6))
 
 def parse_cron(text) -> tuple[frozenset, ...]:
     """The five fields of `M H DOM MON DOW` as sets, plus whether DOM and DOW were restricted."""
-    fields = text.split() if isinstance(text, str) else []
+    # ASCII only: MicroPython's int() and split() (the device's, ota/window.py) know no other digits
+    # and spaces
+    fields = text.split() if isinstance(text, str) and text.isascii() else []
     if len(fields) != 5:
         raise RolloutError("rollout-bad", f"window cron {text!r} must have five fields: minute hour day month weekday",
                            hint='e.g. "0 2 * * *" (every day at 02:00)')

@@ -196,7 +196,7 @@ def _releases(tmp: Path) -> dict:
 
 def _device(tmp, rel, url, heap="128K", hardware=None, main_py="import ota\nota.update()\n"):
     dev = device.create("b", [rel["kp"].with_name("k.pub")], url, rel["fw1"], root=tmp / "devices", force=True,
-                        heap=heap, aes_keys=[rel["aes"]], hardware=hardware)
+                        heap=heap, aes_keys=[rel["aes"]], hardware=hardware, rollout=rel.get("rollout"))
     runner.fs_write(dev, "main.py", main_py.encode())
     return dev
 
@@ -219,18 +219,50 @@ def _smallest_heap(tmp, rel, url, main_py="import ota\nota.update()\n") -> int:
     return hi
 
 
+def _rollout_doc(release_dir: Path, key_dir: Path) -> dict:
+    """Write the largest rollout.json a device takes beside the release, signed by a new rollout
+    key; returns the device's rollout settings (deviceconfig.rollout_settings)."""
+    import hashlib
+    import time
+    from mpota import deviceconfig, rolloutdoc
+    keys.generate(key_dir / "rollout", force=True)
+    env = hashlib.sha256((release_dir / "manifest.json").read_bytes()).hexdigest()
+    now = int(time.time())
+    always = {"cron": "*/5 * * * *", "duration_s": 86400, "utc_offset_min": 60, "jitter_s": 0}
+    body = rolloutdoc.build(env, "2.0.0", "bench", now - 60, now + 86400,
+                            [{"at": now - 60 - i, "share_bp": 10000} for i in range(16)][::-1],
+                            targets={"boards": ["esp32", "unix"], "groups": ["g%02d" % i for i in range(30)],
+                                     "devices": ["b"] + ["d%02d" % i for i in range(31)]},
+                            exclude=["x-%026d" % i for i in range(40)], window=always)
+    (release_dir / "rollout.json").write_bytes(rolloutdoc.sign(body, keys.load_private(key_dir / "rollout")))
+    return deviceconfig.rollout_settings([key_dir / "rollout.pub"], ["g07"], "pool.ntp.org", always)
+
+
 def bench_heap(tmp: Path, rel: dict):
     print(f"heap (a signed update of a {SIZE // 1024} KiB image; unix port, agent as .mpy, the emulated esp32 "
           "and machine modules (~15 KiB on x64) included)")
+    needs = {}
     for kind in ("raw", "compressed", "encrypted"):
         httpd, url = serve_in_thread(tmp / kind)
         try:
-            need = _smallest_heap(tmp, rel, url)
+            need = needs[kind] = _smallest_heap(tmp, rel, url)
         finally:
             httpd.shutdown()
         row(f"smallest heap, {kind}", need, "KiB", BEFORE["heap"], "KiB before",
             f"{need / BEFORE['heap']:.2f}x; {need / BEFORE['heap_unsigned']:.2f}x of an unsigned updater "
             f"({BEFORE['heap_unsigned']} KiB); target {HEAP_TARGET} KiB {'met' if need <= HEAP_TARGET else 'not met'}")
+    # the same raw update on a device with a rollout role, NTP and a window of its own, under
+    # the largest rollout document a device reads (docs/rollout.md: 64 targets, 64 excluded, a
+    # window; close to 4 KiB)
+    httpd, url = serve_in_thread(tmp / "raw")
+    try:
+        with_rollout = dict(rel, rollout=_rollout_doc(tmp / "raw", tmp / "keys"))
+        need = _smallest_heap(tmp, with_rollout, url)
+    finally:
+        httpd.shutdown()
+        (tmp / "raw" / "rollout.json").unlink(missing_ok=True)
+    row("smallest heap, raw, rollout role", need, "KiB", needs["raw"], "KiB without",
+        "a 4 KiB rollout.json checked (Ed25519 again) and judged, NTP, a device window")
     # what the agent holds between calls, on the device: the emulated platform is loaded first
     # and not counted (on a board it is C)
     httpd, url = serve_in_thread(tmp / "raw")

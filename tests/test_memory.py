@@ -58,3 +58,33 @@ def test_the_emulated_partition_constructor_takes_what_esp32_partition_c_takes(f
     env = runner.device_env(d.dev, MPOTA_RUNNING="ota_0")
     rc, out = runner.run_micropython(d.dev, ["-c", code], env, "128K")
     assert rc == 0 and out.strip().splitlines()[-1] == "['TypeError', (0, -22), 2]", out
+
+
+def test_with_a_rollout_role_the_1_5_mib_update_still_completes_at_the_floor(server, firmware, signer, make_device,
+                                                                            tmp_path, monkeypatch):
+    # docs/rollout.md: the rollout document is checked (a second Ed25519 verification) and judged
+    # in the manifest stage. The largest document a device takes (64 targets, 40 excluded, 16
+    # stages, a window: about 3.6 KB), NTP, groups and a window of the device's own.
+    import hashlib
+    import time
+    from mpota import deviceconfig, keys, rolloutdoc
+    server.publish(firmware("2.0.0", size=SIZE), signer)
+    keys.generate(tmp_path / "rollout")
+    env = hashlib.sha256((server.root / "manifest.json").read_bytes()).hexdigest()
+    now = int(time.time())
+    always = {"cron": "*/5 * * * *", "duration_s": 86400, "utc_offset_min": 60, "jitter_s": 0}
+    body = rolloutdoc.build(env, "2.0.0", "heap", now - 60, now + 86400,
+                            [{"at": now - 76 + i, "share_bp": 10000} for i in range(16)],
+                            targets={"boards": ["esp32", "unix"], "groups": ["g%02d" % i for i in range(30)],
+                                     "devices": ["dev"] + ["d%02d" % i for i in range(31)]},
+                            exclude=["x-%026d" % i for i in range(40)], window=always)
+    doc = rolloutdoc.sign(body, keys.load_private(tmp_path / "rollout"))
+    assert len(doc) > 3500
+    (server.root / "rollout.json").write_bytes(doc)
+    monkeypatch.setenv("MPOTA_NET_TIME", "host")
+    settings = deviceconfig.rollout_settings([tmp_path / "rollout.pub"], ["g07"], "pool.ntp.org", always)
+    d = make_device(firmware("1.0.0"), server.url, heap=HEAP_FLOOR, rollout=settings)
+    d.run()
+    st = d.status()
+    assert (st["version"], st["last_error"]) == ("2.0.0", None), d.output
+    assert d.state()["rollout_seen"] == now - 60

@@ -97,7 +97,7 @@ def fleet(tmp_path):
 
 
 def set_fleet_url(devices, url: str) -> None:
-    for entry, dev in devices.values():
+    for _entry, dev in devices.values():
         cfg_path = dev.fs / "ota_config.json"
         cfg = json.loads(cfg_path.read_text())
         cfg["fleet"]["url"] = url
@@ -155,7 +155,8 @@ def test_a_healthy_release_spreads_by_itself_and_an_unhealthy_one_halts_in_its_f
                     version[dev.name] = now
             if rnd == 1:
                 assert any(v == "2.0.0" for v in version.values())
-            st = wait_for(admin, rid, lambda s: s["rollout"]["state"] == "complete" or s["rollout"]["issued"] > doc["issued"])
+            seen = doc["issued"]
+            st = wait_for(admin, rid, lambda s, seen=seen: s["rollout"]["state"] == "complete" or s["rollout"]["issued"] > seen)
             if st["rollout"]["state"] == "complete":
                 break
         assert st["rollout"]["state"] == "complete", st["decision"]
@@ -177,7 +178,7 @@ def test_a_healthy_release_spreads_by_itself_and_an_unhealthy_one_halts_in_its_f
         before_halt = (mirror_dir / "rollout.json").read_bytes()
         run_all(devs)
         st = wait_for(admin, rid, lambda s: s["rollout"]["state"] == "halted")
-        assert st["rollout"]["state"] == "halted" and st["rollout"]["stage"] == 0, st["decision"]
+        assert st["rollout"]["state"] == "halted" and st["rollout"]["stage"] == 1, st["decision"]
         assert st["stages"][0]["failed"] == FIRST_BAD and st["stages"][1]["attempts"] == 0, st["stages"]
         mirror.sync(origin.url, mirror_dir, release_pubs, rollout_pubs)
         halted = rolloutdoc.open_document((mirror_dir / "rollout.json").read_bytes(), rollout_pubs)

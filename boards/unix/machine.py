@@ -8,6 +8,8 @@
 # stopped (a second WDT() only changes the timeout); feed() must come within the timeout or the
 # simulator resets the board. The simulator watches the file MPOTA_WDT names: its content is the
 # timeout, its modification time the last feed.
+# RTC() is ports/esp32/machine_rtc.c's, kept across resets and deep sleep and lost at power-on
+# (simrtc.py).
 import os
 import sys
 
@@ -65,3 +67,12 @@ class WDT:
         if path:
             with open(path, "w") as f:
                 f.write(str(self._timeout))
+
+
+def RTC(id=0):
+    # machine.RTC (ports/esp32/machine_rtc.c), emulated in simrtc.py: loaded when asked for and
+    # not kept in sys.modules, so that it costs the heap nothing between uses (on a board it is
+    # C, outside the heap).
+    import simrtc
+    del sys.modules["simrtc"]
+    return simrtc.RTC(id)

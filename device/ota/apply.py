@@ -43,6 +43,11 @@ def update(buf, begun, reboot):
         elif not o.install:
             state.record(st, "up-to-date", None, "running %s" % o.running)
             _log("up to date (%s)" % o.running)
+        elif o.hold and o.hold[0] != "outside-window":
+            # Held back by the rollout document (docs/rollout.md): not a failure of the release,
+            # no back-off, nothing rejected; the next check asks again.
+            state.record(st, "skipped", o.hold[0], "%s: %s" % (o.m.version, o.hold[1]))
+            _log("%s held back: %s (%s)" % (o.m.version, o.hold[0], o.hold[1]))
         elif state.backoff_skip(st, o.digest):
             b = st["backoff"]
             state.record(st, "skipped", "backoff", "release %s failed %d time(s) in a row (last: %s); %d more "
@@ -60,7 +65,12 @@ def update(buf, begun, reboot):
                 if e.kind != TRANSPORT or _progress_mark(st, o.digest) <= mark:
                     state.backoff_fail(st, o.digest, o.m.version, e.code)
                 raise
-            result = "installed"  # the back-off ends when the image confirms itself (trial.py)
+            if o.hold:  # outside-window: in the slot and verified; set to boot by a check inside it
+                state.record(st, "skipped", o.hold[0], "%s is verified in %s and boots at a check inside the "
+                             "maintenance window (%s)" % (o.m.version, o.target.info()[4], o.hold[1]))
+                _log("%s: %s" % (o.hold[0], st["detail"]))
+            else:
+                result = "installed"  # the back-off ends when the image confirms itself (trial.py)
     except OtaError as e:
         retry_after = getattr(e, "retry_after", None)
         if e.code == "reboot-pending":

@@ -3,12 +3,20 @@
 #                     "pubkeys": ["<64 hex>", ...], "board": "esp32", "chip": "esp32",
 #                     "device_id": "dev1", "timeout_s": 10, "ca": "ca.der",
 #                     "progress_every": 16, "aes_keys": ["<64 hex>"], "announce": false,
-#                     "fleet": {"url", "secret", "timeout_s", "interval_s"} (read by ota/ident.py)}
+#                     "fleet": {"url", "secret", "timeout_s", "interval_s"} (read by ota/ident.py),
+#                     "roles": {"release": {"keys": [...], "threshold": 1},
+#                               "rollout": {"keys": [...], "threshold": 1}},
+#                     "groups": ["line-3"], "ntp": "pool.ntp.org", "window": {...}}
 # "server" and each mirror is a release directory URL (manifest.json is fetched from it) or a
 # manifest URL; they are tried in order. "ca" names a DER CA certificate file for https.
 # "progress_every": blocks between saves of the download position (for resuming).
 # "aes_keys": AES-256 keys for encrypted releases, found by key id (first 16 hex digits of
 # SHA-256 of the key); the file is the device's secret, like the Wi-Fi password.
+# "roles" (docs/rollout.md, "Keys and their roles"): the keys trusted for each role; "pubkeys" is
+# the release role when "roles" is absent. With a "rollout" role every install needs a rollout
+# document signed by one of its keys (ota/rollout.py). Thresholds are 1, the only value this
+# agent takes. "groups" (<= 8 names), "ntp" (a host for ntptime) and "window" (the device's own
+# maintenance window, checked by ota/window.py) are read only for rollouts.
 from ota.errors import OtaError, DEVICE
 from ota import jsonfile
 from binascii import unhexlify, hexlify
@@ -58,10 +66,36 @@ def load():
             raise _bad("cannot read the CA certificate %r" % (raw.get("ca"),))
         if not c.ca or len(c.ca) > _MAX_CA:
             raise _bad("the CA certificate %r is empty or over %d bytes" % (raw["ca"], _MAX_CA))
-    keys = raw.get("pubkeys")
-    if not isinstance(keys, list) or not keys or len(keys) > 8:
-        raise _bad("pubkeys must list 1 to 8 Ed25519 public keys (64 hex digits each)")
-    c.pubkeys = [_key32(k, "public key") for k in keys]
+    roles = raw.get("roles")
+    c.rollout_keys = None  # no rollout role: rollout.json is not read (part 1)
+    if roles is None:
+        c.pubkeys = _keys(raw.get("pubkeys"), "pubkeys")
+    elif not isinstance(roles, dict) or not isinstance(roles.get("release"), dict):
+        raise _bad("roles must have a release role: {\"keys\": [...]}")
+    else:
+        c.pubkeys = _role(roles, "release")
+        if roles.get("rollout") is not None:
+            c.rollout_keys = _role(roles, "rollout")
+            if any(k in c.pubkeys for k in c.rollout_keys):  # else the fleet server signs releases
+                raise _bad("a key holds one role: a rollout key is also a release key")
+    c.groups = raw.get("groups") or []
+    if not isinstance(c.groups, list) or len(c.groups) > 8 or \
+            not all(isinstance(g, str) and 0 < len(g) <= 64 for g in c.groups):
+        raise _bad("groups: at most 8 names")
+    c.ntp = raw.get("ntp")
+    if c.ntp is not None and not (isinstance(c.ntp, str) and 0 < len(c.ntp) <= 253):
+        raise _bad("ntp must be a host name")
+    c.window = raw.get("window")
+    if c.window is not None:
+        from ota.window import check
+        try:
+            check(c.window)
+        except ValueError as e:
+            raise _bad("window: %s" % e)
+        finally:
+            check = None
+            import ota
+            ota._drop(("ota.window",))
     c.chip = raw.get("chip", "esp32")
     if c.chip not in CHIP_IDS:
         raise _bad("unknown chip %r" % (c.chip,))
@@ -86,6 +120,22 @@ def load():
 def manifest_url(release):
     # A release directory URL -> its manifest.json; a URL of a .json file is the manifest itself.
     return release if release.endswith(".json") else release.rstrip("/") + "/manifest.json"
+
+
+def _keys(keys, what):
+    if not isinstance(keys, list) or not keys or len(keys) > 8:
+        raise _bad("%s must list 1 to 8 Ed25519 public keys (64 hex digits each)" % what)
+    return [_key32(k, "public key") for k in keys]
+
+
+def _role(roles, name):
+    r = roles[name]
+    if not isinstance(r, dict):
+        raise _bad("roles.%s must be {\"keys\": [...]}" % name)
+    if r.get("threshold", 1) != 1 or r.get("threshold") is True:
+        raise _bad("roles.%s.threshold is %r: this agent takes 1 (one signature by a key of the role)"
+                   % (name, r.get("threshold")))
+    return _keys(r.get("keys"), "roles.%s.keys" % name)
 
 
 def _key32(text, what):

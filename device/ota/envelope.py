@@ -1,6 +1,8 @@
 # DSSE v1 envelope verification: bytes in, the signed payload bytes out, no I/O.
 # The signature is checked over PAE(payloadType, payload) before the payload is parsed, so a
-# hostile manifest body never reaches the JSON parser unless a trusted key signed it.
+# hostile manifest body never reaches the JSON parser unless a trusted key signed it. The same
+# for rollout documents (ota/rollout.py): their own payloadType, checked against the rollout
+# role's keys only, so a key of one role can never sign the other's document.
 from ota import jsonfile
 from binascii import a2b_base64, hexlify
 from hashlib import sha256
@@ -32,16 +34,16 @@ def _b64(s):
     return a2b_base64(s)
 
 
-def open_envelope(data, pubkeys):
+def open_envelope(data, pubkeys, ptype=PAYLOAD_TYPE, what="manifest"):
     # The signed body, or OtaError: the envelope parsed (signed_parts), then its signatures
     # checked (ota/signature.py). ota/offer.py makes the same two steps with this module and the
     # JSON parser forgotten in between, so they and Ed25519 are never in the heap at once.
-    msg, cands = signed_parts(data, pubkeys)
+    msg, cands = signed_parts(data, pubkeys, ptype, what)
     from ota.signature import verified
     return verified(msg, cands)
 
 
-def signed_parts(data, pubkeys):
+def signed_parts(data, pubkeys, want=PAYLOAD_TYPE, what="manifest"):
     # (PAE as its two parts, [(public key, signature) or None per signature by a provisioned
     # key]), or OtaError; nothing is verified here. The envelope is let go before this returns:
     # its 3 KiB base64 string never shares the heap with Ed25519's code and tables.
@@ -53,10 +55,10 @@ def signed_parts(data, pubkeys):
         if not isinstance(ptype, str) or not isinstance(sigs, list):
             raise ValueError
     except (ValueError, TypeError, KeyError, IndexError, AttributeError):
-        raise OtaError("bad-envelope", "manifest is not a DSSE envelope")
+        raise OtaError("bad-envelope", what + " is not a DSSE envelope")
     env = None
-    if ptype != PAYLOAD_TYPE:
-        raise OtaError("bad-payload-type", "payloadType %r is not %s" % (ptype[:64], PAYLOAD_TYPE))
+    if ptype != want:
+        raise OtaError("bad-payload-type", "payloadType %r is not %s" % (ptype[:64], want))
     if len(sigs) > _MAX_SIGS:
         raise OtaError("bad-envelope", "more than %d signatures" % _MAX_SIGS)
     ids = [keyid(k) for k in pubkeys]

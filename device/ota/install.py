@@ -95,15 +95,32 @@ def install(cfg, st, o, mv):
         from ota.raw import fetch
     else:
         from ota.payload import fetch
-    o.big = block_eraser(target)
-    fetch(cfg, st, o, mv, url)  # the payload into the slot (resumed where an earlier try stopped)
-    _verify_flash(target, m, mv)
-    # Remember what we are about to boot before set_boot, so the next boot can tell a
-    # confirmation from a rollback, or from a set_boot that power cut short. The progress
-    # record stays, marking the download complete: a retry only re-checks the slot.
-    sector = otadata.next_sector(otadata.records())
+    p = st.get("progress")
+    if p and p.get("verified") and p.get("digest") == o.digest and p.get("slot") == label:
+        # Downloaded and verified by an earlier check (held by its maintenance window, or a
+        # set_boot() that a power cut stopped): only the slot is read and hashed again below,
+        # when it is to be set to boot.
+        if o.hold:
+            return
+        _log("%s is in %s already: checking it again" % (m.version, label))
+    else:
+        o.big = block_eraser(target)
+        fetch(cfg, st, o, mv, url)  # the payload into the slot (resumed where an earlier try stopped)
+    try:
+        _verify_flash(target, m, mv)
+    except OtaError:
+        st["progress"] = None  # what is in the slot is not the release: the next try starts over
+        raise
+    # The progress record marks the download complete and verified: a retry (a check inside the
+    # maintenance window, a set_boot() cut short) only re-reads and re-hashes the slot.
     st["progress"] = {"digest": o.digest, "slot": label, "done": m.size,
-                      "chunk": len(m.chunks) if m.chunks else 0}
+                      "chunk": len(m.chunks) if m.chunks else 0, "verified": 1}
+    if o.hold:  # outside-window (docs/rollout.md): the set_boot() waits for a check inside it
+        state.save(st)
+        return
+    # Remember what we are about to boot before set_boot, so the next boot can tell a
+    # confirmation from a rollback, or from a set_boot that power cut short.
+    sector = otadata.next_sector(otadata.records())
     st["pending"] = {"digest": o.digest, "version": m.version, "slot": label, "counter": m.counter,
                      "sector": sector, "from": slots.running().info()[4]}
     state.save(st)

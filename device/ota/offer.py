@@ -17,27 +17,71 @@ def _log(msg):
 
 class Offer:
     # The release a source offers and what this device makes of it: m (the parsed manifest),
-    # digest, url, running (version), target (slot), install (bool), rejected (why, or None).
-    pass
+    # digest, url, env (the envelope's SHA-256: the fleet's name for the release), running
+    # (version), target (slot), install (bool), rejected (why, or None), hold (None, or (code,
+    # detail): its rollout document holds it back; ota/rollout.py).
+    hold = None
 
 
-def _fetch_manifest(cfg, url, mv):
-    # Read the manifest into the block buffer `mv`; returns the filled slice. One byte more
-    # than the buffer holds means the manifest is too large: it is refused, not read.
+def _fetch_manifest(cfg, url, mv, code="manifest-too-large", agent=True):
+    # Read the manifest (or a rollout document: `code` for one too large) into the block buffer
+    # `mv`; returns the filled slice. One byte more than the buffer holds means the document is
+    # too large: it is refused, not read.
     from ota import http
-    resp = http.get(url, cfg.timeout_s, 0, cfg.ca, cfg.agent)
+    resp = http.get(url, cfg.timeout_s, 0, cfg.ca, cfg.agent if agent else None)
     try:
         n = resp.length
         if n is not None and n > _MANIFEST_MAX:
-            raise OtaError("manifest-too-large", "%d bytes > %d" % (n, _MANIFEST_MAX))
+            raise OtaError(code, "%d bytes > %d" % (n, _MANIFEST_MAX))
         got = http.read_full(resp, mv[:_MANIFEST_MAX])
         if got == _MANIFEST_MAX and http.read_full(resp, bytearray(1)):
-            raise OtaError("manifest-too-large", "more than %d bytes" % _MANIFEST_MAX)
+            raise OtaError(code, "more than %d bytes" % _MANIFEST_MAX)
         if n is not None and got != n:
-            raise OtaError("truncated", "manifest: %d of %d bytes" % (got, n), TRANSPORT)
+            raise OtaError("truncated", "%s: %d of %d bytes" % (url[url.rfind("/") + 1:], got, n), TRANSPORT)
         return mv[:got]
     finally:
         resp.close()
+
+
+def _rollout(cfg, st, o, mv):
+    # The rollout document beside o's manifest (docs/rollout.md), for a release this device
+    # would install, with a rollout role configured: None (install it), or (held code, detail).
+    # A document that is not one, or not signed by a rollout-role key, is an OtaError of this
+    # source (RELEASE: the next source is tried); a transport error too. The same memory steps
+    # as the manifest's: fetched into the block buffer (o.m is parsed: the buffer is free), the
+    # HTTP client dropped, the envelope parsed and dropped, then the verifier loaded and dropped.
+    import ota
+    from ota import http
+    url = http.join(o.url, "rollout.json")
+    try:
+        data = _fetch_manifest(cfg, url, mv, "rollout-bad", False)
+    except OtaError as e:
+        if e.code == "http-404" or e.code == "http-410":
+            return "rollout-missing", url[:80]
+        raise
+    finally:
+        http = None
+        ota._drop(("ota.http",))
+    try:
+        from ota.envelope import signed_parts
+        msg, cands = signed_parts(data, cfg.rollout_keys, _ROLLOUT_TYPE, "rollout.json")
+        signed_parts = data = None
+        ota._drop(("ota.envelope", "ota.jsonfile"))
+        from ota.signature import verified
+        box = [verified(msg, cands)]  # judge() takes the body out: this frame does not keep it
+    except OtaError as e:
+        c = e.code
+        raise OtaError("rollout-" + c if c == "unknown-key" or c == "bad-signature" else "rollout-bad",
+                       "rollout.json: " + e.detail)
+    finally:
+        signed_parts = verified = data = msg = cands = None
+        ota._drop(_VERIFIER)
+    from ota.rollout import judge
+    try:
+        return judge(cfg, st, o, box)
+    finally:
+        judge = None
+        ota._drop(("ota.rollout", "ota.window", "ota.ident", "ota.jsonfile"))
 
 
 def offer(cfg, st, mv):
@@ -47,7 +91,10 @@ def offer(cfg, st, mv):
     # one for another board, one we rejected) is only skipped: it cannot hide a good mirror
     # listed after it. Returns the offer to install; else one that says we are up to date; else
     # one we rejected before (o.rejected: why); else raises the first bad release's error, or
-    # the last transport error.
+    # the last transport error. With a rollout role, an offer its rollout document holds back
+    # (o.hold) is skipped too, but kept to be answered (skipped, with the code) when no source
+    # offers anything to install; one held only by its maintenance window is installable: the
+    # payload stage downloads it and waits for the window to set it to boot (ota/install.py).
     all_slots = slots.ota_slots()
     run = slots.running()
     act = otadata.active(len(all_slots), otadata.records())
@@ -66,6 +113,7 @@ def offer(cfg, st, mv):
 
 
 _VERIFIER = ("ota.envelope", "ota.signature", "ota.ed25519", "ota.sha512")
+_ROLLOUT_TYPE = "application/vnd.mpota.rollout+json"  # ota/rollout.py's PAYLOAD_TYPE, not loaded for it
 
 
 def _rejected(st, digest):
@@ -84,7 +132,7 @@ def _best_offer(cfg, st, mv, run):
     # running image itself says (esp_app_desc_t.secure_version), whatever the state file holds.
     floor = max(st["floor"], secure)
     target = run.get_next_update()
-    best = same = seen = first_bad = last = None
+    best = same = seen = held = first_bad = last = None
     for url in cfg.manifest_urls:
         try:
             # each source's manifest through the verifier, loaded for it and dropped after it,
@@ -113,6 +161,10 @@ def _best_offer(cfg, st, mv, run):
             o.target = target
             o.install = decide(o.m, cfg, running, floor, target.info()[3])
             o.rejected = _rejected(st, o.digest)
+            if o.install and not o.rejected and cfg.rollout_keys is not None:
+                parse = decide = None
+                ota._drop(("ota.manifest",))  # loaded again for the next source: not at this peak
+                o.hold = _rollout(cfg, st, o, mv)
         except OtaError as e:
             if len(cfg.manifest_urls) > 1:
                 _log("%s: %s (%s)" % (url, e.code, e.detail))
@@ -126,10 +178,15 @@ def _best_offer(cfg, st, mv, run):
             seen = seen or o
             if len(cfg.manifest_urls) > 1:
                 _log("%s: %s was rejected before (%s)" % (url, o.m.version, o.rejected))
-        elif best is None or o.m.version_t > best.m.version_t:
+        elif o.hold and o.hold[0] != "outside-window":
+            held = held or o
+            if len(cfg.manifest_urls) > 1:
+                _log("%s: %s held back: %s" % (url, o.m.version, o.hold[0]))
+        elif best is None or o.m.version_t > best.m.version_t or \
+                (best.hold and not o.hold and o.m.version_t == best.m.version_t):
             best = o
         o = None
-    o = best or same or seen
+    o = best or held or same or seen
     if o is None:
         raise first_bad or last
     return o

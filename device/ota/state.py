@@ -23,6 +23,8 @@
 #   gen          generation of this copy of the state (the newer copy wins)
 #   rejected     releases never to try again (manifest digest, version, reason), newest last
 #   floor        the security counter of the newest confirmed release (anti-rollback)
+#   rollout_seen the newest `issued` of a rollout document accepted (docs/rollout.md): older
+#                ones are replays; the device's time is never earlier
 from ota import jsonfile
 from ota.errors import OtaError, DEVICE
 
@@ -36,7 +38,7 @@ def _fresh():
     # every field, always: a state loaded, changed and compared (save) keeps its key order
     return {"last_result": None, "last_error": None, "detail": "", "pending": None, "progress": None,
             "rejected": [], "floor": 0, "retry_after": None, "rollback": None, "backoff": None,
-            "trials": None, "gen": 0}
+            "trials": None, "rollout_seen": 0, "gen": 0}
 
 
 def load():
@@ -98,7 +100,7 @@ def _sane(st):
     # later update() fail the same way.
     base = _fresh()
     for k, t in (("last_result", str), ("last_error", str), ("detail", str), ("rollback", str),
-                 ("retry_after", int), ("floor", int), ("gen", int)):
+                 ("retry_after", int), ("floor", int), ("rollout_seen", int), ("gen", int)):
         v = st.get(k)
         if isinstance(v, t) and (t is str or v >= 0):
             base[k] = v

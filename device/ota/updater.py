@@ -60,11 +60,13 @@ def begin(buf, source=None):
 
 def _budget_ms(cfg):
     # The whole update() call's deadline, from the config: each source's manifest within 4
-    # timeouts (connect and TLS handshake: 2, headers: 1, body: 1), and a payload as large as the
-    # slot at the minimum rate (4 KiB per 2 timeouts) with room for one interruption.
+    # timeouts (connect and TLS handshake: 2, headers: 1, body: 1), and its rollout document
+    # within 4 more (with a rollout role), and a payload as large as the slot at the minimum
+    # rate (4 KiB per 2 timeouts) with room for one interruption.
     from ota import slots
     blocks = slots.running().get_next_update().info()[3] // 4096
-    return (len(cfg.manifest_urls) * 4 + blocks * 2 + 8) * cfg.timeout_s * 1000
+    per = 4 if cfg.rollout_keys is None else 8
+    return (len(cfg.manifest_urls) * per + blocks * 2 + 8) * cfg.timeout_s * 1000
 
 
 def check(buf):
@@ -87,5 +89,8 @@ def check(buf):
     if o.install and o.rejected:
         return {"update": False, "version": o.m.version, "running": o.running, "error": "rejected",
                 "detail": "release %s was rejected before: %s" % (o.m.version, o.rejected)}
+    if o.install and o.hold:  # held back by its rollout document (docs/rollout.md)
+        return {"update": False, "version": o.m.version, "running": o.running, "error": o.hold[0],
+                "detail": o.hold[1]}
     return {"update": o.install, "version": o.m.version, "running": o.running, "error": None,
             "detail": "" if o.install else "up to date"}

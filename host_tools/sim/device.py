@@ -202,15 +202,16 @@ def create(name: str, pubkeys: list[Path], server: str, firmware: Path, *, root:
            board: str = "unix", heap: str = "128K", source: bool = False, force: bool = False,
            device_id: str | None = None, mirrors: list[str] = (), aes_keys: list[Path] = (),
            ca: Path | None = None, hardware: dict | None = None, fleet: dict | None = None,
-           announce: bool = False) -> SimDevice:
+           announce: bool = False, rollout: dict | None = None) -> SimDevice:
     """`fleet`: the fleet server entry of its config (fleetprov.config_entry); its secret is also
-    kept as devices/NAME/fleet.secret (mode 0600), for `mpota fleet register`."""
+    kept as devices/NAME/fleet.secret (mode 0600), for `mpota fleet register`. `rollout`: the
+    rollout settings (deviceconfig.rollout_settings: rollout keys, groups, ntp, window)."""
     check_name(name)
     info = board_info(board)
     ca_der = deviceconfig.load_ca(ca) if ca is not None else None
     config = deviceconfig.make(pubkeys, server, board=info.get("board_id", board), chip=info["chip"],
                                device_id=device_id or name, mirrors=mirrors, aes_keys=aes_keys, ca=ca_der,
-                               fleet=fleet, announce=announce)
+                               fleet=fleet, announce=announce, rollout=rollout)
     fw = read_input(firmware, "firmware", hint="make one with: mpota sim firmware fw-1.0.0.bin --version 1.0.0")
     img = espimage.parse(fw)
     if img.chip != info["chip"]:

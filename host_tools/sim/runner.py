@@ -64,14 +64,51 @@ def micropython_binary() -> str:
     return found
 
 
+# The simulated board's clock (boards/unix/machine.py RTC): a file holding its offset from the
+# host's clock. ESP-IDF keeps the system time in the RTC timer across every reset and deep sleep
+# and loses it at power-on only, when it starts again at 2000-01-01 (the ESP32 port's epoch).
+RTC_FILE = "rtc"
+EPOCH_2000 = 946684800
+# The simulator's network time, what an NTP server tells the board (boards/unix/ntptime.py):
+# `mpota sim run --net-time`, or this variable of the caller's environment (the tests' way).
+NET_TIME_ENV = "MPOTA_NET_TIME"
+
+
+def net_time_offset(text: str | None) -> str:
+    """MPOTA_NET_TIME for the board: the network time's offset from the host clock in seconds,
+    or "off". `text`: "host" (or None: the host's clock), "off" (no NTP server answers), a UTC
+    time such as 2026-12-01T02:00Z (the network time then runs on from it), or +/-SECONDS."""
+    import datetime
+    text = (text or "host").strip()
+    if text in ("host", "off"):
+        return "0" if text == "host" else "off"
+    if text[0] in "+-" and text[1:].isdigit():
+        return str(int(text))
+    try:
+        when = datetime.datetime.fromisoformat(text.replace("Z", "+00:00").replace("z", "+00:00"))
+    except ValueError:
+        when = None
+    if when is None or when.tzinfo is None:
+        raise SimError(f"network time {text!r} is not host, off, +/-SECONDS or a UTC time",
+                       hint="e.g. --net-time 2026-12-01T02:00Z (it runs on from there), --net-time off "
+                            "(NTP unreachable) or --net-time -3600")
+    return repr(when.timestamp() - time.time())
+
+
+def power_on_clock(dev: SimDevice) -> None:
+    """The RTC at power-on: 2000-01-01T00:00:00, counting from now."""
+    (dev.path / RTC_FILE).write_text(repr(EPOCH_2000 - time.time()))
+
+
 def device_env(dev: SimDevice, **extra) -> dict:
     env = dict(os.environ)
     env.update({
         "MPOTA_FLASH": str(dev.flash.resolve()),
+        "MPOTA_RTC": str((dev.path / RTC_FILE).resolve()),
         # '' (the device filesystem, our cwd), frozen modules (requests), /lib, the platform.
         "MICROPYPATH": ".frozen:%s:%s" % ((dev.fs / "lib").resolve(), dev.platform_dir.resolve()),
     })
-    for k in [k for k in env if k.startswith("MPOTA_") and k != "MPOTA_FLASH"]:
+    for k in [k for k in env if k.startswith("MPOTA_") and k not in ("MPOTA_FLASH", "MPOTA_RTC")]:
         del env[k]  # nothing of the caller's (a fault switch, another device's state) leaks in
     env.update(dev.hardware_env())
     env.update({k: str(v) for k, v in extra.items() if v is not None})
@@ -196,19 +233,24 @@ _NEXT = {"reset": ("reset", HARD_RESET), "panic": ("reset", HARD_RESET),
 
 
 def run(dev: SimDevice, heap: str | None = None, max_boots: int = 8, echo=print,
-        cut: PowerCut | None = None, hang_s: float = HANG_S) -> list[Boot]:
+        cut: PowerCut | None = None, hang_s: float = HANG_S, net_time: str | None = None) -> list[Boot]:
     """Power the device on and let it run until it is idle (main.py returned), stuck at the REPL
     after an uncaught exception, or hung (no progress for `hang_s` seconds and no watchdog to
     end it): boots[-1].exit is "idle", "repl" or "hung". Every reset in between runs the
     bootloader as the board would (see the module's notes). Raises SimError on a reset loop or
-    when no slot holds a bootable image. `cut` cuts the power once at a flash operation."""
+    when no slot holds a bootable image. `cut` cuts the power once at a flash operation.
+    `net_time`: what NTP answers (net_time_offset(); default: $MPOTA_NET_TIME, else the host's
+    clock). Each power-on starts the board's RTC again at 2000-01-01."""
     heap = heap or dev.heap
+    net = net_time_offset(net_time if net_time is not None else os.environ.get(NET_TIME_ENV))
     boots: list[Boot] = []
     wdt = (dev.path / "wdt").resolve()  # what machine.WDT feeds; a chip reset disarms it, a soft reset does not
     start, cause = "power-on", PWRON_RESET
     sel: dict | None = None
     rtc_slot = None  # the partition RTC memory keeps for a wake from deep sleep
     for n in range(1, max_boots + 1):
+        if start == "power-on":
+            power_on_clock(dev)
         if start != "soft-reset":
             wdt.unlink(missing_ok=True)
             sel = bootloader(dev, cut, wake_slot=rtc_slot if start == "deep-sleep wake" else None)
@@ -228,7 +270,8 @@ def run(dev: SimDevice, heap: str | None = None, max_boots: int = 8, echo=print,
             echo(f"[boot {n}] bootloader: {sel['slot']} firmware {sel['version']} ({sel['behavior']}){how}{note}")
         else:
             echo(f"[boot {n}] soft reset: MicroPython restarts in {sel['slot']} (the bootloader does not run)")
-        env = firmware_env(dev, sel, MPOTA_WDT=wdt, MPOTA_RESET_CAUSE=cause, **(cut.env() if cut else {}))
+        env = firmware_env(dev, sel, MPOTA_WDT=wdt, MPOTA_RESET_CAUSE=cause, MPOTA_NET_TIME=net,
+                           **(cut.env() if cut else {}))
         rc, out = run_micropython(dev, ["-m", "firmware"], env, heap, echo=lambda line: echo("    | " + line),
                                   timeout=hang_s, wdt=wdt)
         if cut:
