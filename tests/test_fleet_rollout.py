@@ -169,16 +169,21 @@ def test_installed_then_silent_longer_than_t_is_a_failure():
     assert rollout.evaluate(state(), back, [a], NOW + 601)["stages"][0]["confirmed"] == 1
 
 
-def test_held_codes_and_transport_failures_do_not_count():
+def test_held_codes_transport_failures_and_what_a_source_served_do_not_count():
+    # A refusal of what a source served (a manifest or rollout.json that does not verify, a
+    # payload that does not match its signed hash) can be caused by an unauthenticated peer: it
+    # must not count against the release, or a hostile mirror could halt any rollout.
     first = STAGES[0]
     atts = [attempt(first[0], "refused", "rollout-halted"), attempt(first[1], "refused", "not-in-rollout"),
             attempt(first[2], "failed", "network"), attempt(first[3], "started"),
-            attempt(first[4], "refused", "bad-signature"), attempt(first[5], "refused", "rollout-bad-signature")]
+            attempt(first[4], "refused", "bad-signature"), attempt(first[5], "refused", "rollout-bad-signature"),
+            attempt(first[6], "refused", "hash-mismatch"), attempt(first[7], "refused", "wrong-chip"),
+            attempt(first[8], "rolled-back", "health-failed")]
     ev = rollout.evaluate(state(), fleet(), atts, NOW)
     s = ev["stages"][0]
-    assert (s["failed"], s["pending"], s["confirmed"]) == (2, 4, 0)
-    assert ev["exclude"] == sorted([first[4], first[5]], key=lambda d: first.index(d))
-    for code in rolloutdoc.HELD:
+    assert (s["failed"], s["pending"], s["confirmed"]) == (2, 7, 0)
+    assert ev["exclude"] == [first[7], first[8]]
+    for code in rolloutdoc.HELD + rollout.SOURCE_CODES:
         assert rollout.classify(attempt("x", "refused", code), None, NOW, 60) == ("pending", None)
 
 

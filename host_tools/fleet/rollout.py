@@ -86,6 +86,14 @@ def _fits(body: dict) -> bool:
 
 # ---- one attempt, one device -------------------------------------------------------------------
 
+# Refusals that say something about what a source served, not about what the release key signed:
+# an unauthenticated peer (a broken or hostile mirror, a proxy) can cause them at will, so they
+# never count against the release, or one could halt any rollout by corrupting a few downloads.
+# (A payload that is really broken at the origin never confirms either: its stage does not advance.)
+SOURCE_CODES = rolloutdoc.BAD + ("manifest-too-large", "bad-envelope", "bad-payload-type", "unknown-key",
+                                 "bad-signature", "truncated", "too-long", "hash-mismatch")
+
+
 def classify(a: dict, device: dict | None, now: float, silent_after_s: float) -> tuple[str, str | None]:
     """(confirmed | failed | pending, why) of one attempt row (inventory.ATTEMPT_FIELDS) at `now`."""
     out = a["outcome"]
@@ -95,8 +103,8 @@ def classify(a: dict, device: dict | None, now: float, silent_after_s: float) ->
         return "failed", f"rolled back ({a.get('code') or 'no code'})"
     if out == "refused":
         code = a.get("code")
-        if code in rolloutdoc.HELD:  # held back by the rollout, not a verdict on the release
-            return "pending", None
+        if code in rolloutdoc.HELD or code in SOURCE_CODES:  # held back by the rollout, or what a
+            return "pending", None                           # source served: no verdict on the release
         return "failed", f"refused ({code or 'no code'})"
     if out == "installed":
         dev = device or {}
