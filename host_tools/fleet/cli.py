@@ -530,7 +530,7 @@ def _rollout_parsers(fsub):
              description="Record a rollout of the release in RELEASE_DIR and write its first rollout.json "
                          "(stage 1). A stage advances when --min-devices of its devices confirmed (or all of "
                          "them, if fewer exist) with a failure rate below --max-failure-rate; the rollout halts "
-                         "when a one-sided exact binomial test finds the failure rate above it (p < 0.01), or "
+                         "when a one-sided exact binomial test finds the failure rate above it (p < 0.01/(n(n+1)) on n ended attempts: at most 1 % false alarms), or "
                          "the monitor finds the release a regression.")
     s.add_argument("release_dir", metavar="RELEASE_DIR", help="the release directory (manifest.json; rollout.json "
                                                               "is written there: the server needs write access)")
