@@ -13,6 +13,7 @@
 from __future__ import annotations
 
 import hashlib
+import shutil
 import json
 import os
 import subprocess
@@ -611,6 +612,8 @@ def test_rollout_pages_in_a_browser(tmp_path, rollout_key):
             "sign", "halt", "sign", "start"]
         assert len([e for e in dom.found if e["attrs"].get("class") == "rollout-failure"]) == 4
         b.screenshot(srv.url + "/rollouts/r-bad", tmp_path / "rollout-halted.png", size=(1280, 1100))
+        if os.environ.get("MPOTA_UPDATE_SCREENSHOT") == "1":  # the README's picture of a halted rollout
+            shutil.copyfile(tmp_path / "rollout-halted.png", Path(__file__).resolve().parents[1] / "docs" / "fleet-rollout.png")
         dom = Dom(b.dom(srv.url + "/rollouts/r-good"))
         assert dom.section("rollout-state") == "running" and dom.section("share").startswith("100 %")
         assert dom.by(data_action="hold") or dom.by(data_action="complete")
