@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from mpota import espimage, keys, release
+from mpota import devicepkg, espimage, keys, release
 from mpota.server import serve_in_thread
 from mpota.sim import device, runner
 
@@ -57,6 +57,34 @@ def keydir(tmp_path_factory):
 @pytest.fixture(scope="session")
 def signer(keydir):
     return keys.load_private(keydir / "release")
+
+
+@pytest.fixture(scope="session")
+def rollout_key(tmp_path_factory):
+    """A rollout key pair (docs/rollout.md): the private key's path; its .pub beside it."""
+    d = tmp_path_factory.mktemp("rollout-keys")
+    keys.generate(d / "rollout")
+    return d / "rollout"
+
+
+@pytest.fixture(scope="session")
+def agent(tmp_path_factory):
+    """The agent as a device runs it: .mpy for the unix port (x64), in a lib directory."""
+    lib = tmp_path_factory.mktemp("lib")
+    devicepkg.install_agent(lib, arch="x64")
+    return lib
+
+
+def agent_lines(script: str, agent, tmp_path, cases, heap: str, timeout: int = 240) -> list[str]:
+    """Run `script` on the agent in micropython with `cases` (one JSON value per line in a file,
+    its first argument); it must print one line per case. Returns those lines."""
+    f = tmp_path / "cases.txt"
+    f.write_text("".join(json.dumps(c) + "\n" for c in cases))
+    out = run_micropython(script, f, path=f".frozen:{agent}", tmp_path=tmp_path, heap=heap, cwd=tmp_path,
+                          timeout=timeout)
+    lines = out.splitlines()
+    assert len(lines) == len(cases), out[-2000:]
+    return lines
 
 
 @pytest.fixture(scope="session")

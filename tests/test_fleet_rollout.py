@@ -253,13 +253,6 @@ def test_config_is_checked_with_hints():
 
 # ---- storage and acting on it (SQLite and PostgreSQL) -------------------------------------------
 
-@pytest.fixture(scope="module")
-def rollout_key(tmp_path_factory):
-    d = tmp_path_factory.mktemp("rkeys")
-    keys.generate(d / "rollout")
-    return d / "rollout"
-
-
 def fake_release(path, version=VERSION):
     """A release directory as far as the fleet server reads it: manifest.json (a DSSE envelope)."""
     path.mkdir(parents=True, exist_ok=True)

@@ -12,7 +12,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings, strategies as st
 
 from conftest import run_micropython
-from mpota import devicepkg, dsse, keys
+from mpota import dsse, keys
 
 HARNESS = r"""
 import os
@@ -75,15 +75,6 @@ json_values = st.recursive(
     st.none() | st.booleans() | st.integers(-2**40, 2**40) | st.floats(allow_nan=False) | st.text(max_size=20),
     lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=10), inner, max_size=4),
     max_leaves=12)
-
-
-@pytest.fixture(scope="module")
-def agent(tmp_path_factory):
-    # The agent as a device runs it: .mpy. 128 KiB heap as in the simulator, though here no
-    # emulated esp32 module shares it.
-    lib = tmp_path_factory.mktemp("lib")
-    devicepkg.install_agent(lib, arch="x64")
-    return lib
 
 
 @pytest.fixture(scope="module")

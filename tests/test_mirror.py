@@ -22,13 +22,6 @@ from mpota.server import serve_in_thread
 MPOTA = str(Path(sys.executable).parent / "mpota")
 
 
-@pytest.fixture(scope="module")
-def rollout_key(tmp_path_factory):
-    d = tmp_path_factory.mktemp("rk")
-    keys.generate(d / "rollout")
-    return d / "rollout"
-
-
 @pytest.fixture
 def upstream(tmp_path, firmware, signer, rollout_key):
     """A release with a rollout document, served by the steerable server (it records requests)."""

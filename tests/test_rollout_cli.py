@@ -14,13 +14,6 @@ from mpota.cli import main
 from mpota.server import serve_in_thread
 
 
-@pytest.fixture(scope="module")
-def rollout_key(tmp_path_factory):
-    d = tmp_path_factory.mktemp("rk")
-    keys.generate(d / "rollout")
-    return d / "rollout"
-
-
 @pytest.fixture
 def rel(tmp_path, firmware, signer):
     out = tmp_path / "rel"

@@ -15,8 +15,8 @@ import shutil
 import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from conftest import Server, run_micropython
-from mpota import deviceconfig, devicepkg, dsse, keys, rolloutdoc
+from conftest import Server, agent_lines
+from mpota import deviceconfig, dsse, keys, rolloutdoc
 from mpota.sim import runner
 
 T0 = 1796083200  # 2026-12-01T00:00:00Z
@@ -62,21 +62,8 @@ while True:
 """
 
 
-@pytest.fixture(scope="module")
-def agent(tmp_path_factory):
-    lib = tmp_path_factory.mktemp("lib")
-    devicepkg.install_agent(lib, arch="x64")  # as a device runs it: .mpy
-    return lib
-
-
 def on_device(agent, tmp_path, cases):
-    f = tmp_path / "cases.txt"
-    f.write_text("".join(json.dumps(c) + "\n" for c in cases))
-    out = run_micropython(HARNESS, f, path=f".frozen:{agent}", tmp_path=tmp_path, heap="256K", cwd=tmp_path,
-                          timeout=240)
-    lines = out.splitlines()
-    assert len(lines) == len(cases), out[-2000:]
-    return lines
+    return agent_lines(HARNESS, agent, tmp_path, cases, heap="256K")
 
 
 def _cron_field(rng, lo, hi):

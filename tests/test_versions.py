@@ -12,8 +12,8 @@ from pathlib import Path
 import pytest
 from hypothesis import HealthCheck, given, settings, strategies as st
 
-from conftest import run_micropython
-from mpota import devicepkg, release
+from conftest import agent_lines, run_micropython
+from mpota import release
 
 # Strictly increasing; the versions within a row are equal (semver 2.0.0, section 11, with the
 # additions of docs/versions.md: a leading "v", 1 to 4 numbers, `git describe` suffixes).
@@ -116,20 +116,8 @@ while True:
 """
 
 
-@pytest.fixture(scope="module")
-def agent(tmp_path_factory):
-    lib = tmp_path_factory.mktemp("lib")
-    devicepkg.install_agent(lib, arch="x64")  # as a device runs it: .mpy
-    return lib
-
-
 def device_cmp(agent, tmp_path, pairs):
-    f = tmp_path / "pairs.txt"
-    f.write_text("".join(json.dumps(p) + "\n" for p in pairs))
-    out = run_micropython(HARNESS, f, path=f".frozen:{agent}", tmp_path=tmp_path, heap="64K", cwd=tmp_path,
-                          timeout=120)
-    lines = out.splitlines()
-    assert len(lines) == len(pairs), out[-2000:]
+    lines = agent_lines(HARNESS, agent, tmp_path, pairs, heap="64K", timeout=120)
     return [int(x) if x not in ("x", "y") else x for x in lines]
 
 
