@@ -23,7 +23,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from mpota import dsse, keys, rolloutdoc  # noqa: E402
+from mpota import devicepkg, dsse, keys, rolloutdoc  # noqa: E402
+from mpota.sim.runner import micropython_binary  # noqa: E402
 from mpota.fleet import rollout, rollouts  # noqa: E402
 from mpota.fleet.client import blank_report  # noqa: E402
 from mpota.fleet.protocol import encode_batch, parse_batch  # noqa: E402
@@ -83,10 +84,12 @@ def run(a, tmp):
     evaluated = 0
     rounds = 0
     wall0 = time.perf_counter()
+    docs_read = []  # (the document, how many devices read it): for the agent's own decision below
     while True:
         rounds += 1
         now += a.round_s
         env_bytes = (rel / "rollout.json").read_bytes()
+        docs_read.append((env_bytes, len(waiting), int(now), list(waiting)))
         still = []
         for d in waiting:
             t = time.perf_counter()
@@ -154,7 +157,77 @@ def run(a, tmp):
         f"{t_doc / t_sign:.1f}x")
     row("device decision", f"{t_decide / n_decide * 1e6:.0f}", "us (host)", f"{t_verify * 1e6:.0f}",
         "us dsse.verify", f"{t_decide / n_decide / t_verify:.2f}x ({n_decide} decisions: open_document + decide)")
+    agent_decisions(tmp, docs_read, digest, key.public_key(), t_decide / n_decide)
     store.close()
+
+
+# The agent's own code (device/ota: envelope, signature, Ed25519, rollout), compiled to .mpy and
+# run by the micropython unix port on the same documents: each document verified (as each
+# device does once per check; timed over 8 runs), then checked and decided for every device
+# that read it.
+AGENT = r"""
+import sys, json, time
+from binascii import unhexlify
+from ota.envelope import open_envelope
+from ota.rollout import check, decide
+from ota.jsonfile import loads
+pub = unhexlify(sys.argv[2])
+f = open(sys.argv[1])
+while True:
+    line = f.readline()
+    if not line:
+        break
+    c = json.loads(line)
+    env = c["env"].encode()
+    t = time.ticks_us()
+    n = 8
+    for _ in range(n):
+        body = open_envelope(env, [pub], "application/vnd.mpota.rollout+json", "rollout")
+    t_verify = time.ticks_diff(time.ticks_us(), t) / n
+    t = time.ticks_us()
+    held = 0
+    for d in c["devices"]:
+        doc = loads(body)
+        check(doc)
+        if decide(doc, d, "esp32", [], c["release"], c["now"], True, 0) is not None:
+            held += 1
+    t_decide = time.ticks_diff(time.ticks_us(), t) / max(len(c["devices"]), 1)
+    print(json.dumps([t_verify, t_decide, held]))
+"""
+
+
+def agent_decisions(tmp, docs_read, digest, pub, host_per_device):
+    import subprocess
+    lib = tmp / "agent"
+    devicepkg.install_agent(lib, arch="x64")
+    cases = tmp / "docs.txt"
+    cases.write_text("".join(json.dumps({"env": env.decode(), "devices": devs, "release": digest, "now": now}) + "\n"
+                             for env, _n, now, devs in docs_read))
+    script = tmp / "agent_bench.py"
+    script.write_text(AGENT)
+    r = subprocess.run([micropython_binary(), "-X", "heapsize=512K", str(script), str(cases),
+                        keys.raw_public(pub).hex()],
+                       capture_output=True, text=True, env={"MICROPYPATH": f".frozen:{lib}"}, timeout=1800)
+    if r.returncode:
+        print("  the agent's decision: could not run: " + (r.stderr or r.stdout)[-400:])
+        return
+    out = [json.loads(x) for x in r.stdout.splitlines()]
+    reads = sum(n for _e, n, _t, _d in docs_read)
+    verify = sum(v for v, _d, _h in out) / len(out)
+    decide = sum(d * n for (_v, d, _h), (_e, n, _t, _d2) in zip(out, docs_read)) / reads
+    fleet_s = sum((v + d) * n for (v, d, _h), (_e, n, _t, _d2) in zip(out, docs_read)) / 1e6
+    held = [h for _v, _d, h in out]
+    host_held = []
+    for env, _n, now, devs in docs_read:
+        doc = rolloutdoc.open_document(env, [pub])
+        host_held.append(sum(1 for d in devs if rolloutdoc.decide(doc, d, board="esp32", release=digest, now=now,
+                                                                  clock_known=True) is not None))
+    row("agent: verify a document", f"{verify / 1000:.1f}", "ms (mpy x64)", f"{host_per_device * 1e6:.0f}",
+        "us host decision", f"{verify / 1e6 / host_per_device:.0f}x (Ed25519 in MicroPython, once per check)")
+    row("agent: check + decide", f"{decide:.0f}", "us (mpy x64)", f"{host_per_device * 1e6:.0f}",
+        "us host decision", f"{decide / 1e6 / host_per_device:.2f}x (held per round: {held}; host: {host_held})")
+    row("agent: the whole fleet", f"{fleet_s:.1f}", "device-CPU s", f"{reads}", "document reads",
+        f"{fleet_s / reads * 1000:.1f} ms per device check, {len(out)} documents")
 
 
 if __name__ == "__main__":
