@@ -28,7 +28,7 @@ ED_SRC = ROOT / "device" / "ota" / "ed25519.py"
 
 P = 2**255 - 19
 D = -121665 * pow(121666, P - 2, P) % P
-W = 7            # wNAF width of the base scalars on the device (_WB there)
+W = 5            # wNAF width of the base scalars on the device (_WB there)
 SPLIT = 128      # the second table is for [2^SPLIT]B (_SPLIT there)
 BEGIN = "# --- begin generated tables (scripts/gen_ed25519_table.py) ---"
 END = "# --- end generated tables ---"
