@@ -23,13 +23,14 @@ def block_eraser(target):
     # v1.29, esp32_partition.c) keeps block_size in a uint16_t (65536 becomes 0, which also
     # takes a 4 KiB cache from the heap) and its ioctl(6) refuses (-EINVAL) any erase block but
     # 4096 bytes. Asked once per update, before the download holds its buffers, so that cache
-    # comes and goes while the heap is least used.
+    # comes and goes while the heap is least used. A heap without a free 4 KiB for that cache
+    # is no reason to fail the update: it erases sector by sector, as stock firmware does.
     try:
         from esp32 import Partition
         big = Partition(target.info()[4], 65536)
         if big.ioctl(5, None) == 65536:
             return big
-    except (OSError, TypeError, ValueError):
+    except (OSError, TypeError, ValueError, MemoryError):
         pass
     return None
 

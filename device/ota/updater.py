@@ -32,8 +32,10 @@ def _offer(st, mv, source=None):
         ota._drop(("ota.config",))  # the Config object stays; the parser goes
     if cfg.announce:  # the device names itself in its manifest fetches (ota/ident.py)
         cfg.agent = ota._call("ident", "announce", cfg, st)
-    from ota import http
-    http.limit(_budget_ms(cfg))
+    import time
+    # http.limit(), without loading ota.http for it: a module held by this frame would stay in
+    # the heap through the whole stage, the signature check included
+    ota._until = time.ticks_add(time.ticks_ms(), _budget_ms(cfg))
     from ota.offer import offer
     return cfg, offer(cfg, st, mv)
 
