@@ -397,7 +397,7 @@ print(r['result'], c['detail'], s['version'], held, sorted(k for k in sys.module
     # the first round keeps only the native SHA-512 code (machine code: never reloaded), then nothing
     assert held[0] < 12 * 1024 and held[1] < 512 and held[2] < 512, held
     assert line.endswith("['ota', 'ota._sha512_viper']"), line
-    rc, out = runner.run_micropython(d.dev, ["-c", "import ota\nprint(ota.update()['error'])"], env, "72K")
+    rc, out = runner.run_micropython(d.dev, ["-c", "import ota\nprint(ota.update()['error'])"], env, "60K")
     assert rc == 0 and out.strip().splitlines()[-1] == "no-memory", out
     assert d.status()["last_error"] == "no-memory"
 

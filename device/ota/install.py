@@ -7,8 +7,9 @@
 from micropython import const
 import hashlib
 from ota.errors import OtaError, DEVICE
-from ota import state, http, slots, otadata
-from ota.image import IMAGE_MAGIC
+from ota import state
+
+_IMAGE_MAGIC = const(0xE9)  # ota/image.py's IMAGE_MAGIC (not loaded for the read-back)
 
 _BLOCK = const(4096)
 
@@ -72,30 +73,45 @@ def _verify_flash(target, m, mv):
         k = min(_BLOCK, left)
         target.readblocks(block, mv[:k], 0)
         if block == 0:
-            if mv[0] != 0xFF and mv[0] != IMAGE_MAGIC:
+            if mv[0] != 0xFF and mv[0] != _IMAGE_MAGIC:
                 raise OtaError("flash-mismatch", "the slot's first byte is 0x%02x" % mv[0], DEVICE)
-            mv[0] = IMAGE_MAGIC
+            mv[0] = _IMAGE_MAGIC
         h.update(mv[:k])
         left -= k
         block += 1
     if h.digest() != m.image_sha256:
         raise OtaError("flash-mismatch", "slot content differs from the signed image after writing", DEVICE)
     one = mv[:1]
-    one[0] = IMAGE_MAGIC
+    one[0] = _IMAGE_MAGIC
     target.writeblocks(0, one, 0)
     target.readblocks(0, one, 0)
-    if one[0] != IMAGE_MAGIC:
+    if one[0] != _IMAGE_MAGIC:
         raise OtaError("flash-mismatch", "the image's magic byte did not reach the flash", DEVICE)
+
+
+def _download(cfg, st, o, mv):
+    # The payload into the slot (resumed where an earlier try stopped) by ota/raw.py or, for a
+    # chunked one, ota/payload.py; their code and the HTTP client are forgotten once it is
+    # there: the read-back, the state's saves and set_boot() run without them.
+    import ota
+    from ota import http
+    url = http.join(o.url, o.m.url)
+    http = None
+    try:
+        if o.m.chunks is None:
+            from ota.raw import fetch
+        else:
+            from ota.payload import fetch
+        fetch(cfg, st, o, mv, url)
+    finally:
+        fetch = None
+        o.big = None
+        ota._drop(("ota.raw", "ota.payload", "ota.http", "ota.image"))
 
 
 def install(cfg, st, o, mv):
     m, target = o.m, o.target
     label = target.info()[4]
-    url = http.join(o.url, m.url)
-    if m.chunks is None:
-        from ota.raw import fetch
-    else:
-        from ota.payload import fetch
     p = st.get("progress")
     if p and p.get("verified") and p.get("digest") == o.digest and p.get("slot") == label:
         # Downloaded and verified by an earlier check (held by its maintenance window, or a
@@ -106,7 +122,7 @@ def install(cfg, st, o, mv):
         _log("%s is in %s already: checking it again" % (m.version, label))
     else:
         o.big = block_eraser(target)
-        fetch(cfg, st, o, mv, url)  # the payload into the slot (resumed where an earlier try stopped)
+        _download(cfg, st, o, mv)
     try:
         _verify_flash(target, m, mv)
     except OtaError:
@@ -121,6 +137,7 @@ def install(cfg, st, o, mv):
         return
     # Remember what we are about to boot before set_boot, so the next boot can tell a
     # confirmation from a rollback, or from a set_boot that power cut short.
+    from ota import otadata, slots  # not during the download: that is this stage's peak
     sector = otadata.next_sector(otadata.records())
     st["pending"] = {"digest": o.digest, "version": m.version, "slot": label, "counter": m.counter,
                      "sector": sector, "from": slots.running().info()[4]}

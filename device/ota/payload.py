@@ -164,12 +164,12 @@ class Decoder:
     def _chunk(self, resp, k):
         m, mv = self.m, self.mv
         size, digest = m.chunks[k]
+        import gc
+        gc.collect()  # the previous chunk's reader, cipher and window go before the next's come
         reader = _ChunkReader(resp, size, self._aes(k), self.stage)
         src = reader
         if m.encoding == "deflate":
             import deflate
-            import gc
-            gc.collect()  # the previous chunk's window (2^wbits bytes) goes before the next's
             src = deflate.DeflateIO(reader, deflate.RAW, m.wbits)
         out = min(m.chunk, m.image_size - k * m.chunk)
         block = k * m.chunk // _BLOCK
