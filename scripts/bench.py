@@ -159,7 +159,7 @@ print(dev, ref, first, imp_us, imp_mem, s512, s256, s512py, m._compress_viper is
     row("  free heap one verify needs", f"{need / 1024:.1f}", "KiB", f"{need_ref / 1024:.1f}", "KiB (RFC)",
         f"{need / need_ref:.2f}x")
     row("ota.ed25519 import", f"{imp_us / 1000:.2f}", "ms", f"{imp_mem / 1024:.1f}", "KiB heap",
-        "(with ota.sha512; 6 KiB of it the shipped tables)")
+        "(with ota.sha512; 1.5 KiB of it the shipped tables)")
     kib = 64
     row("SHA-512 (viper)" if native else "SHA-512 (plain, no viper)", f"{kib / (s512 / 1e6):.0f}", "KiB/s",
         f"{kib / (s256 / 1e6):.0f}", "KiB/s C sha256", f"{s512 / s256:.0f}x slower")

@@ -4,6 +4,7 @@
 # folder on MICROPYPATH and names the running slot in MPOTA_RUNNING.
 import os
 import idf
+import idfimage  # set_boot()'s image check: firmware code on a board, loaded with the platform
 from flash import flash, SECTOR
 
 
@@ -104,7 +105,6 @@ class Partition:
         t, st, off, size, label = self._p
         if t != idf.TYPE_APP:
             raise OSError(-0x102)  # ESP_ERR_INVALID_ARG
-        import idfimage
         idfimage.verify_image(off, size)
         slots = idf.ota_slots()
         idf.set_boot([s[2] for s in slots].index(off), len(slots))
