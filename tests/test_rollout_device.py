@@ -438,6 +438,30 @@ def test_a_bad_rollout_document_on_the_primary_fails_over_to_the_mirror(rollout_
         mirror.httpd.server_close()
 
 
+def test_an_older_document_on_the_first_source_does_not_outrun_a_halt_on_the_second(rollout_device, server,
+                                                                                   rollout_keys, tmp_path):
+    # A stale (or replaying) mirror listed first still serves the document from before the
+    # halt; the origin, listed second, serves the halt. Judged in that order in one check, the
+    # stale document must not install the release: the newer document seen in the same check
+    # supersedes it, and the next check refuses the stale one as a replay.
+    mirror_root = tmp_path / "mirror"
+    shutil.copytree(server.root, mirror_root)
+    mirror = Server(mirror_root)
+    try:
+        put_doc(mirror, rollout_keys[1], issued=T0)                     # before the halt: 100 %
+        put_doc(server, rollout_keys[1], issued=T0 + 60, halted="2 of 2 failed")
+        d = rollout_device(urls=mirror.url, mirrors=[server.url])
+        d.run()
+        held(d, "rollout-halted")  # the answer is the newest document's
+        d.run()  # the next check: the mirror's document is refused as a replay, the origin's halts
+        st = d.status()
+        assert (st["version"], st["last_result"]) == ("1.0.0", "skipped"), d.output
+        assert "held back: rollout-replayed" in d.output and "held back: rollout-halted" in d.output, d.output
+    finally:
+        mirror.httpd.shutdown()
+        mirror.httpd.server_close()
+
+
 def test_a_config_with_a_bad_role_is_bad_config(rollout_device, server, rollout_keys):
     d = rollout_device()
     cfg = json.loads(runner.fs_read(d.dev, "ota_config.json"))

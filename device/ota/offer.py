@@ -186,6 +186,14 @@ def _best_offer(cfg, st, mv, run):
                 (best.hold and not o.hold and o.m.version_t == best.m.version_t):
             best = o
         o = None
+    if best and cfg.rollout_keys is not None and getattr(best, "issued", 0) < (st.get("rollout_seen") or 0):
+        # Its rollout document was superseded by a newer one another source served in this same
+        # check (a stale or replaying mirror listed before the origin, whose newer document may
+        # halt the rollout): judged on that order alone, it would install past the halt. Held;
+        # the next check refuses the older document as a replay.
+        best.hold = ("rollout-replayed", "a newer rollout document was seen in this check")
+        held = held or best
+        best = None
     o = best or held or same or seen
     if o is None:
         raise first_bad or last

@@ -172,8 +172,10 @@ def judge(cfg, st, o, box):
     _window_check(doc)
     seen = st.get("rollout_seen") or 0
     code = decide(doc, did, cfg.board, cfg.groups, o.env, t or 0, t is not None, seen, cfg.window, member)
-    if code not in ("rollout-other-release", "rollout-replayed") and doc["issued"] > seen:
-        st["rollout_seen"] = doc["issued"]
+    if code not in ("rollout-other-release", "rollout-replayed"):
+        o.issued = doc["issued"]  # offer.py: a newer document seen later in this check supersedes it
+        if doc["issued"] > seen:
+            st["rollout_seen"] = doc["issued"]
     if code is None:
         return None
     return code, "rollout %s, release %s" % (doc["rollout"], doc["release"][:16])
