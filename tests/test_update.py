@@ -167,6 +167,26 @@ def _tamper(server, firmware, signer, foreign):
     p.write_bytes(data)
 
 
+def _tamper_header(server, firmware, signer, foreign):
+    # Whoever serves the payload breaks its first block (magic byte, then the chip id): that is
+    # the server's doing, not the release's, and the signed hash is what tells the two apart.
+    # A refusal that blamed the release (bad-image, wrong-chip) would count against it in a
+    # rollout (docs/rollout.md), so a hostile mirror could halt any rollout.
+    server.publish(firmware("2.0.0"), signer)
+    p = server.root / firmware("2.0.0").name
+    data = bytearray(p.read_bytes())
+    data[0] = 0x00
+    p.write_bytes(data)
+
+
+def _tamper_chip_id(server, firmware, signer, foreign):
+    server.publish(firmware("2.0.0"), signer)
+    p = server.root / firmware("2.0.0").name
+    data = bytearray(p.read_bytes())
+    data[12] ^= 0x09  # esp_image_header_t.chip_id (uint16 at offset 12)
+    p.write_bytes(data)
+
+
 def _foreign_key(server, firmware, signer, foreign):
     server.publish(firmware("2.0.0"), foreign)
 
@@ -215,9 +235,22 @@ def _too_long(server, firmware, signer, foreign):
 
 
 def _mixed_releases(server, firmware, signer, foreign):
-    # manifest of 2.0.0, payload file of 2.1.0 under the same name (same size)
+    # manifest of 2.0.0, payload file of 2.1.0 under the same name (same size): the server's
+    # mix-up, which the signed hash shows
     server.publish(firmware("2.0.0"), signer)
     (server.root / firmware("2.0.0").name).write_bytes(firmware("2.1.0").read_bytes())
+
+
+def _mixed_releases_signed(server, firmware, signer, foreign):
+    # a manifest for 2.0.0 signed over the image of 2.1.0: the release's own mistake
+    img = firmware("2.1.0").read_bytes()
+    rel = server.publish(firmware("2.0.0"), signer)
+    (server.root / rel.manifest["payload"]["url"]).write_bytes(img)
+    m = dict(rel.manifest)
+    digest = __import__("hashlib").sha256(img).hexdigest()
+    m["image"] = {"size": len(img), "sha256": digest}
+    m["payload"] = dict(m["payload"], size=len(img), sha256=digest)
+    server.write_manifest_body(m, signer)
 
 
 def _garbage_manifest(server, firmware, signer, foreign):
@@ -256,6 +289,8 @@ def _missing_payload(server, firmware, signer, foreign):
 
 REFUSALS = [
     ("tampered payload", _tamper, "hash-mismatch"),
+    ("payload's magic byte tampered in transit", _tamper_header, "hash-mismatch"),
+    ("payload's chip id tampered in transit", _tamper_chip_id, "hash-mismatch"),
     ("foreign key", _foreign_key, "unknown-key"),
     ("manifest changed after signing", _bad_signature, "bad-signature"),
     ("downgrade", _downgrade, "downgrade"),
@@ -263,7 +298,8 @@ REFUSALS = [
     ("wrong chip in the image header", _wrong_chip_in_image, "wrong-chip"),
     ("truncated payload", _truncated, "truncated"),
     ("payload longer than declared", _too_long, "too-long"),
-    ("manifest and payload from different releases", _mixed_releases, "version-mismatch"),
+    ("manifest and payload from different releases", _mixed_releases, "hash-mismatch"),
+    ("a release signed over another release's image", _mixed_releases_signed, "version-mismatch"),
     ("garbage manifest", _garbage_manifest, "bad-envelope"),
     ("oversized manifest", _oversized_manifest, "manifest-too-large"),
     ("unknown critical field", _unknown_critical, "unsupported-critical"),

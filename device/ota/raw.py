@@ -23,6 +23,7 @@ class _Job:
         self.m = o.m
         self.done = 0
         self.h = hashlib.sha256()
+        self.bad = None  # the first block's error, judged only once the payload's hash is known
 
 
 def _rehash(job, mv, chip_id):
@@ -67,8 +68,18 @@ def _download(cfg, job, mv, st, url):
                                TRANSPORT if resp.length is not None else RELEASE)
             block = job.done // _BLOCK
             if block == 0:
-                check_first_block(mv, cfg.chip_id, m.version)
+                try:
+                    check_first_block(mv, cfg.chip_id, m.version)
+                except OtaError as e:
+                    # Not the release's fault until the signed hash says these are its bytes:
+                    # whoever served them could have changed them (and a refusal that blames
+                    # the release counts against it in a rollout). The rest is hashed, not
+                    # written; fetch() then says which it was.
+                    job.bad = e
             job.h.update(mv[:got])
+            if job.bad is not None:
+                job.done += got
+                continue
             if block == 0:
                 mv[0] = 0xFF  # the magic byte goes in last (image.py)
             for i in range(got, _BLOCK):
@@ -113,8 +124,10 @@ def fetch(cfg, st, o, mv, url):
         http.resume(step, lambda: "%d bytes" % job.done)
         if job.h.digest() != m.sha256:
             raise OtaError("hash-mismatch", "payload SHA-256 differs from the signed manifest")
+        if job.bad is not None:
+            raise job.bad  # the signed payload itself: the release's fault
     except OtaError as e:
-        if e.kind == TRANSPORT:
+        if e.kind == TRANSPORT and job.bad is None:
             if job.done:
                 _save_progress(st, job)  # kept for the next update() to resume from
         else:
