@@ -201,7 +201,7 @@ def parse_cron(text) -> tuple[frozenset, ...]:
                 raise RolloutError("rollout-bad", f"window cron field {f!r} is outside {lo}-{hi}")
             vals.update(range(a, b + 1, step_n))
         out.append(frozenset(vals))
-    return tuple(out) + (fields[2] != "*", fields[4] != "*")
+    return tuple(out) + (fields[2][0] != "*", fields[4][0] != "*")  # Vixie cron: "*/2" is unrestricted
 
 
 def _day_matches(cron, days: int) -> bool:

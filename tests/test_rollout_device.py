@@ -408,6 +408,34 @@ def test_outside_the_window_it_downloads_then_installs_inside_without_downloadin
     assert "checking it again" in d.output and "installing" not in d.output
 
 
+def test_a_window_that_closes_during_the_download_holds_the_install(rollout_device, server, rollout_keys,
+                                                                     firmware, signer, monkeypatch):
+    # Open when the document is judged (02:59:58, window 02:00-03:00 UTC), closed by the time the
+    # payload is in the slot: a server that sends one byte every 0.5 ms makes the 8 KiB download
+    # last at least 4 s, whatever the machine. The window is judged again before set_boot().
+    from faultserver import Fault, FaultServer
+    server.publish(firmware("2.0.0", size=8 * 1024), signer)
+    put_doc(server, rollout_keys[1], window={"cron": "0 2 * * *", "duration_s": 3600})
+    slow = FaultServer(server.root).start()
+    try:
+        slow.faults = [Fault(path=".bin", trickle=0.0005)]
+        d = rollout_device(urls=slow.url)
+        otadata = d.otadata()
+        net_time(monkeypatch, "2026-12-01T02:59:58Z")
+        d.run()
+        st = held(d, "outside-window")
+        assert "closed during the download" in st["detail"], st
+        assert d.otadata() == otadata, "nothing set to boot once the window had closed"
+        assert d.state()["progress"]["verified"] == 1
+        slow.faults = []
+        net_time(monkeypatch, "2026-12-02T02:10Z")  # the next window: set to boot, no download
+        d.run()
+        assert d.status()["version"] == "2.0.0", d.output
+        assert "checking it again" in d.output and "installing" not in d.output
+    finally:
+        slow.stop()
+
+
 def test_the_device_window_applies_with_the_documents(rollout_device, server, rollout_keys, monkeypatch):
     d = rollout_device(window=deviceconfig.parse_window("0 3 * * *,3600"))
     put_doc(server, rollout_keys[1], window={"cron": "0 2 * * *", "duration_s": 7200})  # 02:00-04:00
@@ -457,6 +485,24 @@ def test_an_older_document_on_the_first_source_does_not_outrun_a_halt_on_the_sec
         st = d.status()
         assert (st["version"], st["last_result"]) == ("1.0.0", "skipped"), d.output
         assert "held back: rollout-replayed" in d.output and "held back: rollout-halted" in d.output, d.output
+    finally:
+        mirror.httpd.shutdown()
+        mirror.httpd.server_close()
+
+
+def test_a_lagging_mirror_first_does_not_cost_a_check(rollout_device, server, rollout_keys, tmp_path):
+    # The same release on a mirror that still has yesterday's document and on the origin with
+    # today's (both let the device in): the newer document's offer is taken, in this check.
+    mirror_root = tmp_path / "mirror"
+    shutil.copytree(server.root, mirror_root)
+    mirror = Server(mirror_root)
+    try:
+        put_doc(mirror, rollout_keys[1], issued=T0)
+        put_doc(server, rollout_keys[1], issued=T0 + 60)
+        d = rollout_device(urls=mirror.url, mirrors=[server.url])
+        d.run()
+        assert d.status()["version"] == "2.0.0", d.output
+        assert d.state()["rollout_seen"] == T0 + 60
     finally:
         mirror.httpd.shutdown()
         mirror.httpd.server_close()

@@ -109,6 +109,25 @@ def _download(cfg, st, o, mv):
         ota._drop(("ota.raw", "ota.payload", "ota.http", "ota.image"))
 
 
+def _window_closed(o):
+    # The maintenance window was open when the manifest stage judged the rollout document, but
+    # a download can outlast it (a slow link, a window's last minutes): judged again from the
+    # RTC (which NTP set in that stage) before set_boot() and the reset. None if still open.
+    import ota
+    from ota import clock, window
+    try:
+        t = clock.rtc()
+        if t is None:
+            return "no-clock", "the clock was lost during the download"
+        for w, jit in o.windows:
+            if not window.is_open(w, t, jit):
+                return "outside-window", "the window closed during the download"
+        return None
+    finally:
+        clock = window = None
+        ota._drop(("ota.clock", "ota.window"))
+
+
 def install(cfg, st, o, mv):
     m, target = o.m, o.target
     label = target.info()[4]
@@ -132,6 +151,8 @@ def install(cfg, st, o, mv):
     # maintenance window, a set_boot() cut short) only re-reads and re-hashes the slot.
     st["progress"] = {"digest": o.digest, "slot": label, "done": m.size,
                       "chunk": len(m.chunks) if m.chunks else 0, "verified": 1}
+    if not o.hold and getattr(o, "windows", None):
+        o.hold = _window_closed(o)
     if o.hold:  # outside-window (docs/rollout.md): the set_boot() waits for a check inside it
         state.save(st)
         return

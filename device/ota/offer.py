@@ -182,8 +182,11 @@ def _best_offer(cfg, st, mv, run):
             held = held or o
             if len(cfg.manifest_urls) > 1:
                 _log("%s: %s held back: %s" % (url, o.m.version, o.hold[0]))
-        elif best is None or o.m.version_t > best.m.version_t or \
-                (best.hold and not o.hold and o.m.version_t == best.m.version_t):
+        elif best is None or o.m.version_t > best.m.version_t or (o.m.version_t == best.m.version_t and (
+                (best.hold and not o.hold) or
+                (bool(best.hold) == bool(o.hold) and getattr(o, "issued", 0) > getattr(best, "issued", 0)))):
+            # the same release from two sources: the one whose rollout document is newer (a
+            # lagging mirror's older document is superseded by it below anyway)
             best = o
         o = None
     if best and cfg.rollout_keys is not None and getattr(best, "issued", 0) < (st.get("rollout_seen") or 0):

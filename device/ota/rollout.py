@@ -176,6 +176,11 @@ def judge(cfg, st, o, box):
         o.issued = doc["issued"]  # offer.py: a newer document seen later in this check supersedes it
         if doc["issued"] > seen:
             st["rollout_seen"] = doc["issued"]
+    if code is None or code == "outside-window":
+        ws = [w for w in (doc.get("window"), cfg.window) if w]
+        if ws:  # judged again before set_boot() (ota/install.py): a download can outlast a window
+            b = bucket(did, o.env)
+            o.windows = [(w, (b % _PRIME) % (w.get("jitter_s", 0) + 1)) for w in ws]
     if code is None:
         return None
     return code, "rollout %s, release %s" % (doc["rollout"], doc["release"][:16])

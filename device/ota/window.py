@@ -49,7 +49,7 @@ def parse(text):
     if len(fields) != 5:
         raise ValueError("cron %r must have five fields: minute hour day month weekday" % (text,))
     out = [_field(f, r[0], r[1]) for f, r in zip(fields, _RANGES)]
-    return out + [fields[2] != "*", fields[4] != "*"]
+    return out + [fields[2][0] != "*", fields[4][0] != "*"]  # as Vixie cron: "*/2" is unrestricted
 
 
 def _int(w, key, lo, hi, default):

@@ -28,7 +28,7 @@ from .. import BOARDS_DIR, MpotaError, deviceconfig, devicepkg, espimage, partit
 FLASH_SIZE = 4 * 1024 * 1024
 # The smallest heap an update is published to need (README, docs/memory.md); a simulated
 # device runs with it unless told otherwise, and the tests install at it.
-HEAP_FLOOR = "92K"
+HEAP_FLOOR = "96K"
 DEFAULT_ROOT = Path("devices")
 
 # How the simulated board differs from a stock ESP32 with MicroPython's OTA firmware:
