@@ -305,7 +305,8 @@ def next_delay(every: float, failures: int) -> float:
 def run(upstream: str, dest: Path, release_keys: list, rollout_keys: list | None = None, *, every: float,
         timeout: float = 30, iterations: int | None = None, sleep=time.sleep, say=print) -> int:
     """Sync every `every` seconds (forever, or `iterations` times), one line per sync; failures
-    keep the last good copy and back off. Returns the number of failed syncs."""
+    (any exception from one sync: what an upstream sends never ends the loop) keep the last good
+    copy, are printed and back off. Returns the number of failed syncs."""
     failures = total_failed = 0
     n = 0
     while iterations is None or n < iterations:
@@ -317,11 +318,12 @@ def run(upstream: str, dest: Path, release_keys: list, rollout_keys: list | None
             say(f"mirror: {stamp} {describe(res)}")
             for note in res.notes:
                 say(f"mirror:   note: {note}")
-        except (MpotaError, OSError) as e:
+        except Exception as e:  # one sync's failure, whatever the upstream sent, never ends --every
             failures += 1
             total_failed += 1
             kind = ("upstream unreachable" if isinstance(e, fetch.DownloadError) else "refused"
-                    if isinstance(e, MpotaError) else "cannot write the mirror")
+                    if isinstance(e, MpotaError) else "cannot write the mirror" if isinstance(e, OSError)
+                    else f"sync failed ({type(e).__name__})")
             last = (Path(dest) / MANIFEST_NAME).is_file()
             delay = next_delay(every, failures)
             say(f"mirror: {stamp} {kind}: {e}; "

@@ -132,7 +132,7 @@ def open_document(envelope: bytes, trusted: list) -> dict:
         raise RolloutError(code, str(e), e.hint) from None
     try:
         doc = json.loads(body)
-    except ValueError:
+    except (ValueError, RecursionError):
         raise RolloutError("rollout-bad", "the signed body is not JSON") from None
     return check(doc)
 

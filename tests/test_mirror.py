@@ -5,7 +5,9 @@ than signed, endless bytes) is refused and the mirror's last good copy stays as 
 survives an outage; `mpota serve` serves the mirror, rollout.json included."""
 from __future__ import annotations
 
+import base64
 import http.client
+import json
 import os
 import subprocess
 import sys
@@ -16,7 +18,7 @@ from pathlib import Path
 import pytest
 from faultserver import Fault, FaultServer
 
-from mpota import fetch, keys, mirror, release, rollout, rolloutdoc, server as srv
+from mpota import dsse, fetch, keys, mirror, release, rollout, rolloutdoc, server as srv
 from mpota.server import serve_in_thread
 
 MPOTA = str(Path(sys.executable).parent / "mpota")
@@ -293,3 +295,67 @@ def test_cli_sync_exit_status_and_hints(tmp_path, upstream, keydir, rollout_key)
     r = subprocess.run([MPOTA, "mirror", "sync", upstream.url, dest, "--pub", keydir / "release.pub",
                         "--rollout-pub", f"{rollout_key}.pub"], capture_output=True, text=True)
     assert r.returncode == 2 and "private keys" in r.stderr
+
+
+# ---- hostile input never crashes a verifier or the --every loop -----------------------------
+
+BOMB = b"[" * 4000
+
+
+def _env_with(sigs, body=b"{}", ptype=rolloutdoc.PAYLOAD_TYPE) -> bytes:
+    return json.dumps({"payloadType": ptype, "payload": base64.b64encode(body).decode(),
+                       "signatures": sigs}).encode()
+
+
+def test_dsse_verify_refuses_a_nesting_bomb_and_an_unhashable_keyid(pubs, rollout_key):
+    with pytest.raises(dsse.EnvelopeError) as e:
+        dsse.verify(BOMB, pubs[0])
+    assert e.value.code == "bad-envelope"
+    with pytest.raises(dsse.EnvelopeError) as e:
+        dsse.verify(_env_with([{"keyid": []}, {"keyid": {}, "sig": []}]), pubs[1], rolloutdoc.PAYLOAD_TYPE)
+    assert e.value.code == "unknown-key"
+    # a good signature after a junk one still verifies; a junk "sig" beside a trusted keyid is no crash
+    good = json.loads(dsse.sign(b"{}", [keys.load_private(rollout_key)], rolloutdoc.PAYLOAD_TYPE))
+    sig = good["signatures"][0]
+    assert dsse.verify(_env_with([{"keyid": []}, sig]), pubs[1], rolloutdoc.PAYLOAD_TYPE) == b"{}"
+    with pytest.raises(dsse.EnvelopeError) as e:
+        dsse.verify(_env_with([{"keyid": sig["keyid"], "sig": []}]), pubs[1], rolloutdoc.PAYLOAD_TYPE)
+    assert e.value.code == "bad-signature"
+
+
+def test_open_document_refuses_bombs_and_unhashable_keyids(pubs, rollout_key):
+    for env in (BOMB, _env_with([{"keyid": []}])):
+        with pytest.raises(rolloutdoc.RolloutError) as e:
+            rolloutdoc.open_document(env, pubs[1])
+        assert e.value.code in ("rollout-bad", "rollout-unknown-key")
+    # a signed body that is itself a nesting bomb
+    bomb_body = dsse.sign(b"[" * 1000, [keys.load_private(rollout_key)], rolloutdoc.PAYLOAD_TYPE)
+    with pytest.raises(rolloutdoc.RolloutError) as e:
+        rolloutdoc.open_document(bomb_body, pubs[1])
+    assert e.value.code == "rollout-bad"
+
+
+def test_every_survives_hostile_upstream_documents_and_any_exception(tmp_path, upstream, pubs, monkeypatch):
+    dest = tmp_path / "mirror"
+    mirror.sync(upstream.url, dest, *pubs)
+    good = snapshot(dest)
+    lines = []
+    (upstream.root / "rollout.json").write_bytes(_env_with([{"keyid": []}]))
+    assert mirror.run(upstream.url, dest, *pubs, every=60, iterations=1, sleep=lambda d: None,
+                      say=lines.append) == 1
+    (upstream.root / "manifest.json").write_bytes(BOMB)
+    assert mirror.run(upstream.url, dest, *pubs, every=60, iterations=1, sleep=lambda d: None,
+                      say=lines.append) == 1
+    assert snapshot(dest) == good and all("refused" in x and "last good copy" in x for x in lines)
+    # whatever one sync raises, the loop prints it, backs off and goes on
+    calls, delays = [], []
+
+    def boom(*a, **k):
+        calls.append(1)
+        raise (RecursionError if len(calls) == 1 else TypeError("unhashable type: 'list'"))
+    monkeypatch.setattr(mirror, "sync", boom)
+    lines.clear()
+    assert mirror.run(upstream.url, dest, *pubs, every=60, iterations=3, sleep=delays.append,
+                      say=lines.append) == 3
+    assert len(calls) == 3 and "RecursionError" in lines[0] and "unhashable" in lines[1]
+    assert all("serving the last good copy" in x for x in lines) and 60 < delays[0] < delays[1]
