@@ -41,9 +41,9 @@ def pubs(keydir, rollout_key):
 
 
 def snapshot(d: Path) -> dict:
-    """The files a mirror serves (its lock file aside)."""
+    """The files a mirror serves (its lock and state files aside)."""
     return {p.relative_to(d).as_posix(): p.read_bytes() for p in sorted(d.rglob("*"))
-            if p.is_file() and p.name != mirror.LOCK_NAME}
+            if p.is_file() and p.name not in (mirror.LOCK_NAME, mirror.STATE_NAME)}
 
 
 def test_sync_copies_release_and_rollout_and_serve_serves_it(tmp_path, upstream, pubs, rollout_key):
@@ -76,6 +76,7 @@ def test_second_sync_downloads_nothing(tmp_path, upstream, pubs):
     dest = tmp_path / "mirror"
     mirror.sync(upstream.url, dest, *pubs)
     mtimes = {p: p.stat().st_mtime_ns for p in dest.iterdir() if p.name != mirror.LOCK_NAME}
+    assert (dest / mirror.STATE_NAME) in mtimes  # the state file is not rewritten either
     upstream.requests.clear()
     res = mirror.sync(upstream.url, dest, *pubs)
     assert not res.changed and res.bytes == 0 and "up to date" in mirror.describe(res)
@@ -95,10 +96,22 @@ def test_new_release_replaces_the_old_payload_after_the_manifest(tmp_path, upstr
     assert res.version == "1.4.0" and res.removed == [first.payload]
     assert res.downloaded[0] == res.payload  # the payload is published before the manifest that names it
     assert snapshot(dest) == snapshot(upstream.root)
-    # the upstream goes back to 1.3.0: mirrored (withholding is all it amounts to), with a note
+    # the upstream goes back to 1.3.0: refused as a possible replay (devices would refuse the
+    # downgrade anyway: following would only lose the good copy), unless --allow-older
+    before = snapshot(dest)
     release.build(firmware("1.3.0"), upstream.root, [signer])
-    res = mirror.sync(upstream.url, dest, *pubs)
+    with pytest.raises(mirror.MirrorError) as e:
+        mirror.sync(upstream.url, dest, *pubs)
+    assert e.value.code == "release-older" and "1.4.0" in str(e.value) and "--allow-older" in e.value.hint
+    assert snapshot(dest) == before and not list(dest.rglob("*.part"))
+    # even after the mirror's manifest.json is gone (the mark is in the state file)
+    (dest / "manifest.json").unlink()
+    with pytest.raises(mirror.MirrorError) as e:
+        mirror.sync(upstream.url, dest, *pubs)
+    assert e.value.code == "release-older"
+    res = mirror.sync(upstream.url, dest, *pubs, allow_older=True)
     assert res.version == "1.3.0" and any("older than the 1.4.0" in n for n in res.notes)
+    assert mirror.sync(upstream.url, dest, *pubs).version == "1.3.0"  # followed on purpose: the mark moved back
 
 
 def test_rollout_for_another_release_is_mirrored_with_a_note(tmp_path, upstream, pubs, firmware, signer):
@@ -150,6 +163,50 @@ def test_replayed_rollout_is_refused(tmp_path, upstream, pubs, rollout_key):
     e = refused(tmp_path, upstream, pubs, "rollout-replayed",
                 lambda root: (root / "rollout.json").write_bytes(old))
     assert "issued" in str(e)
+
+
+def test_replay_after_a_404_is_refused(tmp_path, upstream, pubs, rollout_key):
+    """An attacker on the upstream link answers 404 for rollout.json once (the mirror drops its
+    copy), then serves the signed pre-halt document: the high-water mark refuses it."""
+    old = (upstream.root / "rollout.json").read_bytes()
+    dest = tmp_path / "mirror"
+    rollout.sign(upstream.root, keys.load_private(rollout_key), halted="boot loops")
+    halt = (upstream.root / "rollout.json").read_bytes()
+    mirror.sync(upstream.url, dest, *pubs)
+    (upstream.root / "rollout.json").unlink()
+    res = mirror.sync(upstream.url, dest, *pubs)
+    assert res.removed == ["rollout.json"] and not (dest / "rollout.json").exists()
+    (upstream.root / "rollout.json").write_bytes(old)
+    with pytest.raises(mirror.MirrorError) as e:
+        mirror.sync(upstream.url, dest, *pubs)
+    assert e.value.code == "rollout-replayed" and not (dest / "rollout.json").exists()
+    # the same halt again is fine; a newer document too
+    (upstream.root / "rollout.json").write_bytes(halt)
+    assert "rollout.json" in mirror.sync(upstream.url, dest, *pubs).downloaded
+    rollout.sign(upstream.root, keys.load_private(rollout_key), halted="still bad", now=10 ** 10 // 10 * 2)
+    assert mirror.sync(upstream.url, dest, *pubs).rollout["halted"] == "still bad"
+
+
+def test_state_file_is_never_served_and_a_damaged_one_is_refused(tmp_path, upstream, pubs):
+    dest = tmp_path / "mirror"
+    mirror.sync(upstream.url, dest, *pubs)
+    state = mirror.read_state(dest)
+    assert list(state["rollout"].values())[0]["issued"] > 0 and list(state["release"].values()) == [{"version": "1.3.0"}]
+    assert (dest / mirror.STATE_NAME).resolve() not in srv.release_files(dest)
+    httpd, url = serve_in_thread(dest)
+    try:
+        host, port = httpd.server_address[:2]
+        c = http.client.HTTPConnection(host, port, timeout=5)
+        c.request("GET", "/" + mirror.STATE_NAME)
+        assert c.getresponse().status == 404
+        c.close()
+    finally:
+        httpd.shutdown()
+        httpd.server_close()
+    (dest / mirror.STATE_NAME).write_bytes(b"[" * 4000)
+    with pytest.raises(mirror.MirrorError) as e:
+        mirror.sync(upstream.url, dest, *pubs)
+    assert e.value.code == "bad-state" and e.value.hint
 
 
 def test_rollout_signed_by_another_key_is_refused(tmp_path, upstream, pubs, keydir):
