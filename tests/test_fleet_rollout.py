@@ -689,3 +689,31 @@ def test_a_rollout_that_cannot_be_written_does_not_stop_the_others(store, rollou
     assert {(e["rollout"], e["action"]) for e in evs} == {("r-gone", "error"), ("r-ok", "advance"), ("r-ok", "sign")}
     assert "cannot write" in next(e["reason"] for e in evs if e["action"] == "error")
     assert store.rollout("r-ok")["stage"] == 1 and store.rollout("r-gone")["document"]["halted"] is None
+
+
+def test_issued_only_from_a_verified_file_and_never_far_ahead_except_a_halt(store, rollout_key, tmp_path, keydir,
+                                                                            capsys):
+    key = rollouts.load_key(rollout_key)
+    rel, _ = fake_release(tmp_path / "rel")
+    # a file near 2**40 that this key did not sign: ignored, with a warning
+    row = rollouts.start(store, key, rel, config(), rollout_id="r-a", now=NOW)
+    doc = dict(opened(rel, rollout_key), issued=2 ** 40 - 10, expires=2 ** 40 - 1)
+    (rel / "rollout.json").write_bytes(rolloutdoc.sign(doc, keys.load_private(keydir / "foreign")))
+    assert rollouts.file_issued(rel, key.public_key()) == 0
+    assert "does not verify" in capsys.readouterr().err
+    rollouts.act(store, key, "r-a", "halt", "pulled", now=NOW + 5)
+    assert opened(rel, rollout_key)["issued"] == int(NOW) + 5 and store.rollout("r-a")["issued"] == int(NOW) + 5
+    # a document this key signed while the clock was 3 days ahead: a new rollout is refused ...
+    rel2, _ = fake_release(tmp_path / "rel2", "3.0.0")
+    ahead = int(NOW) + 3 * 86400
+    rollouts.start(store, key, rel2, config(), rollout_id="r-b", now=ahead)
+    rel3, _ = fake_release(tmp_path / "rel3", "4.0.0")
+    with pytest.raises(Exception, match="issued") as e:
+        rollouts.start(store, key, rel3, config(), rollout_id="r-c", now=NOW + 10)
+    assert "clock" in str(e.value.hint) and not (rel3 / "rollout.json").exists()
+    # ... but a halt is signed (last + 1) with a warning
+    rollouts.act(store, key, "r-b", "halt", "boot loops", now=NOW + 20)
+    doc = opened(rel2, rollout_key)
+    assert doc["halted"] == "boot loops" and doc["issued"] == ahead + 1
+    assert "halt is signed" in capsys.readouterr().err
+    assert row["id"] == "r-a"
