@@ -717,3 +717,27 @@ def test_issued_only_from_a_verified_file_and_never_far_ahead_except_a_halt(stor
     assert doc["halted"] == "boot loops" and doc["issued"] == ahead + 1
     assert "halt is signed" in capsys.readouterr().err
     assert row["id"] == "r-a"
+
+
+def test_a_document_written_before_a_failed_commit_is_replaced_at_the_next_tick(store, rollout_key, tmp_path,
+                                                                               monkeypatch):
+    key = rollouts.load_key(rollout_key)
+    rel, _ = fake_release(tmp_path / "rel")
+    rollouts.start(store, key, rel, config(stages_bp=[5000, 10000]), rollout_id="r-x", now=NOW)
+    rollouts.act(store, key, "r-x", "pause", "wait", now=NOW)  # paused: no tick would sign anything
+    before = store.rollout("r-x")
+
+    def fail(*a, **k):
+        raise RuntimeError("the database went away at commit")
+    with monkeypatch.context() as m:
+        m.setattr(store, "_bump", fail)
+        with pytest.raises(RuntimeError):
+            rollouts.act(store, key, "r-x", "halt", "pulled", now=NOW + 1)
+    assert opened(rel, rollout_key)["halted"] == "pulled"  # signed, written, but not committed
+    assert store.rollout("r-x")["state"] == "paused" and store.rollout("r-x")["rev"] == before["rev"]
+    evs = rollouts.tick(store, key, holder="h", now=NOW + 2)
+    assert [(e["action"], e["reason"]) for e in evs] == [("sign", "file")]
+    row = store.rollout("r-x")
+    doc = opened(rel, rollout_key)
+    assert doc == row["document"] and doc["halted"] is None and doc["issued"] > int(NOW) + 1
+    assert rollouts.tick(store, key, holder="h", now=NOW + 3) == []  # consistent now: nothing to do

@@ -1,7 +1,8 @@
 """Acting on rollouts (docs/rollout.md "Fleet server"): start one, pause, resume or halt it by
 hand, and tick(): evaluate the active rollouts with the policy (rollout.py) and record what it
 decides; sign RELEASE_DIR/rollout.json again (temp file, then os.replace) when the stage
-advances, the rollout halts, the penalty box grows, or half of the document's validity passed.
+advances, the rollout halts, the penalty box grows, half of the document's validity passed, or
+the file on disk is not the database's document (e.g. written before a commit that failed).
 
 Every change is one database transaction (storage.change_rollout) that locks the rollout's row
 and the `issued` counter; the file is replaced inside it, so two signers never interleave and
@@ -82,6 +83,14 @@ def file_issued(release_dir, pub=None) -> int:
     if warn:
         print(f"mpota fleet: {p}: {warn}", file=sys.stderr, flush=True)
     return prev["issued"] if prev else 0
+
+
+def disk_document(release_dir, pub) -> dict | None:
+    """The body of the rollout.json on disk if it verifies with `pub`, else None."""
+    try:
+        return rolloutdoc.open_document((Path(release_dir) / DOCUMENT_NAME).read_bytes(), [pub])
+    except (OSError, rolloutdoc.RolloutError):
+        return None
 
 
 def write_document(release_dir, envelope: bytes) -> Path:
@@ -228,6 +237,9 @@ def step(store, key, row: dict, now: float, *, regressions=None) -> list[dict]:
             new.update(changes)
         wanted = rollout.content(rollout.document(new, max(int(now), 1), exclude))
         why = rollout.resign_reason(cur["document"], wanted, now)
+        if why is None and key is not None and cur["document"] is not None \
+                and disk_document(cur["path"], key.public_key()) != cur["document"]:
+            why = "file"  # not the database's document (e.g. written before a commit that failed)
         issued = None
         if why is not None and key is not None:
             issued, body = _sign(new, key, last, exclude, now)
