@@ -679,12 +679,12 @@ def cmd_mirror_sync(a):
               f"mpota serve {a.dir}", flush=True)
         try:
             mirror.run(a.upstream, dest, release_keys, rollout_keys, every=a.every, timeout=a.timeout,
-                       say=lambda line: print(line, flush=True))
+                       allow_older=a.allow_older, say=lambda line: print(line, flush=True))
         except KeyboardInterrupt:
             print("mirror: stopped")
         return 0
     print(f"mirror: {a.upstream} -> {dest.resolve()}", flush=True)
-    res = mirror.sync(a.upstream, dest, release_keys, rollout_keys, timeout=a.timeout)
+    res = mirror.sync(a.upstream, dest, release_keys, rollout_keys, timeout=a.timeout, allow_older=a.allow_older)
     print(f"mirror: {mirror.describe(res)}")
     for note in res.notes:
         print(f"mirror: note: {note}")
@@ -968,7 +968,8 @@ def build_parser() -> argparse.ArgumentParser:
                         description="Fetch UPSTREAM/manifest.json and verify it with the release key, fetch the "
                                     "payload it names (bounded by its signed size; size and SHA-256 checked), "
                                     "fetch rollout.json if there is one and verify it with the rollout key "
-                                    "(one older than the mirror's copy is refused as a replay), then publish into "
+                                    "(one older than any the mirror published is refused as a replay, even after a 404; "
+                                    "so is an older release, unless --allow-older), then publish into "
                                     "DIR by renames: payload, manifest.json, rollout.json; the payload no longer "
                                     "named is removed. A refused or failed sync changes nothing. Unchanged files "
                                     "are not downloaded again. Serve DIR with `mpota serve DIR`.")
@@ -982,6 +983,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "and backs off (to at most 15 min, or SECONDS if longer)")
     s.add_argument("--timeout", type=_timeout, default=30, metavar="SECONDS",
                    help="network timeout per request (default 30)")
+    s.add_argument("--allow-older", action="store_true",
+                   help="follow an upstream that went back to an older release than the mirror published (refused "
+                        "by default as a possible replay: devices refuse the downgrade anyway)")
     s.set_defaults(func=cmd_mirror_sync)
 
     s = sub.add_parser("boards", help="list the board definitions in boards/")

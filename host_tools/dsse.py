@@ -51,7 +51,7 @@ def verify(envelope: bytes, trusted: list[Ed25519PublicKey], payload_type: str =
         body = base64.b64decode(payload, validate=True)
         if not isinstance(ptype, str) or not isinstance(sigs, list):
             raise TypeError
-    except (ValueError, KeyError, TypeError, binascii.Error):
+    except (ValueError, KeyError, TypeError, binascii.Error, RecursionError):  # RecursionError: a nesting bomb
         raise EnvelopeError("bad-envelope", f"{what} is not a DSSE envelope") from None
     if ptype != payload_type:
         raise EnvelopeError("bad-payload-type", f"payloadType is {ptype!r}, expected {payload_type!r}")
@@ -59,13 +59,13 @@ def verify(envelope: bytes, trusted: list[Ed25519PublicKey], payload_type: str =
     msg = pae(ptype, body)
     known = False
     for s in sigs:
-        if not isinstance(s, dict) or s.get("keyid") not in by_id:
+        if not isinstance(s, dict) or not isinstance(s.get("keyid"), str) or s["keyid"] not in by_id:
             continue
         known = True
         try:
             by_id[s["keyid"]].verify(base64.b64decode(s.get("sig", ""), validate=True), msg)
             return body
-        except (InvalidSignature, ValueError, binascii.Error):
+        except (InvalidSignature, ValueError, TypeError, binascii.Error):
             continue
     if not known:
         ids = ", ".join(str(s.get("keyid")) for s in sigs if isinstance(s, dict)) or "none"

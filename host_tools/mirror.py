@@ -3,11 +3,18 @@
 A sync fetches the upstream's manifest.json and verifies it with the release key, fetches the
 payload it names (streamed to a temporary file, never more than the signed size, then size and
 SHA-256 checked), fetches rollout.json if the upstream has one and verifies it with the rollout
-key, refusing one older than the mirror's copy (a replay), and only then publishes into the
+key, refusing one older than the mirror's copy or than any it ever published (a replay), and
+only then publishes into the
 mirror directory, each file by a rename, in an order that never shows a device a manifest
 whose payload is missing: the payload, then manifest.json, then rollout.json; the payload the
 previous manifest named goes last. A sync that fails publishes nothing: the mirror keeps serving
 its last good copy. Unchanged files are neither downloaded nor rewritten.
+
+DIR/.mirror-state keeps high-water marks that outlive the published files: the largest rollout
+`issued` published (per rollout key set) and the newest release version published (per release
+key set). An upstream 404 for rollout.json removes the mirror's copy but not the mark, so a
+replayed pre-halt document after a 404 is still refused; an older release is refused unless
+allow_older.
 
 A mirror holds no private key: it can withhold what the upstream publishes, never forge it
 (docs/rollout.md, "Edge mirrors").
@@ -16,6 +23,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import hashlib
 import json
 import os
 import posixpath
@@ -27,11 +35,13 @@ from pathlib import Path
 
 from . import MpotaError, dsse, fetch, rolloutdoc, server
 from .release import MANIFEST_MAX, MANIFEST_NAME, ReleaseError, check_manifest, compare_versions, parse_version, sha256_file
+from .keys import keyid
 from .rollout import ROLLOUT_NAME, release_digest
 
 TMP_PREFIX = ".mirror-"    # temporary files: never *.json, so `mpota serve` never serves one
 TMP_SUFFIX = ".part"
 LOCK_NAME = ".mirror-lock"
+STATE_NAME = ".mirror-state"  # high-water marks (JSON); not *.json and not an envelope: never served
 FILE_MODE = 0o644         # published files are public: any web server's user reads them
 BACKOFF_CAP_S = 900        # after failures, wait at most this long (or --every, if longer)
 
@@ -120,6 +130,35 @@ def check_mirror_dir(dest: Path) -> None:
         p.unlink(missing_ok=True)
 
 
+def _keyset(pubs: list) -> str:
+    return ",".join(sorted(keyid(k) for k in pubs))
+
+
+def read_state(dest: Path) -> dict:
+    """DIR/.mirror-state: {"rollout": {keyset: {"issued", "sha256"}}, "release": {keyset: {"version"}}}.
+    A state file that cannot be read is refused (the marks guard against replays: never guessed)."""
+    path = Path(dest) / STATE_NAME
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError:
+        return {"rollout": {}, "release": {}}
+    except OSError as e:
+        raise MirrorError("bad-state", f"cannot read {path}: {e.strerror}") from None
+    try:
+        st = json.loads(data)
+        if not (isinstance(st, dict) and isinstance(st.get("rollout"), dict) and isinstance(st.get("release"), dict)):
+            raise ValueError
+        return st
+    except (ValueError, RecursionError):
+        raise MirrorError("bad-state", f"{path} is not the mirror's state file",
+                          hint="it holds the replay high-water marks; if it was damaged, check the upstream by hand, "
+                               "then remove it (the next sync starts new marks from what it publishes)") from None
+
+
+def _write_state(dest: Path, st: dict) -> None:
+    _publish_bytes(dest / STATE_NAME, json.dumps(st, sort_keys=True, indent=1).encode() + b"\n")
+
+
 @contextlib.contextmanager
 def _locked(dest: Path):
     """One sync at a time per mirror directory (an fcntl lock on DIR/.mirror-lock: it ends with
@@ -140,7 +179,7 @@ def _locked(dest: Path):
 
 
 def sync(upstream: str, dest: Path, release_keys: list, rollout_keys: list | None = None, *,
-         timeout: float = 30) -> SyncResult:
+         timeout: float = 30, allow_older: bool = False) -> SyncResult:
     """One sync of the release at `upstream` (an http(s) release directory URL) into `dest`.
     MirrorError for what the mirror refuses, fetch.DownloadError for transport problems; in both
     cases `dest` is left as it was."""
@@ -154,11 +193,15 @@ def sync(upstream: str, dest: Path, release_keys: list, rollout_keys: list | Non
     dest = Path(dest)
     dest.mkdir(parents=True, exist_ok=True)
     with _locked(dest):
-        return _sync(base, dest, release_keys, rollout_keys, timeout)
+        return _sync(base, dest, release_keys, rollout_keys, timeout, allow_older)
 
 
-def _sync(base: str, dest: Path, release_keys: list, rollout_keys: list | None, timeout: float) -> SyncResult:
+def _sync(base: str, dest: Path, release_keys: list, rollout_keys: list | None, timeout: float,
+          allow_older: bool = False) -> SyncResult:
     check_mirror_dir(dest)
+    state = read_state(dest)
+    rel_ks = _keyset(release_keys)
+    mark_version = (state["release"].get(rel_ks) or {}).get("version")
     t0 = time.monotonic()
 
     # 1. the manifest: signed by the release key, fields as a device checks them
@@ -205,6 +248,14 @@ def _sync(base: str, dest: Path, release_keys: list, rollout_keys: list | None, 
                               f"the mirror's copy ({_iso(cur['issued'])}): an old document replayed",
                               hint="the signer keeps issued strictly increasing; the upstream (or a cache in "
                                    "front of it) serves a stale copy. The mirror keeps its copy")
+        mark = state["rollout"].get(_keyset(rollout_keys)) or {}
+        if isinstance(mark.get("issued"), int) and (
+                doc["issued"] < mark["issued"]
+                or doc["issued"] == mark["issued"] and hashlib.sha256(new_rollout).hexdigest() != mark.get("sha256")):
+            raise MirrorError("rollout-replayed", f"upstream rollout.json was issued {_iso(doc['issued'])}, before the "
+                              f"newest document this mirror has published ({_iso(mark['issued'])}): an old document "
+                              "replayed", hint=f"the mirror remembers it in {STATE_NAME} even when the upstream "
+                              "answered 404 for rollout.json meanwhile; it keeps its copy")
         if doc["release"] != digest:
             res.notes.append(f"rollout.json names release {doc['release'][:12]}…, not this manifest "
                              f"({digest[:12]}…): devices hold back (rollout-other-release) until it is re-signed")
@@ -247,6 +298,32 @@ def _sync(base: str, dest: Path, release_keys: list, rollout_keys: list | None, 
             parse_version(old_version)  # a version a device can order, or no comparison
         except (MpotaError, ValueError, KeyError, TypeError):
             old_rel = old_version = None
+    newest = old_version
+    if mark_version is not None:
+        try:
+            parse_version(mark_version)
+            if newest is None or compare_versions(mark_version, newest) > 0:
+                newest = mark_version
+        except (ValueError, ReleaseError, TypeError):
+            pass
+    if newest is not None and compare_versions(m["version"], newest) < 0:
+        if not allow_older:
+            if staged is not None:
+                os.unlink(staged)
+            raise MirrorError("release-older", f"the upstream's {m['version']} is older than the {newest} this mirror "
+                              "has published: possibly an old release replayed; the mirror keeps its copy",
+                              hint="devices refuse a downgrade anyway, so following would only lose the good copy; "
+                                   "if the upstream went back on purpose, sync once with --allow-older")
+        res.notes.append(f"the upstream's {m['version']} is older than the {newest} the mirror had: devices "
+                         f"on {newest} refuse it (downgrade); followed (--allow-older)")
+    # the marks first: they never lag what is published (a sync killed after this publishes the same again)
+    new_state = {"rollout": dict(state["rollout"]), "release": dict(state["release"])}
+    new_state["release"][rel_ks] = {"version": m["version"]}  # newer, the same, or older by --allow-older
+    if res.rollout is not None:
+        new_state["rollout"][_keyset(rollout_keys)] = {"issued": res.rollout["issued"],
+                                                       "sha256": hashlib.sha256(new_rollout).hexdigest()}
+    if new_state != state:
+        _write_state(dest, new_state)
     if staged is not None:
         os.replace(staged, target)
         res.downloaded.append(rel)
@@ -261,9 +338,6 @@ def _sync(base: str, dest: Path, release_keys: list, rollout_keys: list | None, 
         res.removed.append(ROLLOUT_NAME)
         res.notes.append("the upstream has no rollout.json: the mirror's copy is removed (devices with a rollout "
                          "role hold back: rollout-missing)")
-    if old_version is not None and compare_versions(m["version"], old_version) < 0:
-        res.notes.append(f"the upstream's {m['version']} is older than the {old_version} the mirror had: devices "
-                         f"on {old_version} refuse it (downgrade); the mirror follows the upstream")
     if old_rel and old_rel != rel and (dest / old_rel).is_file():
         (dest / old_rel).unlink()
         res.removed.append(old_rel)
@@ -303,25 +377,27 @@ def next_delay(every: float, failures: int) -> float:
 
 
 def run(upstream: str, dest: Path, release_keys: list, rollout_keys: list | None = None, *, every: float,
-        timeout: float = 30, iterations: int | None = None, sleep=time.sleep, say=print) -> int:
+        timeout: float = 30, allow_older: bool = False, iterations: int | None = None, sleep=time.sleep, say=print) -> int:
     """Sync every `every` seconds (forever, or `iterations` times), one line per sync; failures
-    keep the last good copy and back off. Returns the number of failed syncs."""
+    (any exception from one sync: what an upstream sends never ends the loop) keep the last good
+    copy, are printed and back off. Returns the number of failed syncs."""
     failures = total_failed = 0
     n = 0
     while iterations is None or n < iterations:
         n += 1
         stamp = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
         try:
-            res = sync(upstream, dest, release_keys, rollout_keys, timeout=timeout)
+            res = sync(upstream, dest, release_keys, rollout_keys, timeout=timeout, allow_older=allow_older)
             failures = 0
             say(f"mirror: {stamp} {describe(res)}")
             for note in res.notes:
                 say(f"mirror:   note: {note}")
-        except (MpotaError, OSError) as e:
+        except Exception as e:  # one sync's failure, whatever the upstream sent, never ends --every
             failures += 1
             total_failed += 1
             kind = ("upstream unreachable" if isinstance(e, fetch.DownloadError) else "refused"
-                    if isinstance(e, MpotaError) else "cannot write the mirror")
+                    if isinstance(e, MpotaError) else "cannot write the mirror" if isinstance(e, OSError)
+                    else f"sync failed ({type(e).__name__})")
             last = (Path(dest) / MANIFEST_NAME).is_file()
             delay = next_delay(every, failures)
             say(f"mirror: {stamp} {kind}: {e}; "

@@ -222,11 +222,19 @@ def sign(release_dir: Path, key, *, now: int | None = None, stages: str | None =
     check_roles(manifest_bytes, key)
     digest = release_digest(manifest_bytes)
     path = release_dir / ROLLOUT_NAME
-    prev = envelope_payload(path.read_bytes()) if path.is_file() else None
-    prev_issued = prev.get("issued") if prev and isinstance(prev.get("issued"), int) else None
-    issued = max(now, prev_issued + 1) if prev_issued is not None else now
     notes = []
-    if prev_issued is not None and prev_issued > now:
+    # the previous issued only from a document this key signed: a file anyone wrote could pin it
+    prev, warn = rolloutdoc.previous_issued(path.read_bytes() if path.is_file() else None, key.public_key())
+    if warn:
+        notes.append(warn)
+    prev_issued = prev["issued"] if prev else None
+    try:
+        issued, warn = rolloutdoc.next_issued(prev_issued, now, halt=halted is not None)
+    except rolloutdoc.RolloutError as e:
+        raise RolloutSignError(e.code, str(e), e.hint) from None
+    if warn:
+        notes.append(warn)
+    elif prev_issued is not None and prev_issued >= now:
         notes.append(f"issued {iso(issued)}: one second after the previous document's, which is ahead of this "
                      "clock (issued only goes up: devices refuse an older one as a replay)")
 
@@ -257,6 +265,8 @@ def sign(release_dir: Path, key, *, now: int | None = None, stages: str | None =
                                    hint="a duration after issued (7d, 36h) or a time (2026-12-31T00:00Z)") from None
     else:
         exp = issued + (DEFAULT_VALID_S if valid_for is None else valid_for)
+    if halted is not None:
+        exp = min(exp, rolloutdoc.ISSUED_MAX)  # a halt is signable while issued fits at all
     if exp <= issued:
         raise RolloutSignError("bad-expiry", f"the document would expire at {iso(exp)}, not after it is issued "
                                f"({iso(issued)})", hint="give a later --expires, e.g. 7d")

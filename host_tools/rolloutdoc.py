@@ -132,9 +132,47 @@ def open_document(envelope: bytes, trusted: list) -> dict:
         raise RolloutError(code, str(e), e.hint) from None
     try:
         doc = json.loads(body)
-    except ValueError:
+    except (ValueError, RecursionError):
         raise RolloutError("rollout-bad", "the signed body is not JSON") from None
     return check(doc)
+
+
+# ---- the next `issued` -----------------------------------------------------------------------
+
+ISSUED_SLACK_S = 86400   # how far ahead of the signer's clock `issued` may be pushed by the previous one
+ISSUED_MAX = 2 ** 40 - 1
+
+
+def previous_issued(envelope: bytes | None, pub) -> tuple[dict | None, str | None]:
+    """(the previous document's body, None) if `envelope` verifies with the signer's own public
+    key; (None, a warning) if it does not (its `issued` is not taken: anyone who can write the
+    file could otherwise pin `issued` far ahead); (None, None) if there is none."""
+    if envelope is None:
+        return None, None
+    try:
+        return open_document(envelope, [pub]), None
+    except RolloutError as e:
+        return None, (f"warning: the rollout.json on disk does not verify with this rollout key ({e.code}): "
+                      "its issued is ignored")
+
+
+def next_issued(last: int | None, now: float, *, halt: bool, slack: int = ISSUED_SLACK_S) -> tuple[int, str | None]:
+    """(issued, a warning or None): max(now, last + 1), strictly increasing. Refused
+    (RolloutError "issued-ahead") when that is more than `slack` ahead of `now` (the clock, or
+    the previous document, is wrong), except for a halt, which is always signed (last + 1)."""
+    now = int(now)
+    issued = max(now, (last or 0) + 1)
+    if issued - now <= slack:
+        return issued, None
+    ahead = f"the previous document was issued {issued - 1 - now} s after this clock's now"
+    if halt:
+        return issued, (f"warning: {ahead}; the halt is signed with issued = previous + 1 anyway (a halt must "
+                        "always get out): check this clock and the previous document")
+    raise RolloutError("issued-ahead", f"{ahead} (more than the {slack} s allowed): signing would push issued "
+                       "that far ahead for good",
+                       hint="either this clock is wrong (fix it: NTP) or the previous document is (a clock that once "
+                            "jumped ahead signed it); a halt is still signed. To start over, sign with a new rollout "
+                            "key that devices trust, or remove the bad document once devices no longer hold it")
 
 
 # ---- where a device stands -----------------------------------------------------------------

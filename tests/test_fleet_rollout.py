@@ -689,3 +689,55 @@ def test_a_rollout_that_cannot_be_written_does_not_stop_the_others(store, rollou
     assert {(e["rollout"], e["action"]) for e in evs} == {("r-gone", "error"), ("r-ok", "advance"), ("r-ok", "sign")}
     assert "cannot write" in next(e["reason"] for e in evs if e["action"] == "error")
     assert store.rollout("r-ok")["stage"] == 1 and store.rollout("r-gone")["document"]["halted"] is None
+
+
+def test_issued_only_from_a_verified_file_and_never_far_ahead_except_a_halt(store, rollout_key, tmp_path, keydir,
+                                                                            capsys):
+    key = rollouts.load_key(rollout_key)
+    rel, _ = fake_release(tmp_path / "rel")
+    # a file near 2**40 that this key did not sign: ignored, with a warning
+    row = rollouts.start(store, key, rel, config(), rollout_id="r-a", now=NOW)
+    doc = dict(opened(rel, rollout_key), issued=2 ** 40 - 10, expires=2 ** 40 - 1)
+    (rel / "rollout.json").write_bytes(rolloutdoc.sign(doc, keys.load_private(keydir / "foreign")))
+    assert rollouts.file_issued(rel, key.public_key()) == 0
+    assert "does not verify" in capsys.readouterr().err
+    rollouts.act(store, key, "r-a", "halt", "pulled", now=NOW + 5)
+    assert opened(rel, rollout_key)["issued"] == int(NOW) + 5 and store.rollout("r-a")["issued"] == int(NOW) + 5
+    # a document this key signed while the clock was 3 days ahead: a new rollout is refused ...
+    rel2, _ = fake_release(tmp_path / "rel2", "3.0.0")
+    ahead = int(NOW) + 3 * 86400
+    rollouts.start(store, key, rel2, config(), rollout_id="r-b", now=ahead)
+    rel3, _ = fake_release(tmp_path / "rel3", "4.0.0")
+    with pytest.raises(Exception, match="issued") as e:
+        rollouts.start(store, key, rel3, config(), rollout_id="r-c", now=NOW + 10)
+    assert "clock" in str(e.value.hint) and not (rel3 / "rollout.json").exists()
+    # ... but a halt is signed (last + 1) with a warning
+    rollouts.act(store, key, "r-b", "halt", "boot loops", now=NOW + 20)
+    doc = opened(rel2, rollout_key)
+    assert doc["halted"] == "boot loops" and doc["issued"] == ahead + 1
+    assert "halt is signed" in capsys.readouterr().err
+    assert row["id"] == "r-a"
+
+
+def test_a_document_written_before_a_failed_commit_is_replaced_at_the_next_tick(store, rollout_key, tmp_path,
+                                                                               monkeypatch):
+    key = rollouts.load_key(rollout_key)
+    rel, _ = fake_release(tmp_path / "rel")
+    rollouts.start(store, key, rel, config(stages_bp=[5000, 10000]), rollout_id="r-x", now=NOW)
+    rollouts.act(store, key, "r-x", "pause", "wait", now=NOW)  # paused: no tick would sign anything
+    before = store.rollout("r-x")
+
+    def fail(*a, **k):
+        raise RuntimeError("the database went away at commit")
+    with monkeypatch.context() as m:
+        m.setattr(store, "_bump", fail)
+        with pytest.raises(RuntimeError):
+            rollouts.act(store, key, "r-x", "halt", "pulled", now=NOW + 1)
+    assert opened(rel, rollout_key)["halted"] == "pulled"  # signed, written, but not committed
+    assert store.rollout("r-x")["state"] == "paused" and store.rollout("r-x")["rev"] == before["rev"]
+    evs = rollouts.tick(store, key, holder="h", now=NOW + 2)
+    assert [(e["action"], e["reason"]) for e in evs] == [("sign", "file")]
+    row = store.rollout("r-x")
+    doc = opened(rel, rollout_key)
+    assert doc == row["document"] and doc["halted"] is None and doc["issued"] > int(NOW) + 1
+    assert rollouts.tick(store, key, holder="h", now=NOW + 3) == []  # consistent now: nothing to do

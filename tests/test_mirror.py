@@ -5,7 +5,9 @@ than signed, endless bytes) is refused and the mirror's last good copy stays as 
 survives an outage; `mpota serve` serves the mirror, rollout.json included."""
 from __future__ import annotations
 
+import base64
 import http.client
+import json
 import os
 import subprocess
 import sys
@@ -16,7 +18,7 @@ from pathlib import Path
 import pytest
 from faultserver import Fault, FaultServer
 
-from mpota import fetch, keys, mirror, release, rollout, rolloutdoc, server as srv
+from mpota import dsse, fetch, keys, mirror, release, rollout, rolloutdoc, server as srv
 from mpota.server import serve_in_thread
 
 MPOTA = str(Path(sys.executable).parent / "mpota")
@@ -39,9 +41,9 @@ def pubs(keydir, rollout_key):
 
 
 def snapshot(d: Path) -> dict:
-    """The files a mirror serves (its lock file aside)."""
+    """The files a mirror serves (its lock and state files aside)."""
     return {p.relative_to(d).as_posix(): p.read_bytes() for p in sorted(d.rglob("*"))
-            if p.is_file() and p.name != mirror.LOCK_NAME}
+            if p.is_file() and p.name not in (mirror.LOCK_NAME, mirror.STATE_NAME)}
 
 
 def test_sync_copies_release_and_rollout_and_serve_serves_it(tmp_path, upstream, pubs, rollout_key):
@@ -74,6 +76,7 @@ def test_second_sync_downloads_nothing(tmp_path, upstream, pubs):
     dest = tmp_path / "mirror"
     mirror.sync(upstream.url, dest, *pubs)
     mtimes = {p: p.stat().st_mtime_ns for p in dest.iterdir() if p.name != mirror.LOCK_NAME}
+    assert (dest / mirror.STATE_NAME) in mtimes  # the state file is not rewritten either
     upstream.requests.clear()
     res = mirror.sync(upstream.url, dest, *pubs)
     assert not res.changed and res.bytes == 0 and "up to date" in mirror.describe(res)
@@ -93,10 +96,22 @@ def test_new_release_replaces_the_old_payload_after_the_manifest(tmp_path, upstr
     assert res.version == "1.4.0" and res.removed == [first.payload]
     assert res.downloaded[0] == res.payload  # the payload is published before the manifest that names it
     assert snapshot(dest) == snapshot(upstream.root)
-    # the upstream goes back to 1.3.0: mirrored (withholding is all it amounts to), with a note
+    # the upstream goes back to 1.3.0: refused as a possible replay (devices would refuse the
+    # downgrade anyway: following would only lose the good copy), unless --allow-older
+    before = snapshot(dest)
     release.build(firmware("1.3.0"), upstream.root, [signer])
-    res = mirror.sync(upstream.url, dest, *pubs)
+    with pytest.raises(mirror.MirrorError) as e:
+        mirror.sync(upstream.url, dest, *pubs)
+    assert e.value.code == "release-older" and "1.4.0" in str(e.value) and "--allow-older" in e.value.hint
+    assert snapshot(dest) == before and not list(dest.rglob("*.part"))
+    # even after the mirror's manifest.json is gone (the mark is in the state file)
+    (dest / "manifest.json").unlink()
+    with pytest.raises(mirror.MirrorError) as e:
+        mirror.sync(upstream.url, dest, *pubs)
+    assert e.value.code == "release-older"
+    res = mirror.sync(upstream.url, dest, *pubs, allow_older=True)
     assert res.version == "1.3.0" and any("older than the 1.4.0" in n for n in res.notes)
+    assert mirror.sync(upstream.url, dest, *pubs).version == "1.3.0"  # followed on purpose: the mark moved back
 
 
 def test_rollout_for_another_release_is_mirrored_with_a_note(tmp_path, upstream, pubs, firmware, signer):
@@ -148,6 +163,50 @@ def test_replayed_rollout_is_refused(tmp_path, upstream, pubs, rollout_key):
     e = refused(tmp_path, upstream, pubs, "rollout-replayed",
                 lambda root: (root / "rollout.json").write_bytes(old))
     assert "issued" in str(e)
+
+
+def test_replay_after_a_404_is_refused(tmp_path, upstream, pubs, rollout_key):
+    """An attacker on the upstream link answers 404 for rollout.json once (the mirror drops its
+    copy), then serves the signed pre-halt document: the high-water mark refuses it."""
+    old = (upstream.root / "rollout.json").read_bytes()
+    dest = tmp_path / "mirror"
+    rollout.sign(upstream.root, keys.load_private(rollout_key), halted="boot loops")
+    halt = (upstream.root / "rollout.json").read_bytes()
+    mirror.sync(upstream.url, dest, *pubs)
+    (upstream.root / "rollout.json").unlink()
+    res = mirror.sync(upstream.url, dest, *pubs)
+    assert res.removed == ["rollout.json"] and not (dest / "rollout.json").exists()
+    (upstream.root / "rollout.json").write_bytes(old)
+    with pytest.raises(mirror.MirrorError) as e:
+        mirror.sync(upstream.url, dest, *pubs)
+    assert e.value.code == "rollout-replayed" and not (dest / "rollout.json").exists()
+    # the same halt again is fine; a newer document too
+    (upstream.root / "rollout.json").write_bytes(halt)
+    assert "rollout.json" in mirror.sync(upstream.url, dest, *pubs).downloaded
+    rollout.sign(upstream.root, keys.load_private(rollout_key), halted="still bad", now=10 ** 10 // 10 * 2)
+    assert mirror.sync(upstream.url, dest, *pubs).rollout["halted"] == "still bad"
+
+
+def test_state_file_is_never_served_and_a_damaged_one_is_refused(tmp_path, upstream, pubs):
+    dest = tmp_path / "mirror"
+    mirror.sync(upstream.url, dest, *pubs)
+    state = mirror.read_state(dest)
+    assert list(state["rollout"].values())[0]["issued"] > 0 and list(state["release"].values()) == [{"version": "1.3.0"}]
+    assert (dest / mirror.STATE_NAME).resolve() not in srv.release_files(dest)
+    httpd, url = serve_in_thread(dest)
+    try:
+        host, port = httpd.server_address[:2]
+        c = http.client.HTTPConnection(host, port, timeout=5)
+        c.request("GET", "/" + mirror.STATE_NAME)
+        assert c.getresponse().status == 404
+        c.close()
+    finally:
+        httpd.shutdown()
+        httpd.server_close()
+    (dest / mirror.STATE_NAME).write_bytes(b"[" * 4000)
+    with pytest.raises(mirror.MirrorError) as e:
+        mirror.sync(upstream.url, dest, *pubs)
+    assert e.value.code == "bad-state" and e.value.hint
 
 
 def test_rollout_signed_by_another_key_is_refused(tmp_path, upstream, pubs, keydir):
@@ -293,3 +352,67 @@ def test_cli_sync_exit_status_and_hints(tmp_path, upstream, keydir, rollout_key)
     r = subprocess.run([MPOTA, "mirror", "sync", upstream.url, dest, "--pub", keydir / "release.pub",
                         "--rollout-pub", f"{rollout_key}.pub"], capture_output=True, text=True)
     assert r.returncode == 2 and "private keys" in r.stderr
+
+
+# ---- hostile input never crashes a verifier or the --every loop -----------------------------
+
+BOMB = b"[" * 4000
+
+
+def _env_with(sigs, body=b"{}", ptype=rolloutdoc.PAYLOAD_TYPE) -> bytes:
+    return json.dumps({"payloadType": ptype, "payload": base64.b64encode(body).decode(),
+                       "signatures": sigs}).encode()
+
+
+def test_dsse_verify_refuses_a_nesting_bomb_and_an_unhashable_keyid(pubs, rollout_key):
+    with pytest.raises(dsse.EnvelopeError) as e:
+        dsse.verify(BOMB, pubs[0])
+    assert e.value.code == "bad-envelope"
+    with pytest.raises(dsse.EnvelopeError) as e:
+        dsse.verify(_env_with([{"keyid": []}, {"keyid": {}, "sig": []}]), pubs[1], rolloutdoc.PAYLOAD_TYPE)
+    assert e.value.code == "unknown-key"
+    # a good signature after a junk one still verifies; a junk "sig" beside a trusted keyid is no crash
+    good = json.loads(dsse.sign(b"{}", [keys.load_private(rollout_key)], rolloutdoc.PAYLOAD_TYPE))
+    sig = good["signatures"][0]
+    assert dsse.verify(_env_with([{"keyid": []}, sig]), pubs[1], rolloutdoc.PAYLOAD_TYPE) == b"{}"
+    with pytest.raises(dsse.EnvelopeError) as e:
+        dsse.verify(_env_with([{"keyid": sig["keyid"], "sig": []}]), pubs[1], rolloutdoc.PAYLOAD_TYPE)
+    assert e.value.code == "bad-signature"
+
+
+def test_open_document_refuses_bombs_and_unhashable_keyids(pubs, rollout_key):
+    for env in (BOMB, _env_with([{"keyid": []}])):
+        with pytest.raises(rolloutdoc.RolloutError) as e:
+            rolloutdoc.open_document(env, pubs[1])
+        assert e.value.code in ("rollout-bad", "rollout-unknown-key")
+    # a signed body that is itself a nesting bomb
+    bomb_body = dsse.sign(b"[" * 1000, [keys.load_private(rollout_key)], rolloutdoc.PAYLOAD_TYPE)
+    with pytest.raises(rolloutdoc.RolloutError) as e:
+        rolloutdoc.open_document(bomb_body, pubs[1])
+    assert e.value.code == "rollout-bad"
+
+
+def test_every_survives_hostile_upstream_documents_and_any_exception(tmp_path, upstream, pubs, monkeypatch):
+    dest = tmp_path / "mirror"
+    mirror.sync(upstream.url, dest, *pubs)
+    good = snapshot(dest)
+    lines = []
+    (upstream.root / "rollout.json").write_bytes(_env_with([{"keyid": []}]))
+    assert mirror.run(upstream.url, dest, *pubs, every=60, iterations=1, sleep=lambda d: None,
+                      say=lines.append) == 1
+    (upstream.root / "manifest.json").write_bytes(BOMB)
+    assert mirror.run(upstream.url, dest, *pubs, every=60, iterations=1, sleep=lambda d: None,
+                      say=lines.append) == 1
+    assert snapshot(dest) == good and all("refused" in x and "last good copy" in x for x in lines)
+    # whatever one sync raises, the loop prints it, backs off and goes on
+    calls, delays = [], []
+
+    def boom(*a, **k):
+        calls.append(1)
+        raise (RecursionError if len(calls) == 1 else TypeError("unhashable type: 'list'"))
+    monkeypatch.setattr(mirror, "sync", boom)
+    lines.clear()
+    assert mirror.run(upstream.url, dest, *pubs, every=60, iterations=3, sleep=delays.append,
+                      say=lines.append) == 3
+    assert len(calls) == 3 and "RecursionError" in lines[0] and "unhashable" in lines[1]
+    assert all("serving the last good copy" in x for x in lines) and 60 < delays[0] < delays[1]

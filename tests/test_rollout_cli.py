@@ -4,8 +4,10 @@ hint (exit 2) and nothing written, and `show` of a directory or a URL (a real lo
 saying what one device would do, by rolloutdoc.decide's rules."""
 from __future__ import annotations
 
+import base64
 import hashlib
 import json
+import time
 
 import pytest
 
@@ -189,3 +191,51 @@ def test_parse_stages_and_share():
         rollout.parse_share("0.001")
     with pytest.raises(rollout.RolloutSignError):
         rollout.parse_stages("10@+1d,100", 100)  # 100 % now, before the 10 % stage
+
+
+# ---- issued: only from a verified previous document, never pushed far ahead ------------------
+
+def test_issued_is_taken_only_from_a_document_this_key_signed(capsys, rel, rollout_key, keydir):
+    now = 1_900_000_000
+    key = keys.load_private(rollout_key)
+    # an unsigned file (anyone who can write the directory) with issued near 2**40
+    body = {"schema": 1, "issued": 2 ** 40 - 10}
+    (rel / "rollout.json").write_text(json.dumps({"payloadType": rolloutdoc.PAYLOAD_TYPE, "signatures": [],
+                                                  "payload": base64.b64encode(json.dumps(body).encode()).decode()}))
+    s = rollout.sign(rel, key, now=now, share="10")
+    assert s.doc["issued"] == now and s.previous_issued is None
+    assert any("does not verify" in n and "ignored" in n for n in s.notes)
+    # a document signed by another key is ignored too (printed as a warning by the CLI)
+    doc = dict(s.doc, issued=now + 10 ** 8, expires=now + 10 ** 8 + 60)
+    (rel / "rollout.json").write_bytes(rolloutdoc.sign(doc, keys.load_private(keydir / "foreign")))
+    rc, out, err = run(capsys, "rollout", "sign", rel, "--key", rollout_key, "--share", "10")
+    assert rc == 0, err
+    assert "warning:" in out and "does not verify" in out
+    assert abs(opened(rel, rollout_key)["issued"] - time.time()) < 60
+
+
+def test_issued_far_ahead_is_refused_but_a_halt_is_signed(capsys, rel, rollout_key):
+    now = 1_900_000_000
+    key = keys.load_private(rollout_key)
+    rollout.sign(rel, key, now=now + 3 * 86400, share="10")  # a clock that once jumped 3 days ahead
+    before = (rel / "rollout.json").read_bytes()
+    with pytest.raises(rollout.RolloutSignError) as e:
+        rollout.sign(rel, key, now=now, share="50")
+    assert e.value.code == "issued-ahead" and "clock" in e.value.hint
+    assert (rel / "rollout.json").read_bytes() == before
+    s = rollout.sign(rel, key, now=now, halted="boot loops")
+    assert s.doc["issued"] == now + 3 * 86400 + 1 and s.doc["halted"] == "boot loops"
+    assert any(n.startswith("warning:") and "halt" in n for n in s.notes)
+    # within a day ahead: signed as before, one second after the previous
+    rel2 = rel.parent / "rel2"
+    rel2.mkdir()
+    for f in rel.iterdir():
+        if f.name != "rollout.json":
+            (rel2 / f.name).write_bytes(f.read_bytes())
+    rollout.sign(rel2, key, now=now + 3600, share="10")
+    assert rollout.sign(rel2, key, now=now, share="20").doc["issued"] == now + 3601
+    # a halt stays signable even with the previous document near the end of time
+    rollout.sign(rel2, key, now=2 ** 40 - 1000, share="10", valid_for=60)
+    s = rollout.sign(rel2, key, now=now, halted="pulled")
+    assert s.doc["issued"] == 2 ** 40 - 999 and s.doc["expires"] == rolloutdoc.ISSUED_MAX
+    assert opened(rel2, rollout_key)["halted"] == "pulled"

@@ -282,7 +282,8 @@ def document(rollout: dict, issued: int, exclude: list[str]) -> dict:
     else:
         stages = [{"at": int(t), "share_bp": bp} for t, bp in zip(rollout["stage_at"], cfg["stages_bp"])]
     body = rolloutdoc.build(rollout["release"], rollout["version"], rollout["id"], issued,
-                            issued + cfg["valid_for_s"], stages, halted=halted and halted[:160],
+                            issued + cfg["valid_for_s"] if halted is None
+                            else min(issued + cfg["valid_for_s"], rolloutdoc.ISSUED_MAX), stages, halted=halted and halted[:160],
                             targets=cfg.get("targets"), exclude=exclude, window=cfg.get("window"))
     # a penalty box of 64 long ids may not fit beside long targets: keep the devices that failed
     # first (a halt must always be signable)

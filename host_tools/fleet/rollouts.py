@@ -1,12 +1,14 @@
 """Acting on rollouts (docs/rollout.md "Fleet server"): start one, pause, resume or halt it by
 hand, and tick(): evaluate the active rollouts with the policy (rollout.py) and record what it
 decides; sign RELEASE_DIR/rollout.json again (temp file, then os.replace) when the stage
-advances, the rollout halts, the penalty box grows, or half of the document's validity passed.
+advances, the rollout halts, the penalty box grows, half of the document's validity passed, or
+the file on disk is not the database's document (e.g. written before a commit that failed).
 
 Every change is one database transaction (storage.change_rollout) that locks the rollout's row
 and the `issued` counter; the file is replaced inside it, so two signers never interleave and
 `issued` only grows: max(now, last + 1), with `last` the highest of the counter and the issued
-of the file on disk. With several server processes on one PostgreSQL, a lease in the database
+of the file on disk (taken only if it verifies with the rollout key); refused when that is more
+than a day ahead of now, except for a halt (rolloutdoc.next_issued). With several server processes on one PostgreSQL, a lease in the database
 (storage.claim) lets one of them evaluate; admin actions can come through any of them.
 """
 from __future__ import annotations
@@ -18,6 +20,7 @@ import os
 import secrets
 import socket
 import stat
+import sys
 import time
 from datetime import datetime, timezone
 from pathlib import Path
@@ -65,14 +68,29 @@ def read_release(release_dir) -> tuple[str, str]:
     return hashlib.sha256(data).hexdigest(), version
 
 
-def file_issued(release_dir) -> int:
-    """The issued of the rollout.json on disk (0 if none or unreadable)."""
+def file_issued(release_dir, pub=None) -> int:
+    """The issued of the rollout.json on disk if it verifies with `pub` (the signer's own public
+    key), else 0 (with a warning printed when a file is there but does not verify: its issued is
+    not taken, or anyone who can write the file could pin issued far ahead)."""
+    p = Path(release_dir) / DOCUMENT_NAME
     try:
-        env = json.loads((Path(release_dir) / DOCUMENT_NAME).read_bytes())
-        issued = json.loads(base64.b64decode(env["payload"]))["issued"]
-        return issued if isinstance(issued, int) else 0
-    except (OSError, ValueError, KeyError, TypeError):
+        data = p.read_bytes()
+    except OSError:
         return 0
+    if pub is None:
+        return 0
+    prev, warn = rolloutdoc.previous_issued(data, pub)
+    if warn:
+        print(f"mpota fleet: {p}: {warn}", file=sys.stderr, flush=True)
+    return prev["issued"] if prev else 0
+
+
+def disk_document(release_dir, pub) -> dict | None:
+    """The body of the rollout.json on disk if it verifies with `pub`, else None."""
+    try:
+        return rolloutdoc.open_document((Path(release_dir) / DOCUMENT_NAME).read_bytes(), [pub])
+    except (OSError, rolloutdoc.RolloutError):
+        return None
 
 
 def write_document(release_dir, envelope: bytes) -> Path:
@@ -103,7 +121,14 @@ def write_document(release_dir, envelope: bytes) -> Path:
 
 
 def _sign(row: dict, key, last: int, exclude: list[str], now: float) -> tuple[int, dict]:
-    issued = rollout.next_issued(max(last, file_issued(row["path"])), now)
+    prev = max(last or 0, file_issued(row["path"], key.public_key()))
+    halt = row["state"] == "halted"
+    try:
+        issued, warn = rolloutdoc.next_issued(prev, now, halt=halt)
+    except rolloutdoc.RolloutError as e:
+        raise MpotaError(f"rollout {row['id']}: {e}", e.hint) from None
+    if warn:
+        print(f"mpota fleet: rollout {row['id']}: {warn}", file=sys.stderr, flush=True)
     body = rollout.document(row, issued, exclude)
     write_document(row["path"], rolloutdoc.sign(body, key))
     return issued, body
@@ -212,6 +237,9 @@ def step(store, key, row: dict, now: float, *, regressions=None) -> list[dict]:
             new.update(changes)
         wanted = rollout.content(rollout.document(new, max(int(now), 1), exclude))
         why = rollout.resign_reason(cur["document"], wanted, now)
+        if why is None and key is not None and cur["document"] is not None \
+                and disk_document(cur["path"], key.public_key()) != cur["document"]:
+            why = "file"  # not the database's document (e.g. written before a commit that failed)
         issued = None
         if why is not None and key is not None:
             issued, body = _sign(new, key, last, exclude, now)
