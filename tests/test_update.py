@@ -208,11 +208,9 @@ def _wrong_chip(server, firmware, signer, foreign):
     server.publish(firmware("2.0.0", chip="esp32s3"), signer)
 
 
-def _wrong_chip_in_image(server, firmware, signer, foreign):
-    # A correctly signed manifest for chip esp32 whose image header says ESP32-S3.
-    img = firmware("2.0.0", chip="esp32s3").read_bytes()
-    from mpota.espimage import parse
-    assert parse(img).chip == "esp32s3"
+def _signed_over(server, firmware, signer, img: bytes):
+    # The 2.0.0 release's manifest, signed again over `img` as its image and payload: whatever
+    # is wrong with img is then the release's own mistake, not the server's.
     rel = server.publish(firmware("2.0.0"), signer)
     (server.root / rel.manifest["payload"]["url"]).write_bytes(img)
     m = dict(rel.manifest)
@@ -220,6 +218,14 @@ def _wrong_chip_in_image(server, firmware, signer, foreign):
     m["image"] = {"size": len(img), "sha256": digest}
     m["payload"] = dict(m["payload"], size=len(img), sha256=digest)
     server.write_manifest_body(m, signer)
+
+
+def _wrong_chip_in_image(server, firmware, signer, foreign):
+    # A correctly signed manifest for chip esp32 whose image header says ESP32-S3.
+    img = firmware("2.0.0", chip="esp32s3").read_bytes()
+    from mpota.espimage import parse
+    assert parse(img).chip == "esp32s3"
+    _signed_over(server, firmware, signer, img)
 
 
 def _truncated(server, firmware, signer, foreign):
@@ -243,14 +249,7 @@ def _mixed_releases(server, firmware, signer, foreign):
 
 def _mixed_releases_signed(server, firmware, signer, foreign):
     # a manifest for 2.0.0 signed over the image of 2.1.0: the release's own mistake
-    img = firmware("2.1.0").read_bytes()
-    rel = server.publish(firmware("2.0.0"), signer)
-    (server.root / rel.manifest["payload"]["url"]).write_bytes(img)
-    m = dict(rel.manifest)
-    digest = __import__("hashlib").sha256(img).hexdigest()
-    m["image"] = {"size": len(img), "sha256": digest}
-    m["payload"] = dict(m["payload"], size=len(img), sha256=digest)
-    server.write_manifest_body(m, signer)
+    _signed_over(server, firmware, signer, firmware("2.1.0").read_bytes())
 
 
 def _garbage_manifest(server, firmware, signer, foreign):
