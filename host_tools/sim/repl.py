@@ -133,7 +133,10 @@ class Board:
         if i != j:
             self.raw = i > j
         self._tail_in = seen[-1:]
-        if self.held_since:
+        if self.held_since or (self.proc is not None and self.proc.poll() is not None):
+            # An interrupt is being delivered, or the process has just ended (main.py returned)
+            # and the REPL that follows is not there yet: a board's UART keeps what is typed
+            # meanwhile; here it goes to the next process (_spawn), not to a closed terminal.
             self.held += data
             return
         if self.in_script and b"\x03" in data and self.proc and self.proc.poll() is None:
