@@ -75,12 +75,26 @@ def agent(tmp_path_factory):
     return lib
 
 
+# What agent_lines() puts before its script: cases() yields the cases one at a time, read from
+# the file line by line (the harness holds no more of them than the agent would).
+CASES = r"""
+import sys, json
+def cases():
+    f = open(sys.argv[1])
+    while True:
+        line = f.readline()
+        if not line:
+            return
+        yield json.loads(line)
+"""
+
+
 def agent_lines(script: str, agent, tmp_path, cases, heap: str, timeout: int = 240) -> list[str]:
     """Run `script` on the agent in micropython with `cases` (one JSON value per line in a file,
-    its first argument); it must print one line per case. Returns those lines."""
+    which the script reads with cases()); it must print one line per case. Returns those lines."""
     f = tmp_path / "cases.txt"
     f.write_text("".join(json.dumps(c) + "\n" for c in cases))
-    out = run_micropython(script, f, path=f".frozen:{agent}", tmp_path=tmp_path, heap=heap, cwd=tmp_path,
+    out = run_micropython(CASES + script, f, path=f".frozen:{agent}", tmp_path=tmp_path, heap=heap, cwd=tmp_path,
                           timeout=timeout)
     lines = out.splitlines()
     assert len(lines) == len(cases), out[-2000:]

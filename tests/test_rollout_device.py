@@ -26,17 +26,11 @@ DAY = 86400
 # ---- host and device agree ------------------------------------------------------------------
 
 HARNESS = r"""
-import sys, json
 from ota.rollout import decide, bucket, check
 from ota.window import is_open, check as wcheck, parse
 from ota.clock import days_from_civil
 from ota.window import civil
-f = open(sys.argv[1])
-while True:
-    line = f.readline()
-    if not line:
-        break
-    c = json.loads(line)
+for c in cases():
     k = c["kind"]
     if k == "decide":
         r = decide(c["doc"], c["did"], c["board"], c["groups"], c["release"], c["now"], c["known"], c["seen"],

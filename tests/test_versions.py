@@ -3,7 +3,6 @@
 ordered, equal and refused versions, and against each other on random pairs (hypothesis)."""
 from __future__ import annotations
 
-import json
 import subprocess
 import sys
 from functools import cmp_to_key
@@ -12,7 +11,7 @@ from pathlib import Path
 import pytest
 from hypothesis import HealthCheck, given, settings, strategies as st
 
-from conftest import agent_lines, run_micropython
+from conftest import agent_lines
 from mpota import release
 
 # Strictly increasing; the versions within a row are equal (semver 2.0.0, section 11, with the
@@ -97,14 +96,8 @@ def host_cmp(a, b):
 
 # The device's side: one pair per line (JSON), read one at a time; prints what host_cmp returns.
 HARNESS = r"""
-import sys, json
 from ota.manifest import parse_version, running_version
-f = open(sys.argv[1])
-while True:
-    line = f.readline()
-    if not line:
-        break
-    a, b = json.loads(line)
+for a, b in cases():
     ka = parse_version(a)
     kb = parse_version(b)
     if ka is None:
@@ -230,18 +223,12 @@ def test_host_and_device_agree_on_random_pairs(agent, tmp_path, versions):
 # ---- the device's decision: running version against a release -----------------------------------
 
 DECIDE = r"""
-import sys, json
 from ota.errors import OtaError
 from ota.manifest import parse, decide
 class Cfg:
     chip = board = "esp32"
     aes_keys = {}
-f = open(sys.argv[1])
-while True:
-    line = f.readline()
-    if not line:
-        break
-    running, body = json.loads(line)
+for running, body in cases():
     try:
         print("install" if decide(parse(json.dumps(body)), Cfg, running, 0, 1 << 20) else "up-to-date")
     except OtaError as e:
@@ -283,10 +270,8 @@ DECISIONS = [
 
 
 def test_the_device_decides_by_the_rule(agent, tmp_path):
-    f = tmp_path / "cases.txt"
-    f.write_text("".join(json.dumps([run, dict(BODY, version=rel)]) + "\n" for run, rel, _ in DECISIONS))
-    out = run_micropython(DECIDE, f, path=f".frozen:{agent}", tmp_path=tmp_path, heap="64K", cwd=tmp_path)
-    got = out.splitlines()
+    got = agent_lines(DECIDE, agent, tmp_path, [[run, dict(BODY, version=rel)] for run, rel, _ in DECISIONS],
+                      heap="64K")
     assert [(r, v, g) for (r, v, _), g in zip(DECISIONS, got)] == [(r, v, w) for r, v, w in DECISIONS]
 
 
