@@ -88,3 +88,26 @@ def test_with_a_rollout_role_the_1_5_mib_update_still_completes_at_the_floor(ser
     st = d.status()
     assert (st["version"], st["last_error"]) == ("2.0.0", None), d.output
     assert d.state()["rollout_seen"] == now - 60
+
+
+def test_out_of_heap_after_set_boot_still_resets_into_the_new_image(server, firmware, signer, make_device):
+    # Once the image is verified and set to boot, what runs out of heap after (here the fleet
+    # report, made to raise MemoryError) is not a failed update: ota.update() resets all the same
+    # once both stages are gone. (It recorded no-memory and stayed on the old image, which would
+    # boot the new one only at some later reset.) This main.py puts the usual one back for the
+    # next boot, which confirms the new image.
+    server.publish(firmware("2.0.0"), signer)
+    d = make_device(firmware("1.0.0"), server.url)
+    main = d.dev.fs / "main.py"
+    (d.dev.fs / "main.next").write_text(main.read_text())
+    main.write_text("import os, ota\n"
+                    "os.rename('main.next', 'main.py')\n"
+                    "def _report(fn, *args):\n"
+                    "    if fn == 'result':\n"
+                    "        raise MemoryError('the report did not fit')\n"
+                    "ota._report = _report\n"
+                    "print('returned', ota.update())\n")
+    d.run()
+    assert "set to boot" in d.output and "returned" not in d.output and "[boot 2]" in d.output, d.output
+    st = d.status()
+    assert (st["version"], st["last_error"]) == ("2.0.0", None) and "new firmware confirmed" in d.output, d.output

@@ -21,6 +21,10 @@
 import sys
 
 _RESIDENT = ("ota._sha512_viper",)
+# True once update() has an image set to boot (ota/install.py after set_boot(), ota/apply.py for
+# one a cut-short call left): from then on the reset comes whatever the heap still allows.
+# Defined here so that setting it allocates nothing.
+_set_to_boot = False
 
 
 def _unload(keep):
@@ -132,7 +136,18 @@ def _buffered(fn, *args):
 
 
 def update(reboot=True, source=None):
-    r = _buffered("update", reboot, source) or _no_memory("during the update")
+    global _set_to_boot
+    _set_to_boot = False
+    r = _buffered("update", reboot, source)
+    if _set_to_boot:
+        # The image is verified and set to boot (ota/install.py): what ran out of heap after
+        # that (a note in the state file, a report) is not a failure of the update, and the
+        # reset comes now that both stages' code and the block buffer are gone (docs/memory.md).
+        r = r or {"result": "installed", "error": None, "detail": "set to boot; rebooting to confirm"}
+        if reboot:
+            import machine
+            machine.reset()
+    r = r or _no_memory("during the update")
     if source and isinstance(source, str) and source.startswith("serial:"):
         import micropython
         micropython.kbd_intr(3)  # ota/link.py switched Ctrl-C off for the binary transfer

@@ -1,7 +1,8 @@
 # Stage 2 of ota.update() (stage 1: ota/updater.py): the offer the manifest stage found is
 # installed (ota/install.py), or why not is recorded; the result is saved, reported to the fleet
-# server (if any) and returned; after an install, the reset. Loaded only after stage 1's code
-# (Ed25519, SHA-512, the envelope and manifest parsers) is gone.
+# server (if any) and returned; after an install ota.update() resets, once this stage is gone.
+# Loaded only after stage 1's code (Ed25519, SHA-512, the envelope and manifest parsers) is gone.
+import ota
 from ota.errors import OtaError, RELEASE, TRANSPORT
 from ota import state
 
@@ -21,7 +22,6 @@ def _progress_mark(st, digest):
 def _report(*args):
     # The fleet reports of this call (ota/report.py), if the device has a fleet server; never
     # raises. Made as it ends: the payload stage's code goes first (if it was loaded).
-    import ota
     ota._drop(("ota.install", "ota.raw", "ota.payload", "ota.http", "ota.image"))
     ota._report(*args)
 
@@ -30,7 +30,7 @@ def update(buf, begun, reboot):
     # begun: what stage 1 returned (updater.begin).
     st, cfg, o, err = begun
     begun = None
-    result = rec = None
+    rec = None
     retry_after = None
     try:
         if err is not None:
@@ -69,14 +69,14 @@ def update(buf, begun, reboot):
                 state.record(st, "skipped", o.hold[0], "%s is verified in %s and boots at a check inside the "
                              "maintenance window (%s)" % (o.m.version, o.target.info()[4], o.hold[1]))
                 _log("%s: %s" % (o.hold[0], st["detail"]))
-            else:
-                result = "installed"  # the back-off ends when the image confirms itself (trial.py)
+            # else set to boot (ota._set_to_boot): the back-off ends when the image confirms
+            # itself (trial.py), and ota.update() makes the reset
     except OtaError as e:
         retry_after = getattr(e, "retry_after", None)
         if e.code == "reboot-pending":
             rec = ("installed", e.code, e.detail)
             _log(e.detail + ("; resetting" if reboot else ""))
-            result = "installed"
+            ota._set_to_boot = True
         else:
             rec = ("refused" if e.kind == RELEASE else "failed", e.code, e.detail)
             _log("%s: %s (%s)" % (rec[0], e.code, e.detail))
@@ -84,14 +84,16 @@ def update(buf, begun, reboot):
         # Never let an update take the application down: report it and carry on.
         import sys
         sys.print_exception(e)
-        rec = ("failed", "no-memory", "out of heap during the update")
-        _log("failed: no-memory")
+        if ota._set_to_boot:  # after set_boot(): installed all the same, and the reset comes
+            rec = ("installed", None, "set to boot; rebooting to confirm")
+        else:
+            rec = ("failed", "no-memory", "out of heap during the update")
+            _log("failed: no-memory")
     except Exception as e:  # a bug of ours must not take the application down either
         import sys
         sys.print_exception(e)
         rec = ("failed", "internal-error", repr(e)[:120])
         _log("failed: internal-error %r" % (e,))
-    import ota
     ota._until = None  # the call's deadline (http.limit) ends with it
     if rec:
         state.record(st, *rec)
@@ -103,7 +105,4 @@ def update(buf, begun, reboot):
     if retry_after is not None:
         out["retry_after"] = retry_after
     _report("result", st, o, buf)
-    if result == "installed" and reboot:
-        import machine
-        machine.reset()
-    return out
+    return out  # and if set to boot, ota.update() resets once this stage's code is gone

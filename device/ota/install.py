@@ -166,6 +166,8 @@ def install(cfg, st, o, mv):
     try:
         otadata.erase_sector(sector)
         target.set_boot()
+        import ota
+        ota._set_to_boot = True  # the reset comes even if the heap runs out below (ota.update())
     except OSError as e:
         # ESP-IDF refused the image we verified (esp_image_verify: e.g. a chip revision outside
         # the image's min/max): it would refuse it every time, so it is not downloaded again.
