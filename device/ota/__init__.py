@@ -33,7 +33,8 @@ def _unload(keep):
 
 def _drop(names):
     # Forget these modules (and the attributes their import set on the package), then collect:
-    # after every API call (_unload), and within a stage (ota/offer.py: the verifier per source).
+    # after every API call (_unload), and within a stage (ota/verify.py: the HTTP client, the
+    # envelope parser).
     g = globals()
     for name in names:
         if name in sys.modules:

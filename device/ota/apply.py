@@ -22,7 +22,7 @@ def _progress_mark(st, digest):
 def _report(*args):
     # The fleet reports of this call (ota/report.py), if the device has a fleet server; never
     # raises. Made as it ends: the payload stage's code goes first (if it was loaded).
-    ota._drop(("ota.install", "ota.raw", "ota.payload", "ota.http", "ota.image"))
+    ota._drop(("ota.install", "ota.raw", "ota.payload", "ota.http", "ota.body", "ota.url", "ota.image"))
     ota._report(*args)
 
 

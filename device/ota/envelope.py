@@ -36,7 +36,7 @@ def _b64(s):
 
 def open_envelope(data, pubkeys, ptype=PAYLOAD_TYPE, what="manifest"):
     # The signed body, or OtaError: the envelope parsed (signed_parts), then its signatures
-    # checked (ota/signature.py). ota/offer.py makes the same two steps with this module and the
+    # checked (ota/signature.py). ota/verify.py makes the same two steps with this module and the
     # JSON parser forgotten in between, so they and Ed25519 are never in the heap at once.
     msg, cands = signed_parts(data, pubkeys, ptype, what)
     from ota.signature import verified

@@ -10,7 +10,7 @@
 #   CLOSE                -> the host closes the file
 # We ask for at most one buffer at a time and read it at once, so a UART without flow control
 # never has more in flight than we are reading. Ctrl-C is switched off meanwhile (binary data
-# may contain 0x03); ota.update() switches it back on. Every wait has the timeouts of ota.http.
+# may contain 0x03); ota.update() switches it back on. Every wait has the timeouts of ota.body.
 import sys
 import select
 import time
@@ -32,7 +32,7 @@ class _In:
         self.stream = sys.stdin.buffer
 
     def fill(self, mv, deadline_ms):
-        from ota.http import _wait_ms
+        from ota.body import _wait_ms
         n = 0
         while n < len(mv):
             if not self.poller.poll(_wait_ms(self.ms, deadline_ms)):
@@ -61,8 +61,8 @@ class Response:
         self.got = 0
 
     def readinto(self, mv):
-        # held to the same minimum rate as an HTTP body (ota.http.rate_deadline)
-        from ota.http import rate_deadline
+        # held to the same minimum rate as an HTTP body (ota.body.rate_deadline)
+        from ota.body import rate_deadline
         n = min(len(mv), self.left)
         if not n:
             return 0

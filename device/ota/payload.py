@@ -14,7 +14,7 @@ from micropython import const
 import hashlib
 import io
 from ota.errors import OtaError, TRANSPORT
-from ota import http, state
+from ota import body, state
 from ota.image import check_first_block
 
 _BLOCK = const(4096)
@@ -42,10 +42,10 @@ class _ChunkReader(io.IOBase):
         self.h = hashlib.sha256()
 
     def _fill(self, mv):
-        # Every read is held to the response's minimum rate (ota.http.rate_deadline), counted
+        # Every read is held to the response's minimum rate (ota.body.rate_deadline), counted
         # from the start of the response: small reads do not each get a fresh deadline.
         n = min(len(mv), self.left)
-        got = http.read_full(self.resp, mv[:n])
+        got = body.read_full(self.resp, mv[:n])
         if got < n:
             raise OtaError("truncated", "payload ended inside a chunk", TRANSPORT)
         self.h.update(mv[:n])
@@ -82,7 +82,7 @@ class Decoder:
         self.m = offer.m
         self.st = st
         self.mv = mv
-        self.stage = bytearray(_STAGE) if self.m.aes_key else None
+        self.stage = None  # taken after the first response's headers: not beside the HTTP request's code
 
     def _aes(self, k):
         if self.m.aes_key is None:
@@ -112,7 +112,7 @@ class Decoder:
                         self.k = e.chunk
                     self._save(self.k)  # kept for the next update() if this one gives up
                     raise
-        http.resume(step, lambda: "chunk %d" % self.k)
+        body.resume(step, lambda: "chunk %d" % self.k)
 
     def _save(self, k):
         self.st["progress"] = {"digest": self.o.digest, "slot": self.o.target.info()[4], "chunk": k}
@@ -128,11 +128,13 @@ class Decoder:
         for i in range(k):
             offset += m.chunks[i][0]
         try:
-            resp = http.get(url, cfg.timeout_s, offset, cfg.ca)
+            resp = body.get(url, cfg.timeout_s, offset, cfg.ca, self.mv)
         except OtaError as e:
             e.chunk = k
             raise
         try:
+            if self.m.aes_key and self.stage is None:
+                self.stage = bytearray(_STAGE)
             if offset and resp.status == 200:
                 print("ota: server ignored the Range request: starting over")
                 k = 0
@@ -152,7 +154,7 @@ class Decoder:
                 if since_save >= cfg.progress_every and k < len(m.chunks):
                     self._save(k)
                     since_save = 0
-            if resp.length is None and http.read_full(resp, self.mv[:1]):
+            if resp.length is None and body.read_full(resp, self.mv[:1]):
                 raise OtaError("too-long", "payload continues past the declared %d bytes" % m.size)
             return k
         except OtaError as e:

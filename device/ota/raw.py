@@ -9,7 +9,7 @@
 from micropython import const
 import hashlib
 from ota.errors import OtaError, RELEASE, TRANSPORT
-from ota import state, http
+from ota import state, body
 from ota.image import check_first_block, IMAGE_MAGIC
 from ota.install import Slot, _log
 
@@ -41,7 +41,7 @@ def _download(cfg, job, mv, st, url):
     # Stream from job.done to the end; raises OtaError on failure with job.done at the last
     # block written (so the caller can resume from there).
     m, target = job.m, job.o.target
-    resp = http.get(url, cfg.timeout_s, job.done, cfg.ca)
+    resp = body.get(url, cfg.timeout_s, job.done, cfg.ca, mv)
     try:
         if job.done and resp.status == 200:
             # The server ignored Range: take the whole body from the start.
@@ -62,7 +62,7 @@ def _download(cfg, job, mv, st, url):
         slot = Slot(target, job.o.big)
         while job.done < m.size:
             want = min(_BLOCK, m.size - job.done)
-            got = http.read_full(resp, mv[:want])
+            got = body.read_full(resp, mv[:want])
             if got < want:
                 raise OtaError("truncated", "payload ended after %d of %d bytes" % (job.done + got, m.size),
                                TRANSPORT if resp.length is not None else RELEASE)
@@ -93,7 +93,7 @@ def _download(cfg, job, mv, st, url):
             if job.done >= mark or job.done == m.size:
                 _log("written %d/%d bytes" % (job.done, m.size))
                 mark += step
-        if resp.length is None and http.read_full(resp, mv[:1]):
+        if resp.length is None and body.read_full(resp, mv[:1]):
             raise OtaError("too-long", "payload continues past the declared %d bytes" % m.size)
     finally:
         resp.close()
@@ -121,7 +121,7 @@ def fetch(cfg, st, o, mv, url):
         if job.done < m.size:
             _download(cfg, job, mv, st, url)
     try:
-        http.resume(step, lambda: "%d bytes" % job.done)
+        body.resume(step, lambda: "%d bytes" % job.done)
         if job.h.digest() != m.sha256:
             raise OtaError("hash-mismatch", "payload SHA-256 differs from the signed manifest")
         if job.bad is not None:

@@ -1,5 +1,5 @@
 # Rollout documents (docs/rollout.md): who may install a release now. The manifest stage
-# (ota/offer.py) fetches rollout.json beside a manifest it would install and checks its
+# (ota/updater.py, ota/verify.py) fetches rollout.json beside a manifest it would install and checks its
 # signature (ota/envelope.py and ota/signature.py, against the rollout role's keys only); this
 # module then parses the signed body and decides, in the spec's order and with its codes, the
 # same rules as host_tools/rolloutdoc.py (tests/test_rollout_device.py runs both on the same

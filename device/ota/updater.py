@@ -2,9 +2,10 @@
 # own code loaded (ota/__init__.py runs them one after the other, and forgets each stage's
 # modules before the next):
 #
-#   1. the manifest stage (this module, ota/offer.py): every source's signed manifest fetched
-#      into the block buffer, verified (DSSE envelope, Ed25519, SHA-512), checked against this
-#      device; the best offer kept. begin() returns it, or the error, for the second stage;
+#   1. the manifest stage (this module, ota/verify.py, ota/offer.py): every source's signed
+#      manifest fetched into the block buffer, verified (DSSE envelope, Ed25519, SHA-512),
+#      checked against this device; the best offer kept. begin() returns it, or the error, for
+#      the second stage;
 #   2. the payload stage (ota/apply.py, with ota/install.py and ota/raw.py or ota/payload.py):
 #      the offer installed or the reason it was not, recorded, reported; the reset.
 #
@@ -36,8 +37,33 @@ def _offer(st, mv, source=None):
     # http.limit(), without loading ota.http for it: a module held by this frame would stay in
     # the heap through the whole stage, the signature check included
     ota._until = time.ticks_add(time.ticks_ms(), _budget_ms(cfg))
-    from ota.offer import offer
-    return cfg, offer(cfg, st, mv)
+    ota._drop(("ota.slots",))
+    return cfg, _sources(cfg, st, mv)
+
+
+def _sources(cfg, st, mv):
+    # Ask the server and every mirror, check each offer fully (signature, board, chip, version,
+    # security floor, rejected before, its rollout document), and take the best (ota/offer.py's
+    # rules). Each step is a call with only its own code loaded (ota._call): the signature check
+    # (ota/verify.py) never shares the heap with the offer's checks, the slots or otadata.
+    import ota
+    call = ota._call
+    s = call("offer", "start", cfg, st)
+    for url in cfg.manifest_urls:
+        try:
+            env, body = call("verify", "manifest", cfg, url, mv)
+            o = call("offer", "judge", cfg, st, s, url, env, body)
+            env = body = None
+            if o.install and not o.rejected and cfg.rollout_keys is not None:
+                box = call("verify", "rollout", cfg, o, mv)
+                o.hold = box if type(box) is tuple else call("rollout", "judge", cfg, st, o, box)
+                box = None
+        except OtaError as e:
+            call("offer", "failed", cfg, s, url, e)
+            continue
+        call("offer", "consider", cfg, s, url, o)
+        o = None
+    return call("offer", "best", cfg, st, s)
 
 
 def _no_limit():
