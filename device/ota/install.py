@@ -98,8 +98,7 @@ def _download(cfg, st, o, mv):
     # loads it again (ota.body.get) into the room it left, which the download's code and buffers
     # have not taken (measured: 5-7 KiB less heap for a chunked payload than loading it first
     # beside them, docs/memory.md).
-    from ota import http
-    http = None
+    __import__("ota.http")
     ota._drop(("ota.http", "ota.body", "ota.url"))
     try:
         if o.m.chunks is None:
