@@ -4,7 +4,6 @@
 # Loaded only after stage 1's code (Ed25519, SHA-512, the envelope and manifest parsers) is gone.
 import ota
 from ota.errors import OtaError, RELEASE, TRANSPORT
-from ota import state
 
 
 def _log(msg):
@@ -19,17 +18,11 @@ def _progress_mark(st, digest):
     return (p.get("chunk") or 0, p.get("done") or 0)
 
 
-def _report(*args):
-    # The fleet reports of this call (ota/report.py), if the device has a fleet server; never
-    # raises. Made as it ends: the payload stage's code goes first (if it was loaded).
-    ota._drop(("ota.install", "ota.raw", "ota.payload", "ota.http", "ota.body", "ota.url", "ota.image"))
-    ota._report(*args)
-
-
 def update(buf, begun, reboot):
     # begun: what stage 1 returned (updater.begin).
     st, cfg, o, err = begun
     begun = None
+    from ota import state  # let go during the download (ota/install.py's save_progress)
     rec = None
     retry_after = None
     try:
@@ -55,6 +48,8 @@ def update(buf, begun, reboot):
             _log(st["detail"])
         else:
             mark = _progress_mark(st, o.digest)
+            state = None
+            ota._drop(("ota.state", "ota.jsonfile"))
             from ota.install import install
             try:
                 install(cfg, st, o, mv)
@@ -63,8 +58,11 @@ def update(buf, begun, reboot):
                 # download that made no progress. A link that breaks while data still comes is not
                 # held against it: the next check resumes where it stopped.
                 if e.kind != TRANSPORT or _progress_mark(st, o.digest) <= mark:
+                    from ota import state
                     state.backoff_fail(st, o.digest, o.m.version, e.code)
                 raise
+            finally:
+                from ota import state
             if o.hold:  # outside-window: in the slot and verified; set to boot by a check inside it
                 state.record(st, "skipped", o.hold[0], "%s is verified in %s and boots at a check inside the "
                              "maintenance window (%s)" % (o.m.version, o.target.info()[4], o.hold[1]))
@@ -95,6 +93,10 @@ def update(buf, begun, reboot):
         rec = ("failed", "internal-error", repr(e)[:120])
         _log("failed: internal-error %r" % (e,))
     ota._until = None  # the call's deadline (http.limit) ends with it
+    # the payload stage's code goes first (if it was loaded): the state's saves and the fleet
+    # reports of this call come after it
+    ota._drop(("ota.install", "ota.raw", "ota.payload", "ota.http", "ota.body", "ota.url", "ota.image"))
+    from ota import state
     if rec:
         state.record(st, *rec)
     st["retry_after"] = retry_after  # seconds the server asked us to wait, or None
@@ -104,5 +106,5 @@ def update(buf, begun, reboot):
     out = {"result": st["last_result"], "error": st["last_error"], "detail": st["detail"]}
     if retry_after is not None:
         out["retry_after"] = retry_after
-    _report("result", st, o, buf)
+    ota._report("result", st, o, buf)  # if the device has a fleet server (ota/report.py); never raises
     return out  # and if set to boot, ota.update() resets once this stage's code is gone

@@ -7,7 +7,6 @@
 from micropython import const
 import hashlib
 from ota.errors import OtaError, DEVICE
-from ota import state
 
 _IMAGE_MAGIC = const(0xE9)  # ota/image.py's IMAGE_MAGIC (not loaded for the read-back)
 
@@ -16,6 +15,20 @@ _BLOCK = const(4096)
 
 def _log(msg):
     print("ota: " + msg)
+
+
+def save_progress(st):
+    # The state file, from the download's code (ota/raw.py, ota/payload.py): ota.state and its
+    # JSON code are loaded for each save alone, so the download does not carry them (6 KiB).
+    import gc
+    import ota
+    gc.collect()  # what the last block or chunk left, before the module comes
+    from ota import state
+    try:
+        state.save(st)
+    finally:
+        state = None
+        ota._drop(("ota.state", "ota.jsonfile"))
 
 
 def block_eraser(target):
@@ -156,6 +169,7 @@ def install(cfg, st, o, mv):
                       "chunk": len(m.chunks) if m.chunks else 0, "verified": 1}
     if not o.hold and getattr(o, "windows", None):
         o.hold = _window_closed(o)
+    from ota import state  # not during the download (save_progress)
     if o.hold:  # outside-window (docs/rollout.md): the set_boot() waits for a check inside it
         state.save(st)
         return

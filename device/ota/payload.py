@@ -14,7 +14,7 @@ from micropython import const
 import hashlib
 import io
 from ota.errors import OtaError, TRANSPORT
-from ota import body, state
+from ota import body
 from ota.image import check_first_block
 
 _BLOCK = const(4096)
@@ -116,7 +116,8 @@ class Decoder:
 
     def _save(self, k):
         self.st["progress"] = {"digest": self.o.digest, "slot": self.o.target.info()[4], "chunk": k}
-        state.save(self.st)
+        from ota.install import save_progress
+        save_progress(self.st)
 
     def _fetch(self, url, k):
         # Download chunks k.. to the end; returns len(chunks). On failure the OtaError

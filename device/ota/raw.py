@@ -9,9 +9,9 @@
 from micropython import const
 import hashlib
 from ota.errors import OtaError, RELEASE, TRANSPORT
-from ota import state, body
+from ota import body
 from ota.image import check_first_block, IMAGE_MAGIC
-from ota.install import Slot, _log
+from ota.install import Slot, _log, save_progress
 
 _BLOCK = const(4096)
 
@@ -101,7 +101,7 @@ def _download(cfg, job, mv, st, url):
 
 def _save_progress(st, job):
     st["progress"] = {"digest": job.o.digest, "slot": job.o.target.info()[4], "done": job.done}
-    state.save(st)
+    save_progress(st)
 
 
 def fetch(cfg, st, o, mv, url):
