@@ -117,9 +117,11 @@ def forget(release=None):
 def _buffered(fn, *args):
     # update() and check(): the call's one 4 KiB block buffer is taken first, while the heap is
     # least fragmented; the agent's code loads after it (many small allocations fit where 4 KiB
-    # would not). update() runs as two calls (ota/updater.py, then ota/apply.py), each forgetting
-    # its modules: the signature check and the download never share the heap. Code that does
-    # not fit is an answer, not an exception in the application. See docs/memory.md.
+    # would not). update() runs its stages as calls that each forget their modules: the manifest
+    # stage (ota/updater.py), then the payload stage (ota/apply.py), which leaves the download
+    # itself to a call of its own (ota/download.py): the signature check, the download and the
+    # bookkeeping around it never share the heap. Code that does not fit is an answer, not an
+    # exception in the application. See docs/memory.md.
     import gc
     gc.collect()
     try:
@@ -128,7 +130,11 @@ def _buffered(fn, *args):
             return _call("updater", "check", buf)
         __import__("ota.errors")  # loaded across both stages: one OtaError class for the two
         try:
-            return _call("apply", "update", buf, _call("updater", "begin", buf, args[1]), args[0])
+            begun = _call("updater", "begin", buf, args[1])
+            r = _call("apply", "update", buf, begun, args[0])
+            if r == "fetch":  # the payload, as a call of its own (ota/download.py), then the rest
+                r = _call("apply", "update", buf, begun, args[0], (_call("download", "fetch", buf, begun),))
+            return r
         finally:
             _drop(("ota.errors",))
     except MemoryError:

@@ -18,11 +18,13 @@ def _progress_mark(st, digest):
     return (p.get("chunk") or 0, p.get("done") or 0)
 
 
-def update(buf, begun, reboot):
-    # begun: what stage 1 returned (updater.begin).
+def update(buf, begun, reboot, fetched=None):
+    # begun: what stage 1 returned (updater.begin). Returns the result, or "fetch" when the
+    # payload is to be downloaded first: ota.update() then runs ota/download.py as a call of its
+    # own and calls this again with fetched = (None,) or (the exception that stopped it,).
     st, cfg, o, err = begun
     begun = None
-    from ota import state  # let go during the download (ota/install.py's save_progress)
+    from ota import state
     rec = None
     retry_after = None
     try:
@@ -30,7 +32,9 @@ def update(buf, begun, reboot):
             raise err
         mv = memoryview(buf)
         why = o.rejected if o.install else None
-        if why:
+        if fetched is not None:
+            pass  # the download ran: its outcome is judged below
+        elif why:
             state.record(st, "skipped", why, "release %s was rejected before (%s); not retrying" % (o.m.version, why))
             _log("release %s was rejected before (%s); not retrying" % (o.m.version, why))
         elif not o.install:
@@ -47,22 +51,24 @@ def update(buf, begun, reboot):
                          "check(s) skip it" % (o.m.version, b["fails"], b.get("code"), b["skip"]))
             _log(st["detail"])
         else:
-            mark = _progress_mark(st, o.digest)
-            state = None
-            ota._drop(("ota.state", "ota.jsonfile"))
+            o.mark = _progress_mark(st, o.digest)
+            p = st.get("progress")
+            if not (p and p.get("verified") and p.get("digest") == o.digest and p.get("slot") == o.target.info()[4]):
+                return "fetch"  # not downloaded and verified by an earlier check (ota/install.py)
+            fetched = (None,)
+        if fetched is not None:
             from ota.install import install
             try:
+                if fetched[0] is not None:
+                    raise fetched[0]
                 install(cfg, st, o, mv)
             except OtaError as e:
                 # Back off from a release whose attempts fail: a payload that does not verify, a
                 # download that made no progress. A link that breaks while data still comes is not
                 # held against it: the next check resumes where it stopped.
-                if e.kind != TRANSPORT or _progress_mark(st, o.digest) <= mark:
-                    from ota import state
+                if e.kind != TRANSPORT or _progress_mark(st, o.digest) <= o.mark:
                     state.backoff_fail(st, o.digest, o.m.version, e.code)
                 raise
-            finally:
-                from ota import state
             if o.hold:  # outside-window: in the slot and verified; set to boot by a check inside it
                 state.record(st, "skipped", o.hold[0], "%s is verified in %s and boots at a check inside the "
                              "maintenance window (%s)" % (o.m.version, o.target.info()[4], o.hold[1]))
@@ -95,8 +101,7 @@ def update(buf, begun, reboot):
     ota._until = None  # the call's deadline (http.limit) ends with it
     # the payload stage's code goes first (if it was loaded): the state's saves and the fleet
     # reports of this call come after it
-    ota._drop(("ota.install", "ota.raw", "ota.payload", "ota.http", "ota.body", "ota.url", "ota.image"))
-    from ota import state
+    ota._drop(("ota.install", "ota.otadata", "ota.slots"))
     if rec:
         state.record(st, *rec)
     st["retry_after"] = retry_after  # seconds the server asked us to wait, or None

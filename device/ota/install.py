@@ -1,9 +1,9 @@
-# The payload stage of an update: the payload into the inactive slot (ota/raw.py, or
-# ota/payload.py for a chunked one: only the one it needs is loaded), what is in flash verified,
-# the slot made bootable. Loaded after the manifest stage's code is gone (see apply.py).
+# The payload stage of an update, once the payload is in the inactive slot (ota/download.py):
+# what is in flash verified, the slot made bootable. Loaded after the download's code is gone
+# (see apply.py).
 #
-# Memory: the update's one 4096-byte block buffer holds each payload block on its way to flash,
-# then each block read back. Nothing holds a whole image.
+# Memory: the update's one 4096-byte block buffer holds each block read back. Nothing holds a
+# whole image.
 from micropython import const
 import hashlib
 from ota.errors import OtaError, DEVICE
@@ -15,63 +15,6 @@ _BLOCK = const(4096)
 
 def _log(msg):
     print("ota: " + msg)
-
-
-def save_progress(st):
-    # The state file, from the download's code (ota/raw.py, ota/payload.py): ota.state and its
-    # JSON code are loaded for each save alone, so the download does not carry them (6 KiB).
-    import gc
-    import ota
-    gc.collect()  # what the last block or chunk left, before the module comes
-    from ota import state
-    try:
-        state.save(st)
-    finally:
-        state = None
-        ota._drop(("ota.state", "ota.jsonfile"))
-
-
-def block_eraser(target):
-    # The target slot as 64 KiB erase blocks, where the firmware erases them: a Partition made
-    # with block_size 65536 whose ioctl(6) answers 0. Else None: stock MicroPython (v1.25 to
-    # v1.29, esp32_partition.c) keeps block_size in a uint16_t (65536 becomes 0, which also
-    # takes a 4 KiB cache from the heap) and its ioctl(6) refuses (-EINVAL) any erase block but
-    # 4096 bytes. Asked once per update, before the download holds its buffers, so that cache
-    # comes and goes while the heap is least used. A heap without a free 4 KiB for that cache
-    # is no reason to fail the update: it erases sector by sector, as stock firmware does.
-    try:
-        from esp32 import Partition
-        big = Partition(target.info()[4], 65536)
-        if big.ioctl(5, None) == 65536:
-            return big
-    except (OSError, TypeError, ValueError, MemoryError):
-        pass
-    return None
-
-
-class Slot:
-    # Writes the target slot 4 KiB block by block: an erase, then the write. With a block
-    # eraser (above), a region of 64 KiB written from its start is erased at once: one block
-    # erase instead of 16 sector erases (150 ms for 720 ms on a typical chip: docs/simulator.md),
-    # and its blocks are then written without an erase. Only what this process erased is
-    # written so: a download resumed in the middle of a region, after a reset or a torn write,
-    # erases sector by sector again.
-    def __init__(self, part, big):
-        self.p = part
-        self.big = big
-        self.lo = self.hi = 0  # the blocks of the region this process erased at once
-
-    def write(self, block, mv, left):
-        # block `block` from mv; `left`: blocks still to write from it on (this one included)
-        if self.big and block & 15 == 0 and left > 3 and (block + 16) * _BLOCK <= self.p.info()[3]:
-            if self.big.ioctl(6, block >> 4) == 0:
-                self.lo, self.hi = block, block + 16
-            else:
-                self.big = None
-        if self.lo <= block < self.hi:
-            self.p.writeblocks(block, mv, 0)  # erased with its region
-        else:
-            self.p.writeblocks(block, mv)  # erases the block, then writes it
 
 
 def _verify_flash(target, m, mv):
@@ -100,29 +43,6 @@ def _verify_flash(target, m, mv):
     target.readblocks(0, one, 0)
     if one[0] != _IMAGE_MAGIC:
         raise OtaError("flash-mismatch", "the image's magic byte did not reach the flash", DEVICE)
-
-
-def _download(cfg, st, o, mv):
-    # The payload into the slot (resumed where an earlier try stopped) by ota/raw.py or, for a
-    # chunked one, ota/payload.py; their code and the HTTP client are forgotten once it is
-    # there: the read-back, the state's saves and set_boot() run without them.
-    import ota
-    # The HTTP client is loaded once before the download's code, and forgotten: each connection
-    # loads it again (ota.body.get) into the room it left, which the download's code and buffers
-    # have not taken (measured: 5-7 KiB less heap for a chunked payload than loading it first
-    # beside them, docs/memory.md).
-    __import__("ota.http")
-    ota._drop(("ota.http", "ota.body", "ota.url"))
-    try:
-        if o.m.chunks is None:
-            from ota.raw import fetch
-        else:
-            from ota.payload import fetch
-        fetch(cfg, st, o, mv, o.payload_url)
-    finally:
-        fetch = None
-        o.big = None
-        ota._drop(("ota.raw", "ota.payload", "ota.http", "ota.body", "ota.url", "ota.image"))
 
 
 def _window_closed(o):
@@ -155,9 +75,7 @@ def install(cfg, st, o, mv):
         if o.hold:
             return
         _log("%s is in %s already: checking it again" % (m.version, label))
-    else:
-        o.big = block_eraser(target)
-        _download(cfg, st, o, mv)
+    # else ota/download.py has just put the payload into the slot (a call of its own before this one)
     try:
         _verify_flash(target, m, mv)
     except OtaError:

@@ -116,14 +116,14 @@ class Decoder:
 
     def _save(self, k):
         self.st["progress"] = {"digest": self.o.digest, "slot": self.o.target.info()[4], "chunk": k}
-        from ota.install import save_progress
+        from ota.download import save_progress
         save_progress(self.st)
 
     def _fetch(self, url, k):
         # Download chunks k.. to the end; returns len(chunks). On failure the OtaError
         # carries .chunk: the first chunk not yet complete.
         m, cfg = self.m, self.cfg
-        from ota.install import Slot
+        from ota.download import Slot
         self.slot = Slot(self.o.target, self.o.big)  # per connection: only its own erases are trusted
         offset = 0
         for i in range(k):

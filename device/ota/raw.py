@@ -11,7 +11,7 @@ import hashlib
 from ota.errors import OtaError, RELEASE, TRANSPORT
 from ota import body
 from ota.image import check_first_block, IMAGE_MAGIC
-from ota.install import Slot, _log, save_progress
+from ota.download import Slot, _log, save_progress
 
 _BLOCK = const(4096)
 
