@@ -23,6 +23,9 @@ def fetch(buf, begun):
     st, cfg, o, err = begun
     begun = None
     try:
+        # The progress record exists before the download's buffers: made at the first save, it
+        # would stay between them (a 1 KiB decompressor window then no longer fits there).
+        _track(st, o, "chunk" if o.m.chunks else "done", None)
         o.big = block_eraser(o.target)
         _fetch(cfg, st, o, memoryview(buf))
     except Exception as e:
@@ -50,9 +53,22 @@ def _fetch(cfg, st, o, mv):
         ota._drop(("ota.raw", "ota.payload", "ota.http", "ota.body", "ota.url", "ota.image"))
 
 
-def save_progress(st):
-    # The state file, from the download's code (ota/raw.py, ota/payload.py): ota.state and its
-    # JSON code are loaded for each save alone, so the download does not carry them (6 KiB).
+def _track(st, o, key, n):
+    # The download's position in the state's progress record (key "done": bytes, for
+    # ota/raw.py; "chunk": chunks, for ota/payload.py), updated in place: no new object is left
+    # between the download's buffers. n None: as recorded for this download, else 0.
+    p = st.get("progress")
+    if p and len(p) == 3 and key in p and p.get("digest") == o.digest and p.get("slot") == o.target.info()[4]:
+        if n is not None:
+            p[key] = n
+    else:
+        st["progress"] = {"digest": o.digest, "slot": o.target.info()[4], key: n or 0}
+
+
+def save_progress(st, o, key, n):
+    # The download's position, saved. ota.state and its JSON code are loaded for each save
+    # alone, so the download does not carry them (6 KiB).
+    _track(st, o, key, n)
     import gc
     gc.collect()  # what the last block or chunk left, before the module comes
     from ota import state

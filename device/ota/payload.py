@@ -115,9 +115,8 @@ class Decoder:
         body.resume(step, lambda: "chunk %d" % self.k)
 
     def _save(self, k):
-        self.st["progress"] = {"digest": self.o.digest, "slot": self.o.target.info()[4], "chunk": k}
         from ota.download import save_progress
-        save_progress(self.st)
+        save_progress(self.st, self.o, "chunk", k)
 
     def _fetch(self, url, k):
         # Download chunks k.. to the end; returns len(chunks). On failure the OtaError

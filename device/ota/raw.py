@@ -88,7 +88,7 @@ def _download(cfg, job, mv, st, url):
             job.done += got
             since_save += 1
             if since_save >= cfg.progress_every and job.done < m.size:
-                _save_progress(st, job)
+                save_progress(st, job.o, "done", job.done)
                 since_save = 0
             if job.done >= mark or job.done == m.size:
                 _log("written %d/%d bytes" % (job.done, m.size))
@@ -97,11 +97,6 @@ def _download(cfg, job, mv, st, url):
             raise OtaError("too-long", "payload continues past the declared %d bytes" % m.size)
     finally:
         resp.close()
-
-
-def _save_progress(st, job):
-    st["progress"] = {"digest": job.o.digest, "slot": job.o.target.info()[4], "done": job.done}
-    save_progress(st)
 
 
 def fetch(cfg, st, o, mv, url):
@@ -129,7 +124,7 @@ def fetch(cfg, st, o, mv, url):
     except OtaError as e:
         if e.kind == TRANSPORT and job.bad is None:
             if job.done:
-                _save_progress(st, job)  # kept for the next update() to resume from
+                save_progress(st, job.o, "done", job.done)  # kept for the next update() to resume from
         else:
             st["progress"] = None  # start over (nothing here is bootable: image.py)
         raise
