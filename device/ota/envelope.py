@@ -57,6 +57,14 @@ def signed_parts(data, pubkeys, want=PAYLOAD_TYPE, what="manifest"):
     except (ValueError, TypeError, KeyError, IndexError, AttributeError):
         raise OtaError("bad-envelope", what + " is not a DSSE envelope")
     env = None
+    try:
+        # The document's buffer (the update's block buffer) is free once it is parsed: the
+        # signed body goes there rather than stay in the heap through the signature check.
+        n = len(body)
+        data[:n] = body
+        body = data[:n]
+    except TypeError:  # read-only bytes: the body stays where it is
+        pass
     if ptype != want:
         raise OtaError("bad-payload-type", "payloadType %r is not %s" % (ptype[:64], want))
     if len(sigs) > _MAX_SIGS:

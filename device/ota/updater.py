@@ -51,11 +51,16 @@ def _sources(cfg, st, mv):
     s = call("offer", "start", cfg, st)
     for url in cfg.manifest_urls:
         try:
-            env, body = call("verify", "manifest", cfg, url, mv)
+            env, msg, cands = call("verify", "manifest", cfg, url, mv)
+            body = call("signature", "verified", msg, cands)
+            msg = cands = None
             o = call("offer", "judge", cfg, st, s, url, env, body)
             env = body = None
             if o.install and not o.rejected and cfg.rollout_keys is not None:
                 box = call("verify", "rollout", cfg, o, mv)
+                if type(box) is list:  # [msg, cands]: the rollout document's signed body, for judge()
+                    box = [call("signature", "verified", box.pop(0), box.pop(), "rollout-bad-signature",
+                                "rollout.json: ")]
                 o.hold = box if type(box) is tuple else call("rollout", "judge", cfg, st, o, box)
                 box = None
         except OtaError as e:

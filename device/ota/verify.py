@@ -1,8 +1,9 @@
-# One source's signed documents, fetched into the block buffer and verified, with only the code
-# for that loaded: the HTTP client (dropped once the document is in), the DSSE envelope and the
-# JSON parser (dropped once it is parsed), then Ed25519 and SHA-512. ota/updater.py calls each
-# function here as a call of its own (ota._call), so the manifest stage's other code (the
-# offer's checks, the slots, otadata) is not in the heap while a signature is checked.
+# One source's signed documents, fetched into the block buffer and opened, with only the code
+# for that loaded: the HTTP client (dropped once the document is in), then the DSSE envelope and
+# the JSON parser. What they return is checked by ota/signature.py (Ed25519, SHA-512). ota/
+# updater.py calls each function here, and then the signature check, as calls of their own
+# (ota._call), so nothing else of the manifest stage (this module, the offer's checks, the
+# slots, otadata) is in the heap while a signature is checked.
 from micropython import const
 from ota.errors import OtaError, TRANSPORT
 import ota
@@ -35,34 +36,23 @@ def _fetch(cfg, url, mv, code="manifest-too-large", agent=True):
         ota._drop(("ota.http", "ota.body", "ota.url"))
 
 
-def _open(data, keys, ptype, what):
-    # The signed body of the envelope in `data`, or OtaError: parsed, its parser dropped, then
-    # its signatures checked.
-    from ota.envelope import signed_parts
-    msg, cands = signed_parts(data, keys, ptype, what)
-    signed_parts = data = None
-    ota._drop(("ota.envelope", "ota.jsonfile"))  # parsed: the verifier gets their heap
-    from ota.signature import verified
-    return verified(msg, cands)
-
-
 def manifest(cfg, url, mv):
-    # (env, body): the SHA-256 of the manifest's envelope as served (the fleet's name for the
-    # release), and the manifest a provisioned key signed.
+    # (env, msg, cands): the SHA-256 of the manifest's envelope as served (the fleet's name for
+    # the release), and for ota/signature.py the signed message (PAE) and the signatures by a
+    # provisioned key (ota/envelope.py's signed_parts()). The body is in the block buffer.
     from binascii import hexlify
     from hashlib import sha256
     data = _fetch(cfg, url, mv)
     env = hexlify(sha256(data).digest()).decode()
-    from ota.envelope import PAYLOAD_TYPE
-    return env, _open(data, cfg.pubkeys, PAYLOAD_TYPE, "manifest")
+    from ota.envelope import signed_parts
+    return (env,) + signed_parts(data, cfg.pubkeys)
 
 
 def rollout(cfg, o, mv):
-    # The rollout document beside o's manifest (docs/rollout.md): [body] signed by a key of the
-    # rollout role (for ota/rollout.py's judge(), which takes it out of the list), or (held
-    # code, detail) when there is none. A document that is not one, or not signed by a
-    # rollout-role key, is an OtaError of this source (RELEASE: the next source is tried); a
-    # transport error too.
+    # The rollout document beside o's manifest (docs/rollout.md): [msg, cands] for
+    # ota/signature.py (against the rollout role's keys only), or (held code, detail) when there
+    # is none. A document that is not one, or not by a rollout-role key, is an OtaError of this
+    # source (RELEASE: the next source is tried); a transport error too.
     from ota.url import join
     url = join(o.url, "rollout.json")
     try:
@@ -71,9 +61,8 @@ def rollout(cfg, o, mv):
         if e.code == "http-404" or e.code == "http-410":
             return "rollout-missing", url[:80]
         raise
+    from ota.envelope import signed_parts
     try:
-        return [_open(data, cfg.rollout_keys, _ROLLOUT_TYPE, "rollout.json")]
+        return list(signed_parts(data, cfg.rollout_keys, _ROLLOUT_TYPE, "rollout.json"))
     except OtaError as e:
-        c = e.code
-        raise OtaError("rollout-" + c if c == "unknown-key" or c == "bad-signature" else "rollout-bad",
-                       "rollout.json: " + e.detail)
+        raise OtaError("rollout-unknown-key" if e.code == "unknown-key" else "rollout-bad", "rollout.json: " + e.detail)
