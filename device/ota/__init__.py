@@ -127,7 +127,7 @@ def _buffered(fn, *args):
     try:
         buf = bytearray(4096)
         if fn == "check":
-            return _call("updater", "check", buf)
+            return _call("query", "check", buf)
         __import__("ota.errors")  # loaded across both stages: one OtaError class for the two
         try:
             begun = _call("updater", "begin", buf, args[1])

@@ -1,4 +1,4 @@
-# ota.update() and ota.check(): the update in two stages, each a call of its own with only its
+# ota.update() (and ota.check(): ota/query.py): the update in two stages, each a call of its own with only its
 # own code loaded (ota/__init__.py runs them one after the other, and forgets each stage's
 # modules before the next):
 #
@@ -100,30 +100,3 @@ def _budget_ms(cfg):
     blocks = slots.running().get_next_update().info()[3] // 4096
     per = 4 if cfg.rollout_keys is None else 8
     return (len(cfg.manifest_urls) * per + blocks * 2 + 8) * cfg.timeout_s * 1000
-
-
-def check(buf):
-    # What update() would do, without downloading the payload or changing any state.
-    from ota import state
-    st = state.load()
-    state = None
-    try:
-        cfg, o = _offer(st, memoryview(buf))
-    except OtaError as e:
-        return {"update": False, "error": e.code, "detail": e.detail}
-    except MemoryError:  # as in update(): a query must not take the application down
-        return {"update": False, "error": "no-memory", "detail": "out of heap during the check"}
-    except Exception as e:
-        import sys
-        sys.print_exception(e)
-        return {"update": False, "error": "internal-error", "detail": repr(e)[:120]}
-    finally:
-        _no_limit()
-    if o.install and o.rejected:
-        return {"update": False, "version": o.m.version, "running": o.running, "error": "rejected",
-                "detail": "release %s was rejected before: %s" % (o.m.version, o.rejected)}
-    if o.install and o.hold:  # held back by its rollout document (docs/rollout.md)
-        return {"update": False, "version": o.m.version, "running": o.running, "error": o.hold[0],
-                "detail": o.hold[1]}
-    return {"update": o.install, "version": o.m.version, "running": o.running, "error": None,
-            "detail": "" if o.install else "up to date"}
