@@ -53,6 +53,17 @@ def _fetch(cfg, st, o, mv):
         ota._drop(("ota.raw", "ota.payload", "ota.http", "ota.body", "ota.url", "ota.image"))
 
 
+def first_block(mv, chip_id, version):
+    # ota/image.py's check of the image header in mv, with that module loaded for it alone:
+    # the first block is one of hundreds.
+    from ota.image import check_first_block
+    try:
+        check_first_block(mv, chip_id, version)
+    finally:
+        check_first_block = None
+        ota._drop(("ota.image",))
+
+
 def _track(st, o, key, n):
     # The download's position in the state's progress record (key "done": bytes, for
     # ota/raw.py; "chunk": chunks, for ota/payload.py), updated in place: no new object is left

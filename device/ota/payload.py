@@ -15,7 +15,6 @@ import hashlib
 import io
 from ota.errors import OtaError, TRANSPORT
 from ota import body
-from ota.image import check_first_block
 
 _BLOCK = const(4096)
 _STAGE = const(512)
@@ -183,7 +182,8 @@ class Decoder:
                 if got < want:
                     raise OtaError("bad-payload", "chunk %d decodes to too few bytes" % k)
                 if block == 0:
-                    check_first_block(mv, self.cfg.chip_id, m.version)
+                    from ota.download import first_block
+                    first_block(mv, self.cfg.chip_id, m.version)
                     mv[0] = 0xFF  # the magic byte goes in last (image.py)
                 for i in range(got, _BLOCK):
                     mv[i] = 0xFF

@@ -10,10 +10,10 @@ from micropython import const
 import hashlib
 from ota.errors import OtaError, RELEASE, TRANSPORT
 from ota import body
-from ota.image import check_first_block, IMAGE_MAGIC
-from ota.download import Slot, _log, save_progress
+from ota.download import Slot, _log, save_progress, first_block
 
 _BLOCK = const(4096)
+_IMAGE_MAGIC = const(0xE9)  # ota/image.py's IMAGE_MAGIC (not loaded for it)
 
 
 class _Job:
@@ -32,8 +32,8 @@ def _rehash(job, mv, chip_id):
     for b in range(job.done // _BLOCK):
         job.o.target.readblocks(b, mv, 0)
         if b == 0:
-            mv[0] = IMAGE_MAGIC
-            check_first_block(mv, chip_id, job.m.version)
+            mv[0] = _IMAGE_MAGIC
+            first_block(mv, chip_id, job.m.version)
         job.h.update(mv)
 
 
@@ -69,7 +69,7 @@ def _download(cfg, job, mv, st, url):
             block = job.done // _BLOCK
             if block == 0:
                 try:
-                    check_first_block(mv, cfg.chip_id, m.version)
+                    first_block(mv, cfg.chip_id, m.version)
                 except OtaError as e:
                     # Not the release's fault until the signed hash says these are its bytes:
                     # whoever served them could have changed them (and a refusal that blames
