@@ -84,7 +84,7 @@ def install(cfg, st, o, mv):
     # The progress record marks the download complete and verified: a retry (a check inside the
     # maintenance window, a set_boot() cut short) only re-reads and re-hashes the slot.
     st["progress"] = {"digest": o.digest, "slot": label, "done": m.size,
-                      "chunk": len(m.chunks) if m.chunks else 0, "verified": 1}
+                      "chunk": m.chunks or 0, "verified": 1}
     if not o.hold and getattr(o, "windows", None):
         o.hold = _window_closed(o)
     from ota import state  # not during the download (save_progress)

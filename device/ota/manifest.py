@@ -35,7 +35,10 @@ def _size(obj, field):
 
 def _chunks(r, pay):
     # Chunked payloads (compressed or encrypted): `chunk` image bytes per chunk, and per chunk
-    # [payload size, first 16 bytes of its SHA-256 in hex]. Sizes must add up exactly.
+    # [payload size, first 16 bytes of its SHA-256 in hex]. Sizes must add up exactly. Kept
+    # packed through the payload stage: r.chunks (how many), r.chunk_sizes (array of them),
+    # r.chunk_digests (16 bytes each, one after the other): 20 bytes a chunk, not a tuple, an
+    # int and a bytes object (about 90 on x64).
     r.chunk = pay.get("chunk")
     _need(isinstance(r.chunk, int) and r.chunk % 4096 == 0 and 4096 <= r.chunk <= 0x100000, "payload.chunk")
     r.wbits = pay.get("wbits", 10)
@@ -44,19 +47,24 @@ def _chunks(r, pay):
     _need(isinstance(chunks, list) and 0 < len(chunks) <= _CHUNKS_MAX, "payload.chunks")
     _need(len(chunks) == (r.image_size + r.chunk - 1) // r.chunk, "payload.chunks (count)")
     total = 0
-    out = []
-    for c in chunks:
+    from array import array
+    sizes = array("I")
+    digests = bytearray(16 * len(chunks))
+    for i, c in enumerate(chunks):
         _need(isinstance(c, list) and len(c) == 2 and isinstance(c[0], int) and 0 < c[0] < 0x40000000
               and isinstance(c[1], str) and len(c[1]) == 32, "payload.chunks entry")
         if r.enc_keyid is not None:
             _need(c[0] % 16 == 0, "payload.chunks entry (AES block size)")
         try:
-            out.append((c[0], unhexlify(c[1])))
+            digests[16 * i:16 * i + 16] = unhexlify(c[1])
         except ValueError:
             _need(False, "payload.chunks digest")
+        sizes.append(c[0])
         total += c[0]
     _need(total == r.size, "payload.chunks (sizes add up to payload.size)")
-    r.chunks = out
+    r.chunks = len(chunks)
+    r.chunk_sizes = sizes
+    r.chunk_digests = digests
 
 
 # Versions (docs/versions.md): [v]N[.N[.N[.N]]][-PRERELEASE][+BUILD], ordered as semver 2.0.0

@@ -95,15 +95,15 @@ class Decoder:
         prog = self.st.get("progress")
         k = 0
         if prog and prog.get("digest") == self.o.digest and prog.get("slot") == label:
-            k = min(prog.get("chunk", 0), len(m.chunks))
+            k = min(prog.get("chunk", 0), m.chunks)
         if k:
-            print("ota: resuming %s at chunk %d/%d" % (m.version, k, len(m.chunks)))
+            print("ota: resuming %s at chunk %d/%d" % (m.version, k, m.chunks))
         else:
             print("ota: installing %s over %s into %s (%d bytes)" % (m.version, self.o.running, label, m.size))
         self.k = k
 
         def step():
-            if self.k < len(m.chunks):
+            if self.k < m.chunks:
                 try:
                     self.k = self._fetch(url, self.k)
                 except OtaError as e:
@@ -118,14 +118,14 @@ class Decoder:
         save_progress(self.st, self.o, "chunk", k)
 
     def _fetch(self, url, k):
-        # Download chunks k.. to the end; returns len(chunks). On failure the OtaError
+        # Download chunks k.. to the end; returns m.chunks (their number). On failure the OtaError
         # carries .chunk: the first chunk not yet complete.
         m, cfg = self.m, self.cfg
         from ota.download import Slot
         self.slot = Slot(self.o.target, self.o.big)  # per connection: only its own erases are trusted
         offset = 0
         for i in range(k):
-            offset += m.chunks[i][0]
+            offset += m.chunk_sizes[i]
         try:
             resp = body.get(url, cfg.timeout_s, offset, cfg.ca, self.mv)
         except OtaError as e:
@@ -146,11 +146,11 @@ class Decoder:
                 raise OtaError("truncated" if resp.length < m.size - offset else "too-long",
                                "server has %d bytes from %d, manifest says %d" % (resp.length, offset, m.size))
             since_save = 0
-            while k < len(m.chunks):
+            while k < m.chunks:
                 self._chunk(resp, k)
                 k += 1
                 since_save += m.chunk // _BLOCK
-                if since_save >= cfg.progress_every and k < len(m.chunks):
+                if since_save >= cfg.progress_every and k < m.chunks:
                     self._save(k)
                     since_save = 0
             if resp.length is None and body.read_full(resp, self.mv[:1]):
@@ -164,7 +164,8 @@ class Decoder:
 
     def _chunk(self, resp, k):
         m, mv = self.m, self.mv
-        size, digest = m.chunks[k]
+        size = m.chunk_sizes[k]
+        digest = memoryview(m.chunk_digests)[16 * k:16 * k + 16]
         import gc
         gc.collect()  # the previous chunk's reader, cipher and window go before the next's come
         reader = _ChunkReader(resp, size, self._aes(k), self.stage)
