@@ -46,8 +46,9 @@ def _drop(names):
 
 
 def _call(module, fn, *args):
-    # Run ota.<module>.<fn>(*args), then forget every module the call loaded.
-    keep = set(sys.modules)
+    # Run ota.<module>.<fn>(*args), then forget every module of the agent the call loaded (only
+    # those are ever forgotten, so only their names are kept meanwhile: calls nest).
+    keep = [n for n in sys.modules if n.startswith("ota.")]
     try:
         return getattr(__import__("ota." + module, None, None, (fn,)), fn)(*args)
     finally:

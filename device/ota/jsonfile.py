@@ -95,7 +95,7 @@ def write_sealed(path, obj):
     # (state.py), never renamed: on FAT a rename over a file is a remove then a rename, and a
     # power cut between the two loses both.
     from binascii import crc32
-    data = json.dumps(obj).encode()
+    data = json.dumps(obj)  # a str is written and hashed as its UTF-8 bytes: no copy of it is made
     with open(path, "wb") as f:
         f.write(data)
         f.write(b"\n%08x" % (crc32(data) & 0xFFFFFFFF))

@@ -61,17 +61,19 @@ def load():
     return st
 
 
-# The state as last read or written, without its generation (ota._seen, on the package: this
-# module is dropped and loaded again during an update): a save that would write the same again
+# The SHA-256 of the state as last read or written, without its generation (ota._seen, on the
+# package: this module is dropped and loaded again during an update; a digest, not a copy of the
+# state, which would take a KiB of heap for good): a save that would write the same again
 # writes nothing. A device that checks every minute and is up to date then writes its
 # filesystem never, not 1,440 times a day (FAT has no wear levelling).
 
 
 def _canon(st):
     import json
+    from hashlib import sha256
     g = st.pop("gen", None)
     try:
-        return json.dumps(st)
+        return sha256(json.dumps(st)).digest()
     finally:
         if g is not None:
             st["gen"] = g

@@ -6,38 +6,24 @@
 #      manifest fetched into the block buffer, verified (DSSE envelope, Ed25519, SHA-512),
 #      checked against this device; the best offer kept. begin() returns it, or the error, for
 #      the second stage;
-#   2. the payload stage (ota/apply.py, with ota/install.py and ota/raw.py or ota/payload.py):
-#      the offer installed or the reason it was not, recorded, reported; the reset.
+#   2. the payload stage (ota/apply.py; the download itself a call of its own, ota/download.py
+#      with ota/raw.py or ota/payload.py; then ota/install.py): the offer installed or the
+#      reason it was not, recorded, reported; the reset.
 #
 # So the heap an update needs is the larger of the two stages, not their sum (docs/memory.md);
 # this module is the smaller one, and stage 2's code is not loaded during the signature check.
 # Memory: one 4096-byte block buffer, taken by ota.update() before anything loads, serves both
 # stages: the manifest, then each payload block, then each block read back.
-from ota.errors import OtaError, DEVICE
+from ota.errors import OtaError
 
 
 def _offer(st, mv, source=None):
-    # Stage 1, with its code loaded for it alone: (config, the best offer). Not even ota.state:
-    # the caller has the state's dict and loads the module again after.
+    # Stage 1: (config, the best offer). The config for this call and its deadline come from a
+    # call of their own (ota/prepare.py); not even ota.state is loaded: the caller has the
+    # state's dict and loads the module again after.
     import ota
     ota._drop(("ota.state",))
-    try:
-        from ota import config
-        cfg = config.load()
-        if source is not None:
-            if not isinstance(source, str) or not source:
-                raise OtaError("bad-url", "source must be a release URL or \"serial:\"", DEVICE)
-            cfg.manifest_urls = [config.manifest_url(source)]
-    finally:
-        config = None
-        ota._drop(("ota.config",))  # the Config object stays; the parser goes
-    if cfg.announce:  # the device names itself in its manifest fetches (ota/ident.py)
-        cfg.agent = ota._call("ident", "announce", cfg, st)
-    import time
-    # http.limit(), without loading ota.http for it: a module held by this frame would stay in
-    # the heap through the whole stage, the signature check included
-    ota._until = time.ticks_add(time.ticks_ms(), _budget_ms(cfg))
-    ota._drop(("ota.slots",))
+    cfg = ota._call("prepare", "for_call", st, source)
     return cfg, _sources(cfg, st, mv)
 
 
@@ -89,14 +75,3 @@ def begin(buf, source=None):
         return st, cfg, o, None
     except Exception as e:  # MemoryError too: an answer, recorded by the next stage
         return st, None, None, e
-
-
-def _budget_ms(cfg):
-    # The whole update() call's deadline, from the config: each source's manifest within 4
-    # timeouts (connect and TLS handshake: 2, headers: 1, body: 1), and its rollout document
-    # within 4 more (with a rollout role), and a payload as large as the slot at the minimum
-    # rate (4 KiB per 2 timeouts) with room for one interruption.
-    from ota import slots
-    blocks = slots.running().get_next_update().info()[3] // 4096
-    per = 4 if cfg.rollout_keys is None else 8
-    return (len(cfg.manifest_urls) * per + blocks * 2 + 8) * cfg.timeout_s * 1000
