@@ -3,8 +3,8 @@
 # It shadows nothing on the unix port (which has no esp32 module); the simulator puts this
 # folder on MICROPYPATH and names the running slot in MPOTA_RUNNING.
 import os
+import sys
 import idf
-import idfimage  # set_boot()'s image check: firmware code on a board, loaded with the platform
 from flash import flash, SECTOR
 
 
@@ -105,7 +105,13 @@ class Partition:
         t, st, off, size, label = self._p
         if t != idf.TYPE_APP:
             raise OSError(-0x102)  # ESP_ERR_INVALID_ARG
-        idfimage.verify_image(off, size)
+        # esp_image_verify(): C on a board, which takes no heap; here loaded for the check alone
+        import idfimage
+        try:
+            idfimage.verify_image(off, size)
+        finally:
+            del sys.modules["idfimage"]
+            idfimage = None
         slots = idf.ota_slots()
         idf.set_boot([s[2] for s in slots].index(off), len(slots))
 

@@ -2,7 +2,8 @@
 #   - the partition table at 0x8000 (esp_partition_info_t, MD5 entry),
 #   - otadata (esp_ota_select_entry_t) and the active-record rules of bootloader_common.c,
 #   - esp_rewrite_ota_data() and esp_ota_current_ota_is_workable() from esp_ota_ops.c,
-#   (esp_image_verify() is in idfimage.py, loaded with esp32.py and by the bootloader).
+#   (esp_image_verify() is in idfimage.py, loaded by esp32.py's set_boot() for the check alone,
+#   and by the bootloader).
 # What the simulated chip and its build are comes from the simulator's environment:
 #   MPOTA_ROLLBACK   "on" (CONFIG_BOOTLOADER_APP_ROLLBACK_ENABLE in bootloader and app, as in
 #                    MicroPython's sdkconfig.base), "off" (in neither), "bootloader-off" (an app
