@@ -198,16 +198,24 @@ def fault_server(tmp_path):
 
 
 @pytest.fixture
-def make_device(tmp_path, keydir):
+def make_device(keydir):
     """A simulated device, powered on once: its bootloader has run (and, on flash as esptool
     leaves it, written the first otadata record, as ESP-IDF's set_actual_ota_seq() does), so
-    that a test comparing flash before and after a run sees only what the run did."""
+    that a test comparing flash before and after a run sees only what the run did.
+    Its folder has a path of the same length wherever pytest keeps its temporary files: the
+    device's paths are strings in its heap (sys.path, the flash file), and the heap tests
+    (tests/test_memory.py) must measure the same heap on every machine."""
+    import shutil
+    import tempfile
+    root = Path(tempfile.mkdtemp(prefix="mpota-devices-", dir="/tmp"))
+
     def make(firmware_path: Path, server_url: str, name="dev", pub=None, **kw) -> Device:
         dev = device.create(name, [pub or keydir / "release.pub"], server_url, firmware_path,
-                            root=tmp_path / "devices", force=True, **kw)
+                            root=root, force=True, **kw)
         runner.ensure_running(dev)
         return Device(dev)
-    return make
+    yield make
+    shutil.rmtree(root, ignore_errors=True)
 
 
 class SimRepl:

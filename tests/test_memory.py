@@ -29,6 +29,28 @@ def test_a_1_5_mib_update_completes_at_the_published_heap_floor(kind, server, fi
     assert (st["version"], st["last_error"]) == ("2.0.0", None), d.output
 
 
+# The heap ota.update() itself needs, as `make bench` measures it (a main.py that only updates:
+# no application beside it): 63-64 KiB for each payload kind, issue 14's target of 64 KiB
+# (docs/memory.md); checked here 4 KiB above it, for the heap's layout, which moves the
+# smallest heap by a KiB or two.
+UPDATE_HEAP = "68K"
+
+
+@pytest.mark.parametrize("kind", list(KINDS))
+def test_a_1_5_mib_update_alone_completes_in_68k(kind, server, firmware, signer, make_device, tmp_path):
+    aes = tmp_path / "fw.aes"
+    payload.generate_aes_key(aes)
+    kw = dict(KINDS[kind])
+    if kw.pop("aes", False):
+        kw["aes_key"] = payload.load_aes_key(aes)
+    server.publish(firmware("2.0.0", size=SIZE), signer, **kw)
+    d = make_device(firmware("1.0.0"), server.url, aes_keys=[aes])
+    (d.dev.fs / "main.py").write_text("import ota\nprint(ota.update())\n")
+    d.run(heap=UPDATE_HEAP)  # installs, resets into 2.0.0 (on trial: this main.py confirms nothing)
+    assert "set to boot" in d.output and "MemoryError" not in d.output, d.output
+    assert d.status()["version"] == "2.0.0", d.output
+
+
 def test_below_its_floor_an_update_is_no_memory_and_changes_nothing(server, firmware, signer, make_device):
     server.publish(firmware("2.0.0", size=SIZE), signer, compress=True)
     d = make_device(firmware("1.0.0"), server.url)
