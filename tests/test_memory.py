@@ -14,15 +14,22 @@ SIZE = 1536 * 1024
 KINDS = {"raw": {}, "compressed": {"compress": True}, "encrypted": {"aes": True}}
 
 
-@pytest.mark.parametrize("kind", list(KINDS))
-def test_a_1_5_mib_update_completes_at_the_published_heap_floor(kind, server, firmware, signer, make_device,
-                                                                 tmp_path):
+def publish(kind, server, firmware, signer, tmp_path):
+    # A signed 1.5 MiB release of this payload kind on the server; returns the AES key file a
+    # device needs for it (made for every kind, so that every device is provisioned alike).
     aes = tmp_path / "fw.aes"
     payload.generate_aes_key(aes)
     kw = dict(KINDS[kind])
     if kw.pop("aes", False):
         kw["aes_key"] = payload.load_aes_key(aes)
     server.publish(firmware("2.0.0", size=SIZE), signer, **kw)
+    return aes
+
+
+@pytest.mark.parametrize("kind", list(KINDS))
+def test_a_1_5_mib_update_completes_at_the_published_heap_floor(kind, server, firmware, signer, make_device,
+                                                                 tmp_path):
+    aes = publish(kind, server, firmware, signer, tmp_path)
     d = make_device(firmware("1.0.0"), server.url, heap=HEAP_FLOOR, aes_keys=[aes])
     d.run()
     st = d.status()
@@ -38,12 +45,7 @@ UPDATE_HEAP = "68K"
 
 @pytest.mark.parametrize("kind", list(KINDS))
 def test_a_1_5_mib_update_alone_completes_in_68k(kind, server, firmware, signer, make_device, tmp_path):
-    aes = tmp_path / "fw.aes"
-    payload.generate_aes_key(aes)
-    kw = dict(KINDS[kind])
-    if kw.pop("aes", False):
-        kw["aes_key"] = payload.load_aes_key(aes)
-    server.publish(firmware("2.0.0", size=SIZE), signer, **kw)
+    aes = publish(kind, server, firmware, signer, tmp_path)
     d = make_device(firmware("1.0.0"), server.url, aes_keys=[aes])
     (d.dev.fs / "main.py").write_text("import ota\nprint(ota.update())\n")
     d.run(heap=UPDATE_HEAP)  # installs, resets into 2.0.0 (on trial: this main.py confirms nothing)
