@@ -144,9 +144,10 @@ def _buffered(fn, *args):
 
 
 def update(reboot=True, source=None):
-    global _set_to_boot
+    global _set_to_boot, _until
     _set_to_boot = False
     r = _buffered("update", reboot, source)
+    _until = None  # the call's deadline (ota/body.py's limit()) ends with it, however it ended
     if _set_to_boot:
         # The image is verified and set to boot (ota/install.py): what ran out of heap after
         # that (a note in the state file, a report) is not a failure of the update, and the
