@@ -56,8 +56,7 @@ def load():
             if isinstance(best, dict):
                 break
     st = _sane(best) if isinstance(best, dict) else _fresh()
-    import ota
-    ota._seen = _canon(st)
+    _remember(_canon(st))
     return st
 
 
@@ -66,6 +65,17 @@ def load():
 # state, which would take a KiB of heap for good): a save that would write the same again
 # writes nothing. A device that checks every minute and is up to date then writes its
 # filesystem never, not 1,440 times a day (FAT has no wear levelling).
+
+
+def _remember(c):
+    # ota._seen updated in place: a save in the middle of a download leaves no new object
+    # between the download's buffers (a chunk's decompressor needs 1.3 KiB in one piece).
+    import ota
+    s = getattr(ota, "_seen", None)
+    if s is None:
+        ota._seen = bytearray(c)
+    else:
+        s[:] = c
 
 
 def _canon(st):
@@ -129,7 +139,7 @@ def save(st):
         jsonfile.write_sealed(path, st)
     except OSError as e:
         raise OtaError("state-unwritable", "cannot write %s (%r): is the filesystem full?" % (path, e), DEVICE)
-    ota._seen = c
+    _remember(c)
 
 
 def save_or_log(st):
