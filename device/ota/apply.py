@@ -27,6 +27,7 @@ def update(buf, begun, reboot, fetched=None):
     from ota import state
     rec = None
     retry_after = None
+    again = False  # downloaded and verified by an earlier check: only read back and set to boot
     try:
         if err is not None:
             raise err
@@ -53,15 +54,16 @@ def update(buf, begun, reboot, fetched=None):
         else:
             o.mark = _progress_mark(st, o.digest)
             p = st.get("progress")
-            if not (p and p.get("verified") and p.get("digest") == o.digest and p.get("slot") == o.target.info()[4]):
-                return "fetch"  # not downloaded and verified by an earlier check (ota/install.py)
+            again = p and p.get("verified") and p.get("digest") == o.digest and p.get("slot") == o.target.info()[4]
+            if not again:
+                return "fetch"
             fetched = (None,)
         if fetched is not None:
             from ota.install import install
             try:
                 if fetched[0] is not None:
                     raise fetched[0]
-                install(cfg, st, o, mv)
+                install(cfg, st, o, mv, again)
             except OtaError as e:
                 # Back off from a release whose attempts fail: a payload that does not verify, a
                 # download that made no progress. A link that breaks while data still comes is not

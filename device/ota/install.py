@@ -64,18 +64,17 @@ def _window_closed(o):
         ota._drop(("ota.clock", "ota.window"))
 
 
-def install(cfg, st, o, mv):
+def install(cfg, st, o, mv, again):
+    # The payload is in the slot: ota/download.py has just put it there (a call of its own
+    # before this one), or, `again`, an earlier check downloaded and verified it (held by its
+    # maintenance window, or a set_boot() that a power cut stopped): then the slot is only read
+    # and hashed again below, when it is to be set to boot.
     m, target = o.m, o.target
     label = target.info()[4]
-    p = st.get("progress")
-    if p and p.get("verified") and p.get("digest") == o.digest and p.get("slot") == label:
-        # Downloaded and verified by an earlier check (held by its maintenance window, or a
-        # set_boot() that a power cut stopped): only the slot is read and hashed again below,
-        # when it is to be set to boot.
+    if again:
         if o.hold:
             return
         _log("%s is in %s already: checking it again" % (m.version, label))
-    # else ota/download.py has just put the payload into the slot (a call of its own before this one)
     try:
         _verify_flash(target, m, mv)
     except OtaError:
