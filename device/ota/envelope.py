@@ -46,7 +46,9 @@ def open_envelope(data, pubkeys, ptype=PAYLOAD_TYPE, what="manifest"):
 def signed_parts(data, pubkeys, want=PAYLOAD_TYPE, what="manifest"):
     # (PAE as its two parts, [(public key, signature) or None per signature by a provisioned
     # key]), or OtaError; nothing is verified here. The envelope is let go before this returns:
-    # its 3 KiB base64 string never shares the heap with Ed25519's code and tables.
+    # its 3 KiB base64 string never shares the heap with Ed25519's code and tables. `data` is
+    # consumed: if it is writable (the block buffer), the decoded body is put at its start and
+    # the PAE's second part is a view of it.
     try:
         env = jsonfile.loads(data, _ITEMS)
         ptype = env["payloadType"]
